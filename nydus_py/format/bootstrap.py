@@ -1,0 +1,383 @@
+"""The bootstrap: the whole filesystem's metadata in one msgpack map of packed columns.
+
+Nothing here does I/O. The reader keeps the msgpack `bin` columns as bytes and decodes a record
+only when asked (`struct.unpack_from`), so a 100k-inode image costs a few MB and mounts in
+milliseconds. The layout is specified in docs/format.md; change both together and bump VERSION.
+
+Inodes are numbered 1..N, 1 is the root. Per inode (INODE):
+    mode u32, uid u32, gid u32, nlink u32, size u64, mtime_sec i64, mtime_nsec u32, rdev u64,
+    parent u32, data_start u64, data_count u32, xattr_start u32, xattr_count u32
+`data_*` means, by file type: dir → range of DIRENT records (sorted by name bytes);
+regular → range of u32 chunk ids in `chunk_refs` (chunk k covers file bytes
+[k*chunk_size, (k+1)*chunk_size)); symlink → (offset, length) of the target in `strings`.
+"""
+
+from __future__ import annotations
+
+import stat
+import struct
+from dataclasses import dataclass, field
+from typing import Iterator, NamedTuple, Sequence
+
+import msgpack
+
+from nydus_py.errors import FormatError
+
+MAGIC = "nydus-py.bootstrap"
+VERSION = 1
+ROOT_INO = 1
+
+INODE = struct.Struct("<IIIIQqIQIQIII")
+DIRENT = struct.Struct("<III")          # name_off, name_len, ino
+CHUNK = struct.Struct("<IQIQII")        # blob, comp_off, comp_size, uncomp_off, uncomp_size, flags
+XATTR = struct.Struct("<IIII")          # name_off, name_len, value_off, value_len
+U32 = struct.Struct("<I")
+DIGEST_SIZE = 32
+
+CHUNK_COMPRESSED = 1  # flags bit: stored compressed with the blob's compressor (else raw)
+
+
+class Attr(NamedTuple):
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    size: int
+    mtime_ns: int
+    rdev: int
+
+
+class Chunk(NamedTuple):
+    id: int
+    blob: int               # index into Bootstrap.blobs
+    index: int              # position of the chunk within its blob (cache bitmap index)
+    comp_offset: int
+    comp_size: int
+    offset: int             # offset in the blob's uncompressed data (cache file offset)
+    size: int
+    compressed: bool
+    digest: bytes           # sha256 of the uncompressed bytes
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    id: str                 # OCI digest of the blob file, e.g. "sha256:…"
+    compressor: str
+    compressed_size: int
+    uncompressed_size: int
+    chunk_start: int        # chunk ids [chunk_start, chunk_start + chunk_count) live in this blob
+    chunk_count: int
+    source_layer: str = ""  # digest of the OCI layer the blob was made from ("" for dict blobs)
+
+    def to_msgpack(self) -> dict:
+        return {"id": self.id, "compressor": self.compressor, "compressed_size": self.compressed_size,
+                "uncompressed_size": self.uncompressed_size, "chunk_start": self.chunk_start,
+                "chunk_count": self.chunk_count, "source_layer": self.source_layer}
+
+
+@dataclass
+class ChunkSpec:
+    """A chunk as the writer receives it from the converter."""
+    digest: bytes
+    comp_offset: int
+    comp_size: int
+    offset: int
+    size: int
+    compressed: bool
+
+
+class BootstrapWriter:
+    """Accumulates inodes, dirents, blobs and chunks; `to_bytes()` lays out the columns.
+
+    Inodes are numbered in the order `add_inode` is called (the first one is the root), so a
+    deterministic walk gives a byte-identical bootstrap.
+    """
+
+    def __init__(self, *, chunk_size: int, digester: str = "sha256", meta: dict | None = None):
+        self.chunk_size = chunk_size
+        self.digester = digester
+        self.meta = dict(meta or {})
+        self.blobs: list[BlobInfo] = []
+        self._chunks = bytearray()
+        self._digests = bytearray()
+        self._nchunks = 0
+        self._inodes: list[list] = []          # [mode, uid, gid, size, mtime_ns, rdev, data, xattrs]
+        self._children: dict[int, list[tuple[bytes, int]]] = {}
+        self._parent: dict[int, int] = {ROOT_INO: ROOT_INO}
+        self._nlink: dict[int, int] = {}
+        self.prefetch: list[int] = []
+
+    @property
+    def chunk_count(self) -> int:
+        return self._nchunks
+
+    def add_blob(self, *, blob_id: str, compressor: str, compressed_size: int,
+                 uncompressed_size: int, chunks: Sequence[ChunkSpec], source_layer: str = "") -> int:
+        """Registers a blob and its chunks (in blob order); chunk ids are then
+        `blob.chunk_start + i`. Returns the blob index."""
+        index = len(self.blobs)
+        self.blobs.append(BlobInfo(blob_id, compressor, compressed_size, uncompressed_size,
+                                   self._nchunks, len(chunks), source_layer))
+        for c in chunks:
+            if len(c.digest) != DIGEST_SIZE:
+                raise ValueError("chunk digest must be 32 bytes")
+            self._chunks += CHUNK.pack(index, c.comp_offset, c.comp_size, c.offset, c.size,
+                                       CHUNK_COMPRESSED if c.compressed else 0)
+            self._digests += c.digest
+        self._nchunks += len(chunks)
+        return index
+
+    def add_inode(self, *, mode: int, uid: int, gid: int, mtime_ns: int, size: int = 0,
+                  rdev: int = 0, xattrs: dict[bytes, bytes] | None = None,
+                  symlink: bytes | None = None, chunk_ids: Sequence[int] | None = None) -> int:
+        ino = len(self._inodes) + 1
+        if stat.S_ISLNK(mode):
+            data = symlink or b""
+            size = len(data)
+        elif stat.S_ISREG(mode):
+            data = list(chunk_ids or ())
+            expect = -(-size // self.chunk_size)
+            if len(data) != expect:
+                raise ValueError(f"inode {ino}: {len(data)} chunks for size {size}, expected {expect}")
+        else:
+            data = None
+        self._inodes.append([mode, uid, gid, size, mtime_ns, rdev, data,
+                             sorted((xattrs or {}).items())])
+        if stat.S_ISDIR(mode):
+            self._children[ino] = []
+        self._nlink[ino] = 2 if stat.S_ISDIR(mode) else 0
+        return ino
+
+    def add_dirent(self, parent: int, name: bytes, ino: int) -> None:
+        if not name or b"/" in name or name in (b".", b".."):
+            raise ValueError(f"invalid name {name!r}")
+        self._children[parent].append((name, ino))
+        self._parent.setdefault(ino, parent)
+        if ino in self._children:
+            self._nlink[parent] += 1
+        else:
+            self._nlink[ino] += 1
+
+    def to_bytes(self) -> bytes:
+        strings = bytearray()
+        interned: dict[bytes, int] = {}
+
+        def put(s: bytes) -> int:
+            off = interned.get(s)
+            if off is None:
+                off = interned[s] = len(strings)
+                strings.extend(s)
+            return off
+
+        inodes = bytearray()
+        dirents = bytearray()
+        refs = bytearray()
+        xattrs = bytearray()
+        ndirents = nrefs = nxattrs = 0
+        for i, (mode, uid, gid, size, mtime_ns, rdev, data, xa) in enumerate(self._inodes):
+            ino = i + 1
+            if stat.S_ISDIR(mode):
+                kids = sorted(self._children[ino])
+                for a, b in zip(kids, kids[1:]):
+                    if a[0] == b[0]:
+                        raise ValueError(f"duplicate name {a[0]!r} in inode {ino}")
+                start, count = ndirents, len(kids)
+                for name, child in kids:
+                    dirents += DIRENT.pack(put(name), len(name), child)
+                ndirents += count
+            elif stat.S_ISREG(mode):
+                start, count = nrefs, len(data)
+                refs += struct.pack(f"<{count}I", *data)
+                nrefs += count
+            elif stat.S_ISLNK(mode):
+                start, count = put(data), len(data)
+            else:
+                start = count = 0
+            xstart = nxattrs
+            for name, value in xa:
+                xattrs += XATTR.pack(put(name), len(name), put(value), len(value))
+            nxattrs += len(xa)
+            sec, nsec = divmod(mtime_ns, 1_000_000_000)
+            nlink = self._nlink[ino] or 1
+            inodes += INODE.pack(mode, uid, gid, nlink, size, sec, nsec, rdev,
+                                 self._parent.get(ino, 0), start, count, xstart, len(xa))
+        doc = {
+            "magic": MAGIC, "version": VERSION, "chunk_size": self.chunk_size,
+            "digester": self.digester, "meta": self.meta,
+            "blobs": [b.to_msgpack() for b in self.blobs],
+            "inodes": bytes(inodes), "dirents": bytes(dirents), "chunk_refs": bytes(refs),
+            "chunks": bytes(self._chunks), "digests": bytes(self._digests),
+            "xattrs": bytes(xattrs), "strings": bytes(strings),
+            "prefetch": struct.pack(f"<{len(self.prefetch)}I", *self.prefetch),
+        }
+        return msgpack.packb(doc, use_bin_type=True)
+
+
+def _bin(doc: dict, key: str, rec: struct.Struct | None = None) -> memoryview:
+    v = doc.get(key)
+    if not isinstance(v, bytes):
+        raise FormatError(f"bootstrap: column {key!r} missing or not binary")
+    if rec is not None and len(v) % rec.size:
+        raise FormatError(f"bootstrap: column {key!r} length {len(v)} is not a multiple of {rec.size}")
+    return memoryview(v)
+
+
+class Bootstrap:
+    """Read-only, lazily decoded view of a bootstrap. Thread-safe (immutable)."""
+
+    def __init__(self, doc: dict):
+        if not isinstance(doc, dict) or doc.get("magic") != MAGIC:
+            raise FormatError("not a nydus-py bootstrap (bad magic)")
+        if doc.get("version") != VERSION:
+            raise FormatError(f"bootstrap version {doc.get('version')!r} not supported (want {VERSION})")
+        try:
+            self.chunk_size = int(doc["chunk_size"])
+            self.digester = str(doc["digester"])
+            self.meta = dict(doc.get("meta") or {})
+            self.blobs = [BlobInfo(**b) for b in doc["blobs"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"bootstrap: malformed header ({e!r})") from None
+        if self.chunk_size <= 0:
+            raise FormatError("bootstrap: chunk_size must be positive")
+        self._inodes = _bin(doc, "inodes", INODE)
+        self._dirents = _bin(doc, "dirents", DIRENT)
+        self._refs = _bin(doc, "chunk_refs", U32)
+        self._chunks = _bin(doc, "chunks", CHUNK)
+        self._digests = _bin(doc, "digests")
+        self._xattrs = _bin(doc, "xattrs", XATTR)
+        self._strings = _bin(doc, "strings")
+        self.inode_count = len(self._inodes) // INODE.size
+        self.chunk_count = len(self._chunks) // CHUNK.size
+        if len(self._digests) != self.chunk_count * DIGEST_SIZE:
+            raise FormatError("bootstrap: digest column does not match chunk table")
+        if self.inode_count < 1 or not stat.S_ISDIR(self._raw(ROOT_INO)[0]):
+            raise FormatError("bootstrap: no root directory")
+        self._chunk_blob_index = [b.chunk_start for b in self.blobs]
+        pf = _bin(doc, "prefetch", U32)
+        self.prefetch = [U32.unpack_from(pf, i)[0] for i in range(0, len(pf), U32.size)]
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Bootstrap":
+        try:
+            doc = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        except Exception as e:  # msgpack raises a zoo of types on garbage
+            raise FormatError(f"bootstrap: not valid msgpack ({e.__class__.__name__}: {e})") from None
+        return cls(doc)
+
+    @classmethod
+    def from_file(cls, path) -> "Bootstrap":
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise FormatError(f"{path}: cannot read bootstrap ({e.strerror})") from None
+        try:
+            return cls.from_bytes(data)
+        except FormatError as e:
+            raise FormatError(f"{path}: {e}") from None
+
+    # -- inodes -----------------------------------------------------------------------------
+    def _raw(self, ino: int) -> tuple:
+        if not 1 <= ino <= self.inode_count:
+            raise KeyError(ino)
+        return INODE.unpack_from(self._inodes, (ino - 1) * INODE.size)
+
+    def attr(self, ino: int) -> Attr:
+        mode, uid, gid, nlink, size, sec, nsec, rdev, *_ = self._raw(ino)
+        return Attr(ino, mode, uid, gid, nlink, size, sec * 1_000_000_000 + nsec, rdev)
+
+    def parent(self, ino: int) -> int:
+        return self._raw(ino)[8]
+
+    def _name(self, off: int, length: int) -> bytes:
+        return bytes(self._strings[off:off + length])
+
+    def lookup(self, parent: int, name: bytes) -> int | None:
+        raw = self._raw(parent)
+        if not stat.S_ISDIR(raw[0]):
+            return None
+        lo, hi = raw[9], raw[9] + raw[10]
+        d, s = self._dirents, self._strings
+        while lo < hi:
+            mid = (lo + hi) // 2
+            off, ln, ino = DIRENT.unpack_from(d, mid * DIRENT.size)
+            cur = s[off:off + ln]
+            if cur == name:
+                return ino
+            if bytes(cur) < name:
+                lo = mid + 1
+            else:
+                hi = mid
+        return None
+
+    def dir_size(self, ino: int) -> int:
+        return self._raw(ino)[10]
+
+    def readdir(self, ino: int, start: int = 0) -> Iterator[tuple[int, bytes, int]]:
+        """(index, name, ino) for entries from `start`, in name order."""
+        raw = self._raw(ino)
+        if not stat.S_ISDIR(raw[0]):
+            return
+        base, count = raw[9], raw[10]
+        for i in range(max(start, 0), count):
+            off, ln, child = DIRENT.unpack_from(self._dirents, (base + i) * DIRENT.size)
+            yield i, self._name(off, ln), child
+
+    def readlink(self, ino: int) -> bytes:
+        raw = self._raw(ino)
+        if not stat.S_ISLNK(raw[0]):
+            raise ValueError(f"inode {ino} is not a symlink")
+        return self._name(raw[9], raw[10])
+
+    def xattrs(self, ino: int) -> dict[bytes, bytes]:
+        raw = self._raw(ino)
+        out = {}
+        for i in range(raw[11], raw[11] + raw[12]):
+            no, nl, vo, vl = XATTR.unpack_from(self._xattrs, i * XATTR.size)
+            out[self._name(no, nl)] = self._name(vo, vl)
+        return out
+
+    def path_of(self, ino: int) -> str:
+        """A path for log lines (the first parent, for hardlinks). Not on the hot path."""
+        parts = []
+        seen = 0
+        while ino != ROOT_INO and seen < 4096:
+            parent = self.parent(ino)
+            name = next((n for _, n, c in self.readdir(parent) if c == ino), b"?")
+            parts.append(name.decode("utf-8", "backslashreplace"))
+            ino, seen = parent, seen + 1
+        return "/" + "/".join(reversed(parts))
+
+    def iter_paths(self) -> Iterator[tuple[bytes, int]]:
+        """Depth-first (path, ino) for every dirent; used by tools and prefetch-by-pattern."""
+        stack = [(b"", ROOT_INO)]
+        yield b"/", ROOT_INO
+        while stack:
+            prefix, ino = stack.pop()
+            for _, name, child in self.readdir(ino):
+                path = prefix + b"/" + name
+                yield path, child
+                if stat.S_ISDIR(self._raw(child)[0]):
+                    stack.append((path, child))
+
+    # -- chunks -----------------------------------------------------------------------------
+    def file_chunk_ids(self, ino: int) -> memoryview:
+        """The chunk ids of a regular file as a u32 memoryview (index k = file chunk k)."""
+        raw = self._raw(ino)
+        if not stat.S_ISREG(raw[0]):
+            return memoryview(b"").cast("I")
+        start = raw[9] * 4
+        return self._refs[start:start + raw[10] * 4].cast("I")
+
+    def chunk(self, chunk_id: int) -> Chunk:
+        if not 0 <= chunk_id < self.chunk_count:
+            raise FormatError(f"bootstrap: chunk id {chunk_id} out of range")
+        blob, coff, csize, off, size, flags = CHUNK.unpack_from(self._chunks, chunk_id * CHUNK.size)
+        digest = bytes(self._digests[chunk_id * DIGEST_SIZE:(chunk_id + 1) * DIGEST_SIZE])
+        return Chunk(chunk_id, blob, chunk_id - self.blobs[blob].chunk_start, coff, csize, off, size,
+                     bool(flags & CHUNK_COMPRESSED), digest)
+
+    def blob_chunks(self, blob: int) -> range:
+        b = self.blobs[blob]
+        return range(b.chunk_start, b.chunk_start + b.chunk_count)
