@@ -22,7 +22,7 @@ DOCKER_LAYER_FOREIGN_GZIP = "application/vnd.docker.image.rootfs.foreign.diff.ta
 
 # nydus-py artifacts (documented in docs/format.md)
 NYDUS_PY_BLOB = "application/vnd.nydus-py.blob.v1"
-NYDUS_PY_BOOTSTRAP = "application/vnd.nydus-py.bootstrap.v1+msgpack"
+NYDUS_PY_BOOTSTRAP = "application/vnd.nydus-py.bootstrap.v1.msgpack+zstd"
 
 # Annotations we put on layer descriptors / manifests.
 ANNO_BOOTSTRAP = "io.nydus-py.bootstrap"          # "true" on the bootstrap layer

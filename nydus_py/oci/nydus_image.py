@@ -1,0 +1,51 @@
+"""The shape of a converted image: an OCI manifest whose layers are the data blobs followed by
+one bootstrap layer (zstd-compressed msgpack). Both the converter (writes) and the daemon and
+snapshotter (read) go through here, so the convention lives in one place (docs/format.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import zstandard
+
+from nydus_py.errors import FormatError, ImageFormatError
+from nydus_py.oci import mediatypes as mt
+from nydus_py.oci.layout import Descriptor
+
+MAX_BOOTSTRAP = 1 << 30  # decompressed; a bigger one is hostile, not an image
+
+
+@dataclass(frozen=True)
+class NydusLayers:
+    bootstrap: Descriptor
+    blobs: list[Descriptor]
+
+
+def is_nydus_manifest(manifest: dict) -> bool:
+    layers = manifest.get("layers") or []
+    return bool(layers) and isinstance(layers[-1], dict) and layers[-1].get("mediaType") == mt.NYDUS_PY_BOOTSTRAP
+
+
+def find_layers(manifest: dict, what: str) -> NydusLayers:
+    layers = manifest.get("layers")
+    if not isinstance(layers, list) or not layers:
+        raise ImageFormatError(f"{what}: manifest has no layers")
+    descs = [Descriptor.from_json(d, what) for d in layers]
+    boot = [d for d in descs if d.media_type == mt.NYDUS_PY_BOOTSTRAP]
+    if len(boot) != 1 or descs[-1].media_type != mt.NYDUS_PY_BOOTSTRAP:
+        raise ImageFormatError(f"{what}: not a nydus-py image (no {mt.NYDUS_PY_BOOTSTRAP} layer last)")
+    blobs = [d for d in descs[:-1] if d.media_type == mt.NYDUS_PY_BLOB]
+    if len(blobs) != len(descs) - 1:
+        raise ImageFormatError(f"{what}: unexpected layer media types in a nydus-py image")
+    return NydusLayers(boot[0], blobs)
+
+
+def encode_bootstrap(msgpack_bytes: bytes) -> bytes:
+    return zstandard.ZstdCompressor(level=9, write_content_size=True).compress(msgpack_bytes)
+
+
+def decode_bootstrap(layer: bytes, what: str) -> bytes:
+    try:
+        return zstandard.ZstdDecompressor().decompress(layer, max_output_size=MAX_BOOTSTRAP)
+    except zstandard.ZstdError as e:
+        raise FormatError(f"{what}: bootstrap layer is not valid zstd ({e})") from None
