@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple, Sequence
 
 import msgpack
+import zstandard
 
 from nydus_py.errors import FormatError
 
@@ -34,6 +35,8 @@ XATTR = struct.Struct("<IIII")          # name_off, name_len, value_off, value_l
 U32 = struct.Struct("<I")
 DIGEST_SIZE = 32
 
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+MAX_BOOTSTRAP = 1 << 30  # decompressed; a bigger one is hostile, not an image
 CHUNK_COMPRESSED = 1  # flags bit: stored compressed with the blob's compressor (else raw)
 
 
@@ -214,6 +217,17 @@ class BootstrapWriter:
         return msgpack.packb(doc, use_bin_type=True)
 
 
+def compress_layer(msgpack_bytes: bytes) -> bytes:
+    return zstandard.ZstdCompressor(level=9, write_content_size=True).compress(msgpack_bytes)
+
+
+def decompress_layer(layer: bytes) -> bytes:
+    try:
+        return zstandard.ZstdDecompressor().decompress(layer, max_output_size=MAX_BOOTSTRAP)
+    except zstandard.ZstdError as e:
+        raise FormatError(f"bootstrap is not valid zstd ({e})") from None
+
+
 def _bin(doc: dict, key: str, rec: struct.Struct | None = None) -> memoryview:
     v = doc.get(key)
     if not isinstance(v, bytes):
@@ -259,6 +273,9 @@ class Bootstrap:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "Bootstrap":
+        """Plain msgpack, or the zstd-compressed form stored as the image's bootstrap layer."""
+        if data[:4] == ZSTD_MAGIC:
+            data = decompress_layer(data)
         try:
             doc = msgpack.unpackb(data, raw=False, strict_map_key=False)
         except Exception as e:  # msgpack raises a zoo of types on garbage

@@ -1,19 +1,14 @@
 """The shape of a converted image: an OCI manifest whose layers are the data blobs followed by
-one bootstrap layer (zstd-compressed msgpack). Both the converter (writes) and the daemon and
+one bootstrap layer (zstd-compressed msgpack, see format.bootstrap.compress_layer). Both the converter (writes) and the daemon and
 snapshotter (read) go through here, so the convention lives in one place (docs/format.md)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import zstandard
-
-from nydus_py.errors import FormatError, ImageFormatError
+from nydus_py.errors import ImageFormatError
 from nydus_py.oci import mediatypes as mt
 from nydus_py.oci.layout import Descriptor
-
-MAX_BOOTSTRAP = 1 << 30  # decompressed; a bigger one is hostile, not an image
-
 
 @dataclass(frozen=True)
 class NydusLayers:
@@ -38,14 +33,3 @@ def find_layers(manifest: dict, what: str) -> NydusLayers:
     if len(blobs) != len(descs) - 1:
         raise ImageFormatError(f"{what}: unexpected layer media types in a nydus-py image")
     return NydusLayers(boot[0], blobs)
-
-
-def encode_bootstrap(msgpack_bytes: bytes) -> bytes:
-    return zstandard.ZstdCompressor(level=9, write_content_size=True).compress(msgpack_bytes)
-
-
-def decode_bootstrap(layer: bytes, what: str) -> bytes:
-    try:
-        return zstandard.ZstdDecompressor().decompress(layer, max_output_size=MAX_BOOTSTRAP)
-    except zstandard.ZstdError as e:
-        raise FormatError(f"{what}: bootstrap layer is not valid zstd ({e})") from None

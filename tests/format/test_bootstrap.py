@@ -76,3 +76,12 @@ def test_writer_rejects_wrong_chunk_count():
     w.add_inode(mode=stat.S_IFDIR | 0o755, uid=0, gid=0, mtime_ns=0)
     with pytest.raises(ValueError):
         w.add_inode(mode=stat.S_IFREG | 0o644, uid=0, gid=0, mtime_ns=0, size=5, chunk_ids=[0])
+
+
+def test_compressed_layer_form_loads_and_garbage_zstd_is_format_error():
+    from nydus_py.format.bootstrap import compress_layer
+    layer = compress_layer(_sample())
+    assert len(layer) < len(_sample())
+    assert Bootstrap.from_bytes(layer).inode_count == 5
+    with pytest.raises(FormatError, match="zstd"):
+        Bootstrap.from_bytes(layer[:10])
