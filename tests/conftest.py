@@ -1,0 +1,23 @@
+"""Top-level shared fixtures. Kept small: image generation lives in tests/fixtures/."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.fixtures import imagegen
+from tests.fixtures.umoci import umoci, unpack_with_umoci, umoci_reference  # noqa: F401  (fixtures)
+
+
+@pytest.fixture(scope="session")
+def feature_oci(tmp_path_factory):
+    """(oci_dir, tag) of imagegen.feature_image(), written once per session. Read-only."""
+    d = tmp_path_factory.mktemp("feature-oci")
+    imagegen.feature_image().write_oci(d, "latest")
+    return d, "latest"
+
+
+@pytest.fixture(scope="session")
+def feature_reference(umoci, feature_oci, tmp_path_factory):
+    """umoci's unpack of the feature image: Reference(rootfs, volatile_mtimes). Read-only."""
+    oci_dir, tag = feature_oci
+    return umoci_reference(oci_dir, tag, tmp_path_factory.mktemp("feature-ref") / "bundle")
