@@ -1,0 +1,328 @@
+"""The read path under FUSE `read`: plan → cache → (single-flight) fetch → verify → store → bytes.
+
+    read(ino, offset, size)
+      1. plan      chunk ids covering the range (bootstrap columns, no I/O), clamped at EOF
+      2. lookup    ONE worker-thread call reads every cached chunk (xxh3-checked) of the request
+      3. resolve   for each miss: wait for the task already fetching it (single-flight, keyed by
+                   (blob, index)), or fetch it: merge into ranges (fetch.plan_ranges), extend
+                   the last range of each blob forward over uncached chunks (amplify_io
+                   readahead), one `backend.read_range` per range in a worker thread, which also
+                   splits, decompresses, verifies sha256 and stores the chunks in the cache
+      4. assemble  one b"".join over memoryview slices
+
+The single-flight table lives in trio's thread, so it needs no lock. A chunk is marked ready in
+the cache (by the worker) before its flight is resolved (in trio), so a task that finds neither
+a flight nor a ready chunk may fetch it itself: at most a rare duplicate fetch, never a hang.
+Tasks waiting on a flight receive its bytes or its error (a copy, with the same type).
+
+Policy on a full or failing cache disk: `store_many`'s CacheError is logged and counted
+(`fs.cache_store_errors`), and the verified bytes are still returned, so a full cache degrades
+to uncached reads instead of failing the container's I/O. A chunk that fails verification is
+never cached and never returned: IntegrityError naming the file, blob and chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from typing import Sequence
+
+import trio
+
+from nydus_py.cache.chunk_cache import ChunkCache
+from nydus_py.errors import CacheError, FormatError, IntegrityError, NydusError
+from nydus_py.format.bootstrap import Bootstrap, Chunk
+from nydus_py.io.fetch import Range, decode_chunk, extend_forward, plan_ranges
+from nydus_py.metrics import Metrics
+from nydus_py.storage.backend import BlobBackend
+
+log = logging.getLogger(__name__)
+
+DEFAULT_AMPLIFY_IO = 1 << 20
+DEFAULT_MAX_GAP = 16 << 10
+
+Key = tuple[int, int]           # (blob index, chunk index within the blob)
+Want = tuple[Chunk, int, int]   # a chunk and the span [lo, hi) of it a request needs
+Got = dict[Key, tuple[int, bytes]]  # bytes of a chunk from offset `base` (0: the whole chunk)
+
+
+class _Flight:
+    __slots__ = ("event", "data", "error")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.data: bytes | None = None
+        self.error: BaseException | None = None
+
+
+class _Interrupted(Exception):
+    """The fetching task was cancelled before its fetch ran; waiters fetch themselves."""
+
+
+def _copy_error(e: BaseException) -> NydusError:
+    """A fresh exception per waiter (raising one object from many tasks tangles tracebacks)."""
+    if isinstance(e, NydusError):
+        new = type(e)(str(e), permanent=e.permanent, errno=e.errno)
+    else:
+        new = NydusError(f"chunk fetch failed: {e!r}")
+    new.__cause__ = e
+    return new
+
+
+class FileReader:
+    """Reads file data of one image. `read` is the only entry point of the FUSE layer."""
+
+    def __init__(self, bootstrap: Bootstrap, backend: BlobBackend, cache: ChunkCache, *,
+                 limiter: trio.CapacityLimiter, amplify_io: int = DEFAULT_AMPLIFY_IO,
+                 max_gap: int = DEFAULT_MAX_GAP, metrics: Metrics | None = None):
+        if bootstrap.digester != "sha256":
+            raise FormatError(f"bootstrap: chunk digester {bootstrap.digester!r} is not supported "
+                              "(only sha256)")
+        self.bootstrap = bootstrap
+        self.backend = backend
+        self.cache = cache
+        self.limiter = limiter
+        self.amplify_io = max(amplify_io, 0)
+        self.max_gap = max(max_gap, 0)
+        self._handles: list[int | None] = [None] * len(bootstrap.blobs)
+        self._inflight: dict[Key, _Flight] = {}
+        m = (metrics or Metrics()).fs
+        self._m_reads = m.counter("read_count")
+        self._m_read_bytes = m.counter("read_bytes")
+        self._m_latency = m.histogram("read_latency")
+        self._m_hits = m.counter("chunk_hits")
+        self._m_misses = m.counter("chunk_misses")
+        self._m_waits = m.counter("singleflight_waits")
+        self._m_ranges = m.counter("fetch_ranges")
+        self._m_fetch_bytes = m.counter("fetch_bytes")
+        self._m_fetched = m.counter("fetch_chunks")
+        self._m_readahead = m.counter("readahead_chunks")
+        self._m_integrity = m.counter("integrity_errors")
+        self._m_store_errors = m.counter("cache_store_errors")
+
+    # -- public -------------------------------------------------------------------------------
+    def open_blobs(self) -> None:
+        """Opens the cache files of every blob (blocking; daemon start-up). Optional: blobs are
+        otherwise opened on first use, in a worker thread."""
+        for i in range(len(self._handles)):
+            self._handle(i)
+
+    async def read(self, ino: int, offset: int, size: int) -> bytes:
+        t0 = time.perf_counter()
+        plan = self._plan(ino, offset, size)
+        if not plan:
+            return b""
+        # One want per distinct chunk (a file may repeat a chunk): the span of it we need.
+        wants: dict[Key, Want] = {}
+        for c, a, b in plan:
+            w = wants.get((c.blob, c.index))
+            if w is None:
+                wants[(c.blob, c.index)] = (c, a, b)
+            else:
+                wants[(c.blob, c.index)] = (c, min(w[1], a), max(w[2], b))
+        try:
+            got = await trio.to_thread.run_sync(self._lookup, list(wants.values()),
+                                                limiter=self.limiter)
+            self._m_hits.inc(len(got))
+            missing = [w for k, w in wants.items() if k not in got]
+            if missing:
+                self._m_misses.inc(len(missing))
+                await self._resolve(missing, got)
+        except NydusError as e:
+            raise self._with_path(e, ino) from e
+        parts = []
+        for c, a, b in plan:
+            base, data = got[(c.blob, c.index)]
+            parts.append(memoryview(data)[a - base:b - base])
+        out = b"".join(parts)
+        self._m_reads.inc()
+        self._m_read_bytes.inc(len(out))
+        self._m_latency.observe(time.perf_counter() - t0)
+        return out
+
+    # -- 1. plan ------------------------------------------------------------------------------
+    def _plan(self, ino: int, offset: int, size: int) -> list[tuple[Chunk, int, int]]:
+        """(chunk, start, stop) slices of each chunk, in file order. No I/O."""
+        bs = self.bootstrap
+        try:
+            fsize = bs.attr(ino).size
+        except KeyError:
+            raise FormatError(f"read of unknown inode {ino}") from None
+        end = min(offset + size, fsize)
+        if size <= 0 or offset < 0 or offset >= end:
+            return []
+        ids = bs.file_chunk_ids(ino)
+        cs = bs.chunk_size
+        k0, k1 = offset // cs, (end - 1) // cs
+        if k1 >= len(ids):
+            raise FormatError(f"{bs.path_of(ino)}: {len(ids)} chunks for {fsize} bytes")
+        plan = []
+        for k in range(k0, k1 + 1):
+            c = bs.chunk(ids[k])
+            base = k * cs
+            if c.size != min(cs, fsize - base):
+                raise FormatError(f"{bs.path_of(ino)}: chunk {c.id} has size {c.size}, expected "
+                                  f"{min(cs, fsize - base)} at file offset {base}")
+            plan.append((c, max(offset - base, 0), min(end - base, c.size)))
+        return plan
+
+    # -- 2. lookup (worker thread) ------------------------------------------------------------
+    def _handle(self, blob: int) -> int:
+        h = self._handles[blob]
+        if h is None:  # open_blob is idempotent, so racing threads agree on the handle
+            h = self._handles[blob] = self.cache.open_blob(self.bootstrap.blobs[blob])
+        return h
+
+    def _lookup(self, wants: Sequence[Want]) -> Got:
+        got = {}
+        for c, lo, hi in wants:
+            data = self.cache.read(self._handle(c.blob), c.index, c.offset, c.size, lo, hi)
+            if data is not None:
+                got[(c.blob, c.index)] = (lo, data)
+        return got
+
+    # -- 3. resolve misses (trio thread) ------------------------------------------------------
+    async def _resolve(self, missing: list[Want], got: Got) -> None:
+        pending = missing
+        reread_once: set[Key] = set()
+        while pending:
+            mine: list[Chunk] = []
+            owned: dict[Key, _Flight] = {}
+            waits: list[tuple[Want, _Flight]] = []
+            reread: list[Want] = []
+            for w in pending:
+                c = w[0]
+                key = (c.blob, c.index)
+                f = self._inflight.get(key)
+                if f is not None:
+                    waits.append((w, f))
+                elif key not in reread_once and self.cache.is_ready(self._handles[c.blob], c.index):
+                    reread.append(w)  # fetched and stored by another task since our lookup
+                    reread_once.add(key)
+                else:
+                    owned[key] = self._inflight[key] = _Flight()
+                    mine.append(c)
+            pending = []
+            if reread:
+                again = await trio.to_thread.run_sync(self._lookup, reread, limiter=self.limiter)
+                got.update(again)
+                pending += [w for w in reread if (w[0].blob, w[0].index) not in again]
+            if mine:
+                await self._fetch(mine, owned, got)
+            for w, f in waits:
+                self._m_waits.inc()
+                await f.event.wait()
+                if isinstance(f.error, _Interrupted):
+                    pending.append(w)
+                elif f.error is not None:
+                    raise _copy_error(f.error)
+                else:
+                    got[(w[0].blob, w[0].index)] = (0, f.data)
+
+    async def _fetch(self, mine: list[Chunk], owned: dict[Key, _Flight],
+                     got: Got) -> None:
+        """Fetches `mine`, whose flights (`owned`) this task registered, plus readahead; settles
+        every flight it owns whatever happens (a cancelled fetch lets waiters retry)."""
+        errors: list[BaseException] = []
+        try:
+            ranges = plan_ranges(mine, max_gap=self.max_gap, limit=self.amplify_io)
+            self._readahead(ranges, owned)
+            async with trio.open_nursery() as nursery:
+                for r in ranges:
+                    nursery.start_soon(self._fetch_range, r, owned, got, errors)
+        finally:
+            for key, f in owned.items():
+                self._settle(key, f, None, _Interrupted())
+        if errors:
+            raise errors[0]
+
+    def _readahead(self, ranges: list[Range], owned: dict[Key, _Flight]) -> None:
+        """Extends the last range of each blob forward over chunks nobody has (amplify_io)."""
+        last: dict[int, Range] = {}
+        for r in ranges:
+            last[r.blob] = r
+        bs = self.bootstrap
+        for b, r in last.items():
+            info = bs.blobs[b]
+            h = self._handles[b]
+            first = max(c.index for c in r.chunks) + 1
+            following = (bs.chunk(info.chunk_start + i) for i in range(first, info.chunk_count))
+
+            def accept(c: Chunk, h=h) -> bool:
+                key = (c.blob, c.index)
+                if key in self._inflight or self.cache.is_ready(h, c.index):
+                    return False
+                owned[key] = self._inflight[key] = _Flight()
+                return True
+
+            n = extend_forward(r, following, max_gap=self.max_gap, limit=self.amplify_io, accept=accept)
+            self._m_readahead.inc(n)
+
+    async def _fetch_range(self, r: Range, owned: dict[Key, _Flight], got: Got,
+                           errors: list) -> None:
+        wanted = len(r.chunks) - r.readahead
+        try:
+            results = await trio.to_thread.run_sync(self._fetch_range_sync, r, limiter=self.limiter)
+        except Exception as e:  # the whole range failed: every chunk in it shares the error
+            for c in r.chunks:
+                key = (c.blob, c.index)
+                self._settle(key, owned[key], None, e)
+            errors.append(e)
+            return
+        for i, (c, res) in enumerate(results):
+            key = (c.blob, c.index)
+            if isinstance(res, BaseException):
+                self._settle(key, owned[key], None, res)
+                if i < wanted:
+                    errors.append(res)
+            else:
+                self._settle(key, owned[key], res, None)
+                if i < wanted:
+                    got[key] = (0, res)
+
+    def _settle(self, key: Key, f: _Flight, data: bytes | None, error: BaseException | None) -> None:
+        if f.event.is_set():
+            return
+        if self._inflight.get(key) is f:
+            del self._inflight[key]
+        f.data, f.error = data, error
+        f.event.set()
+
+    # -- the worker side of a fetch -----------------------------------------------------------
+    def _fetch_range_sync(self, r: Range) -> list[tuple[Chunk, bytes | IntegrityError]]:
+        info = self.bootstrap.blobs[r.blob]
+        raw = memoryview(self.backend.read_range(info.id, r.start, r.length))
+        self._m_ranges.inc()
+        self._m_fetch_bytes.inc(r.length)
+        results: list[tuple[Chunk, bytes | IntegrityError]] = []
+        good: list[tuple[Chunk, bytes]] = []
+        for c in r.chunks:
+            rel = c.comp_offset - r.start
+            try:
+                data = decode_chunk(info, c, raw[rel:rel + c.comp_size])
+            except IntegrityError as e:
+                self._m_integrity.inc()
+                log.error("%s; not cached", e)
+                results.append((c, e))
+                continue
+            results.append((c, data))
+            good.append((c, data))
+        self._m_fetched.inc(len(good))
+        if good:
+            try:
+                self.cache.store_many(self._handle(r.blob), good)
+            except CacheError as e:
+                self._m_store_errors.inc()
+                log.warning("%s; serving %d chunks uncached", e, len(good))
+        return results
+
+    # -- errors -------------------------------------------------------------------------------
+    def _with_path(self, e: NydusError, ino: int) -> NydusError:
+        try:
+            path = self.bootstrap.path_of(ino)
+        except Exception:
+            path = f"inode {ino}"
+        new = _copy_error(e)
+        new.args = (f"{path}: {e}",)
+        return new

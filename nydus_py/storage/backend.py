@@ -1,0 +1,70 @@
+"""The storage contract: a BlobBackend knows blobs and byte ranges, nothing about chunks.
+
+Contract (every backend, and every wrapper in wrappers.py, keeps it; tests/storage/
+test_backend_conformance.py checks it):
+
+- `blob_id` is the blob's OCI digest, "sha256:<64 hex>". A malformed id is a permanent
+  BackendError (it never reaches a path or URL).
+- `blob_size(blob_id) -> int` is the blob's size in bytes.
+- `read_range(blob_id, offset, length) -> bytes` returns exactly `length` bytes starting at
+  `offset`, or raises. `length == 0` returns b"". Negative values are a ValueError (a bug in
+  the caller). A range that runs past the end of the blob is a permanent BackendError naming
+  the blob and the range; it is never silently shortened.
+- Errors are `nydus_py.errors` types only:
+    BlobNotFoundError   the blob does not exist anywhere the backend looks (permanent)
+    AuthError           credentials refused (permanent)
+    BackendError        anything else; `permanent=False` when a retry may help (timeouts,
+                        5xx, EIO on a network filesystem), True otherwise
+  A backend does not retry by itself; RetryingBackend does that, for transient errors only.
+- Calls are blocking and thread-safe: the read path calls them from trio worker threads,
+  several at a time. They never touch the trio event loop.
+- Data is returned as fetched; verifying it is the caller's job (chunk digests).
+- `close()` releases descriptors/sessions; no call may follow or overlap it. Backends that
+  hold nothing may omit it: use `close_backend(b)`.
+
+Cross-cutting behaviour (retry, metrics, later rate limits) lives in wrappers with this same
+interface, not in flags of each backend.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from nydus_py.errors import BackendError
+from nydus_py.oci import digest as dg
+
+
+@runtime_checkable
+class BlobBackend(Protocol):
+    def blob_size(self, blob_id: str) -> int: ...
+
+    def read_range(self, blob_id: str, offset: int, length: int) -> bytes: ...
+
+
+def close_backend(backend: object) -> None:
+    close = getattr(backend, "close", None)
+    if close is not None:
+        close()
+
+
+def blob_hex(blob_id: str) -> str:
+    """The hex part of a sha256 blob id; anything else is a permanent BackendError."""
+    try:
+        algo, hexpart = dg.parse(blob_id)
+    except Exception:
+        raise BackendError(f"invalid blob id {blob_id!r}", permanent=True) from None
+    if algo != "sha256":
+        raise BackendError(f"blob {blob_id}: only sha256 blob ids are supported", permanent=True)
+    return hexpart
+
+
+def check_range(offset: int, length: int) -> None:
+    if offset < 0 or length < 0:
+        raise ValueError(f"invalid range offset={offset} length={length}")
+
+
+def range_error(blob_id: str, offset: int, length: int, size: int, where: str = "") -> BackendError:
+    at = f" in {where}" if where else ""
+    return BackendError(
+        f"blob {blob_id}{at}: range [{offset}, {offset + length}) is beyond its size {size}",
+        permanent=True)

@@ -1,0 +1,232 @@
+"""ChunkCache: store/read, persistence across instances, corruption and torn metadata caught,
+write failures surfaced as CacheError."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from nydus_py.cache import chunk_cache as cc
+from nydus_py.cache.chunk_cache import HEADER, RECORD, ChunkCache
+from nydus_py.errors import CacheError
+from nydus_py.format.bootstrap import BlobInfo, Chunk
+from nydus_py.metrics import Metrics
+
+SIZES = [4096, 4096, 4096, 1000]
+
+
+def _blob(seed: bytes = b"b1") -> tuple[BlobInfo, list[tuple[Chunk, bytes]]]:
+    items, off = [], 0
+    for i, n in enumerate(SIZES):
+        data = hashlib.sha256(seed + bytes([i])).digest() * (n // 32) + b"z" * (n % 32)
+        items.append((Chunk(100 + i, 0, i, off * 2, n, off, n, False, hashlib.sha256(data).digest()), data))
+        off += n
+    info = BlobInfo("sha256:" + hashlib.sha256(seed).hexdigest(), "none", off, off, 100, len(SIZES))
+    return info, items
+
+
+def _paths(work: Path, info: BlobInfo) -> tuple[Path, Path]:
+    h = info.id.split(":")[1]
+    return work / f"{h}.data", work / f"{h}.meta"
+
+
+def test_store_then_read_and_missing(tmp_path):
+    info, items = _blob()
+    c = ChunkCache(tmp_path)
+    h = c.open_blob(info)
+    assert c.open_blob(info) == h
+    assert c.missing(h, range(4)) == [0, 1, 2, 3]
+    assert c.read(h, 1, items[1][0].offset, items[1][0].size) is None
+    c.store_many(h, [items[1], items[3]])
+    assert c.missing(h, range(4)) == [0, 2]
+    for ch, data in (items[1], items[3]):
+        assert c.read(h, ch.index, ch.offset, ch.size) == data
+    assert c.used_bytes == SIZES[1] + SIZES[3]
+    data_path, _ = _paths(tmp_path, info)
+    assert data_path.stat().st_size == sum(SIZES)
+    assert data_path.stat().st_blocks * 512 < sum(SIZES)  # sparse: chunk 0 and 2 not allocated
+
+
+def test_ready_chunks_survive_a_new_instance(tmp_path):
+    info, items = _blob()
+    c = ChunkCache(tmp_path)
+    h = c.open_blob(info)
+    c.store_many(h, items[:3])
+    c.close()
+    c2 = ChunkCache(tmp_path)
+    h2 = c2.open_blob(info)
+    assert c2.missing(h2, range(4)) == [3]
+    assert c2.used_bytes == sum(SIZES[:3])
+    for ch, data in items[:3]:
+        assert c2.read(h2, ch.index, ch.offset, ch.size) == data
+
+
+def _flip(path: Path, pos: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(pos)
+        b = f.read(1)
+        f.seek(pos)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
+@pytest.mark.parametrize("mode", ["restart", "revalidate"])
+def test_corrupt_data_byte_is_detected_marked_missing_and_restorable(tmp_path, mode):
+    info, items = _blob()
+    m = Metrics()
+    c = ChunkCache(tmp_path, revalidate=(mode == "revalidate"), metrics=m)
+    c.store_many(c.open_blob(info), items)
+    if mode == "restart":       # rot or a torn write between runs: checked on first read
+        c.close()
+        c = ChunkCache(tmp_path, metrics=m)
+    h = c.open_blob(info)
+    data_path, _ = _paths(tmp_path, info)
+    ch, data = items[2]
+    _flip(data_path, ch.offset + 77)
+    assert c.read(h, ch.index, ch.offset, ch.size, 70, 80) is None
+    assert m.blobcache.value("cache_corrupt") == 1
+    assert c.missing(h, range(4)) == [2]
+    assert c.used_bytes == sum(SIZES) - ch.size
+    # The cleared record is on disk too: a restarted daemon does not trust the chunk.
+    c2 = ChunkCache(tmp_path)
+    assert c2.missing(c2.open_blob(info), range(4)) == [2]
+    # Refetched bytes can be stored again.
+    c.store_many(h, [(ch, data)])
+    assert c.read(h, ch.index, ch.offset, ch.size) == data
+
+
+def test_after_the_first_check_only_the_requested_slice_is_read(tmp_path):
+    info, items = _blob()
+    c = ChunkCache(tmp_path)
+    c.store_many(c.open_blob(info), items)
+    c.close()
+    c = ChunkCache(tmp_path)
+    h = c.open_blob(info)
+    ch, data = items[1]
+    assert c.read(h, 1, ch.offset, ch.size, 100, 200) == data[100:200]   # full check, then slice
+    _flip(_paths(tmp_path, info)[0], ch.offset + 3000)
+    assert c.read(h, 1, ch.offset, ch.size, 100, 200) == data[100:200]   # trusted: slice only
+    assert c.read(h, 1, ch.offset, ch.size, 0, 0) == b""
+    with pytest.raises(ValueError):
+        c.read(h, 1, ch.offset, ch.size, 10, ch.size + 1)
+
+
+def test_torn_record_with_bad_ready_byte_counts_as_not_ready(tmp_path):
+    info, items = _blob()
+    c = ChunkCache(tmp_path)
+    c.store_many(c.open_blob(info), items)
+    c.close()
+    _, meta = _paths(tmp_path, info)
+    with open(meta, "r+b") as f:
+        f.seek(HEADER.size + 1 * RECORD.size)
+        f.write(b"\x7f")                          # neither 0 nor READY
+        f.seek(HEADER.size + 3 * RECORD.size + 8)
+        f.write(b"\xde\xad\xbe\xef")              # ready, but xxh3 torn
+    c2 = ChunkCache(tmp_path)
+    h = c2.open_blob(info)
+    assert c2.missing(h, range(4)) == [1]         # record 3 still claims ready...
+    ch, _ = items[3]
+    assert c2.read(h, 3, ch.offset, ch.size) is None  # ...until its xxh3 fails
+    assert c2.missing(h, range(4)) == [1, 3]
+    assert c2.read(h, 0, items[0][0].offset, SIZES[0]) == items[0][1]
+
+
+def test_record_size_mismatch_is_not_trusted(tmp_path):
+    info, items = _blob()
+    c = ChunkCache(tmp_path)
+    h = c.open_blob(info)
+    c.store_many(h, items[:1])
+    assert c.read(h, 0, 0, SIZES[0] - 1) is None
+
+
+@pytest.mark.parametrize("damage", ["truncate-meta", "garbage-header", "wrong-data-size", "other-blob"])
+def test_meta_that_does_not_match_resets_the_blob_cache(tmp_path, damage):
+    info, items = _blob()
+    c = ChunkCache(tmp_path)
+    c.store_many(c.open_blob(info), items)
+    c.close()
+    data_path, meta = _paths(tmp_path, info)
+    if damage == "truncate-meta":
+        os.truncate(meta, 30)
+    elif damage == "garbage-header":
+        with open(meta, "r+b") as f:
+            f.write(b"garbage!")
+    elif damage == "wrong-data-size":
+        os.truncate(data_path, 10)
+    else:
+        other, _ = _blob(b"other")
+        other_meta = _paths(tmp_path, other)[1]
+        meta.rename(other_meta)
+        meta = other_meta
+        info = other
+    c2 = ChunkCache(tmp_path)
+    h = c2.open_blob(info)
+    assert c2.missing(h, range(4)) == [0, 1, 2, 3]
+    assert c2.used_bytes == 0
+    assert _paths(tmp_path, info)[0].stat().st_size == info.uncompressed_size
+
+
+def test_write_error_is_cache_error_with_errno_and_chunk_stays_missing(tmp_path, monkeypatch):
+    info, items = _blob()
+    m = Metrics()
+    c = ChunkCache(tmp_path, metrics=m)
+    h = c.open_blob(info)
+    real = cc._pwrite_all
+    calls = []
+
+    def full_disk(fd, data, offset):
+        calls.append(offset)
+        if len(calls) == 2:                      # second chunk's data: disk full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data, offset)
+
+    monkeypatch.setattr(cc, "_pwrite_all", full_disk)
+    with pytest.raises(CacheError) as ei:
+        c.store_many(h, items[:3])
+    assert ei.value.errno == errno.ENOSPC and info.id in str(ei.value)
+    assert c.missing(h, range(4)) == [1, 2, 3]   # chunk 0 was written, so it is committed
+    assert m.blobcache.value("store_errors") == 1
+    monkeypatch.setattr(cc, "_pwrite_all", real)
+    c.store_many(h, items[1:3])
+    assert c.missing(h, range(4)) == [3]
+
+
+def test_max_size_is_enforced_by_accounting(tmp_path):
+    info, items = _blob()
+    c = ChunkCache(tmp_path, max_size=SIZES[0] + SIZES[1])
+    h = c.open_blob(info)
+    c.store_many(h, items[:2])
+    with pytest.raises(CacheError) as ei:
+        c.store_many(h, items[2:3])
+    assert ei.value.errno == errno.ENOSPC
+    assert c.missing(h, range(4)) == [2, 3]
+    c.store_many(h, items[:2])  # already stored: needs no room
+
+
+def test_concurrent_store_and_read_from_threads(tmp_path):
+    blobs = [_blob(bytes([i])) for i in range(4)]
+    c = ChunkCache(tmp_path)
+    handles = [c.open_blob(info) for info, _ in blobs]
+    bad = []
+
+    def worker(k: int) -> None:
+        for rnd in range(30):
+            info, items = blobs[(k + rnd) % 4]
+            h = handles[(k + rnd) % 4]
+            c.store_many(h, items[rnd % 4:rnd % 4 + 2])
+            for ch, data in items:
+                got = c.read(h, ch.index, ch.offset, ch.size)
+                if got is not None and got != data:
+                    bad.append((k, rnd, ch.index))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert bad == []
+    assert c.used_bytes == sum(len(d) for _, items in blobs for _, d in items)

@@ -1,0 +1,42 @@
+import threading
+
+from nydus_py.metrics import Metrics
+
+
+def test_counters_are_exact_under_threads():
+    m = Metrics()
+    c = m.backend.counter("read_count")
+
+    def work():
+        for _ in range(20_000):
+            c.inc()
+
+    ts = [threading.Thread(target=work) for _ in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert m.snapshot()["backend"]["read_count"] == 80_000
+
+
+def test_histogram_buckets_and_prometheus_text():
+    m = Metrics()
+    h = m.fs.histogram("read_latency")
+    for s in (0.00001, 0.0003, 0.0003, 2.0, 99.0):
+        h.observe(s)
+    snap = m.fs.snapshot()["read_latency"]
+    assert snap["count"] == 5 and abs(snap["sum"] - 101.00061) < 1e-9
+    assert snap["counts"][0] == 1 and snap["counts"][-1] == 1
+    assert snap["counts"][snap["le"].index(0.0005)] == 2
+    m.blobcache.gauge("used_bytes").set(42)
+    text = m.render_prometheus()
+    assert 'nydus_fs_read_latency_bucket{le="+Inf"} 5' in text
+    assert 'nydus_fs_read_latency_bucket{le="0.0005"} 3' in text
+    assert "# TYPE nydus_blobcache_used_bytes gauge\nnydus_blobcache_used_bytes 42" in text
+
+
+def test_group_inc_is_what_the_vfs_calls():
+    m = Metrics()
+    m.fs.inc("read_errors")
+    m.fs.inc("read_errors", 2)
+    assert m.fs.value("read_errors") == 3 and m.fs.value("never") == 0

@@ -1,0 +1,372 @@
+"""FileReader end to end over real files: LocalFsBackend → MeteredBackend → ChunkCache on disk,
+real worker threads. Backend traffic is counted by MeteredBackend (metrics.backend)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from nydus_py.cache import chunk_cache as cc
+from nydus_py.cache.chunk_cache import ChunkCache
+from nydus_py.errors import BackendError, BlobNotFoundError, IntegrityError
+from nydus_py.format.bootstrap import ROOT_INO, Bootstrap
+from nydus_py.io.reader import FileReader
+from nydus_py.metrics import Metrics
+from nydus_py.storage.localfs import LocalFsBackend
+from nydus_py.storage.wrappers import MeteredBackend, RetryingBackend
+from tests.fixtures.nydus_build import build
+
+CS = 4096
+
+
+def compressible(n: int, seed: int) -> bytes:
+    rnd = random.Random(seed)
+    words = [bytes(rnd.choices(b"abcdefgh", k=8)) for _ in range(16)]
+    return b"".join(rnd.choice(words) for _ in range(n // 8 + 1))[:n]
+
+
+def incompressible(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+class Image:
+    def __init__(self, tmp: Path, files: dict[str, bytes], *, compressor="zstd", chunk_size=CS,
+                 amplify_io=1 << 20, wrap=None, limiter_tokens=4, work_dir=None):
+        self.tmp = tmp
+        self.built = build(files, chunk_size=chunk_size, compressor=compressor)
+        self.built.write(tmp / "blobs", tmp / "bootstrap")
+        self.bs = Bootstrap.from_bytes(self.built.bootstrap)
+        self.metrics = Metrics()
+        self.local = LocalFsBackend(tmp / "blobs")
+        backend = MeteredBackend(wrap(self.local) if wrap else self.local, self.metrics.backend)
+        self.backend = backend
+        self.cache = ChunkCache(work_dir or tmp / "cache", metrics=self.metrics)
+        self.limiter = trio.CapacityLimiter(limiter_tokens)
+        self.reader = FileReader(self.bs, backend, self.cache, limiter=self.limiter,
+                                 amplify_io=amplify_io, metrics=self.metrics)
+
+    def ino(self, path: str) -> int:
+        ino = ROOT_INO
+        for part in path.split("/"):
+            ino = self.bs.lookup(ino, part.encode())
+        return ino
+
+    def read(self, path: str, offset: int, size: int) -> bytes:
+        return trio.run(self.reader.read, self.ino(path), offset, size)
+
+    @property
+    def requests(self) -> int:
+        return self.metrics.backend.value("read_count")
+
+    @property
+    def fetched(self) -> int:
+        return self.metrics.backend.value("read_amount_total")
+
+    def blob_path(self) -> Path:
+        (bid,) = self.built.blobs
+        return self.tmp / "blobs" / bid.split(":")[1]
+
+    def chunks_of(self, path: str):
+        return [self.bs.chunk(i) for i in self.bs.file_chunk_ids(self.ino(path))]
+
+
+@pytest.mark.parametrize("compressor", ["zstd", "lz4", "none"])
+def test_reads_across_chunk_boundaries_and_eof_match_the_file(tmp_path, compressor):
+    data = compressible(3 * CS + 1234, 1)
+    img = Image(tmp_path, {"f": data, "g": incompressible(CS + 5, 2)}, compressor=compressor)
+    flags = {c.compressed for c in img.chunks_of("f")}
+    assert flags == ({False} if compressor == "none" else {True})
+    assert {c.compressed for c in img.chunks_of("g")} == {False}   # incompressible: stored raw
+    cases = [(0, 1), (0, CS), (CS - 1, 2), (100, 3 * CS), (CS, CS), (2 * CS + 7, 5000),
+             (len(data) - 10, 100), (len(data) - 1, 1), (0, 1 << 20), (len(data), 10),
+             (len(data) + 100, 10), (5, 0)]
+    for off, size in cases:
+        assert img.read("f", off, size) == data[off:off + size], (off, size)
+    assert img.read("g", CS - 3, 10) == img.built.files["g"][CS - 3:CS + 7]
+
+
+def test_deduplicated_chunks_are_fetched_once(tmp_path):
+    block = compressible(CS, 3)
+    files = {"a": block * 3, "b": block + compressible(CS, 4)}
+    img = Image(tmp_path, files)
+    assert len({c.id for c in img.chunks_of("a")}) == 1
+    assert img.read("a", 0, 3 * CS) == files["a"]
+    assert img.requests == 1
+    assert img.metrics.fs.value("fetch_chunks") >= 1
+    assert img.read("b", 0, CS) == block          # same chunk: cache hit
+    assert img.read("b", 0, 2 * CS) == files["b"]
+    assert img.read("a", CS - 10, CS + 20) == files["a"][CS - 10:2 * CS + 10]  # one chunk, 3 spans
+    assert img.requests == 1   # b's other chunk came with the first read (amplify_io)
+    assert img.metrics.fs.value("chunk_hits") >= 2
+
+
+def test_reading_one_file_fetches_only_its_bytes(tmp_path):
+    files = {f"dir/f{i:02d}": incompressible(2 * CS, 10 + i) for i in range(12)}
+    files["dir/small"] = b"tiny file\n"
+    img = Image(tmp_path, files, amplify_io=0)
+    assert img.read("dir/small", 0, 4096) == b"tiny file\n"
+    (c,) = img.chunks_of("dir/small")
+    assert img.requests == 1 and img.fetched == c.comp_size
+    assert img.read("dir/f05", 0, 2 * CS) == files["dir/f05"]
+    f05 = img.chunks_of("dir/f05")
+    assert img.fetched == c.comp_size + sum(x.comp_size for x in f05)
+    assert img.fetched < img.blob_path().stat().st_size // 5
+
+
+def test_adjacent_missing_chunks_merge_into_one_request_bounded_by_amplify_io(tmp_path):
+    data = incompressible(8 * CS, 20)
+    img = Image(tmp_path, {"f": data}, amplify_io=4 * CS)
+    assert img.read("f", 0, 8 * CS) == data
+    assert img.requests == 2 and img.fetched == 8 * CS    # two ranges of 4 chunks each
+    assert img.metrics.fs.value("fetch_ranges") == 2
+
+
+def test_amplify_io_reads_ahead_over_following_uncached_chunks(tmp_path):
+    data = incompressible(16 * CS, 21)
+    img = Image(tmp_path, {"f": data}, amplify_io=8 * CS)
+    assert img.read("f", 0, 100) == data[:100]
+    assert img.requests == 1 and img.fetched == 8 * CS      # 1 wanted + 7 read ahead
+    assert img.metrics.fs.value("readahead_chunks") == 7
+    assert img.read("f", 100, 8 * CS - 100) == data[100:8 * CS]
+    assert img.requests == 1                                 # all from the cache
+    assert img.read("f", 8 * CS, 8 * CS) == data[8 * CS:]
+    assert img.requests == 2
+
+
+class SlowBackend:
+    def __init__(self, inner, delay=0.05):
+        self.inner, self.delay = inner, delay
+
+    def blob_size(self, blob_id):
+        return self.inner.blob_size(blob_id)
+
+    def read_range(self, blob_id, offset, length):
+        time.sleep(self.delay)
+        return self.inner.read_range(blob_id, offset, length)
+
+
+def test_concurrent_reads_of_one_chunk_fetch_it_once(tmp_path):
+    data = incompressible(4 * CS, 30)
+    img = Image(tmp_path, {"f": data}, amplify_io=0, wrap=SlowBackend, limiter_tokens=8)
+    ino = img.ino("f")
+    results = {}
+
+    async def one(i):
+        off = (i * 37) % (CS - 64)
+        results[i] = (off, await img.reader.read(ino, off, 64))
+
+    async def main():
+        async with trio.open_nursery() as n:
+            for i in range(40):
+                n.start_soon(one, i)
+
+    trio.run(main)
+    assert all(r == data[off:off + 64] for off, r in results.values())
+    assert img.requests == 1
+    assert img.metrics.fs.value("singleflight_waits") >= 1
+
+
+@pytest.mark.parametrize("compressor", ["none", "zstd"])
+def test_corrupt_blob_byte_is_an_integrity_error_and_nothing_is_cached(tmp_path, compressor):
+    data = compressible(3 * CS, 40)
+    img = Image(tmp_path, {"etc/passwd": data, "other": compressible(CS, 41)},
+                compressor=compressor, amplify_io=0)
+    target = img.chunks_of("etc/passwd")[1]
+    raw = bytearray(img.blob_path().read_bytes())
+    raw[target.comp_offset + target.comp_size // 2] ^= 0x01
+    img.blob_path().write_bytes(bytes(raw))
+    assert img.read("etc/passwd", 0, 100) == data[:100]          # chunk 0 is fine
+    with pytest.raises(IntegrityError) as ei:
+        img.read("etc/passwd", CS + 10, 100)
+    msg = str(ei.value)
+    assert "/etc/passwd" in msg and next(iter(img.built.blobs)) in msg and f"chunk {target.id}" in msg
+    h = img.reader._handles[target.blob]
+    assert img.cache.missing(h, [target.index]) == [target.index]
+    assert img.metrics.fs.value("integrity_errors") == 1
+    with pytest.raises(IntegrityError):                          # fetched again, fails again
+        img.read("etc/passwd", CS, 1)
+    assert img.requests == 3
+
+
+def test_waiters_on_a_failing_fetch_get_the_error_not_a_hang(tmp_path):
+    data = incompressible(2 * CS, 50)
+    img = Image(tmp_path, {"f": data}, compressor="none", amplify_io=0, wrap=SlowBackend,
+                limiter_tokens=8)
+    raw = bytearray(img.blob_path().read_bytes())
+    raw[10] ^= 0xFF
+    img.blob_path().write_bytes(bytes(raw))
+    ino = img.ino("f")
+    outcomes = []
+
+    async def one():
+        try:
+            await img.reader.read(ino, 0, 64)
+            outcomes.append("ok")
+        except IntegrityError:
+            outcomes.append("integrity")
+
+    async def main():
+        with trio.fail_after(10):
+            async with trio.open_nursery() as n:
+                for _ in range(10):
+                    n.start_soon(one)
+
+    trio.run(main)
+    assert outcomes == ["integrity"] * 10
+    assert img.requests < 10
+
+
+class Flaky:
+    """Fails the first `n` reads with a transient error."""
+
+    def __init__(self, inner, n=2):
+        self.inner, self.n = inner, n
+
+    def blob_size(self, blob_id):
+        return self.inner.blob_size(blob_id)
+
+    def read_range(self, blob_id, offset, length):
+        if self.n:
+            self.n -= 1
+            raise BackendError(f"blob {blob_id}: connection reset", permanent=False)
+        return self.inner.read_range(blob_id, offset, length)
+
+
+def test_transient_backend_errors_are_retried(tmp_path):
+    data = compressible(2 * CS, 60)
+    img = Image(tmp_path, {"f": data}, wrap=Flaky)
+    img.reader.backend = RetryingBackend(img.backend, retry_limit=3, backoff=0, sleep=lambda s: None)
+    assert img.read("f", 0, 2 * CS) == data
+    assert img.metrics.backend.value("read_errors") == 2
+    assert img.requests == 3
+
+
+def test_missing_blob_error_names_the_file(tmp_path):
+    img = Image(tmp_path, {"usr/bin/sh": compressible(CS, 70)})
+    img.blob_path().unlink()
+    with pytest.raises(BlobNotFoundError) as ei:
+        img.read("usr/bin/sh", 0, 10)
+    assert "/usr/bin/sh" in str(ei.value) and ei.value.permanent
+
+
+def test_cache_survives_a_new_reader_over_the_same_work_dir(tmp_path):
+    data = compressible(5 * CS, 80)
+    img = Image(tmp_path, {"f": data})
+    assert img.read("f", 0, len(data)) == data
+    assert img.requests == 1
+    img.cache.close()
+    cache2 = ChunkCache(tmp_path / "cache")
+    reader2 = FileReader(img.bs, img.backend, cache2, limiter=trio.CapacityLimiter(2))
+    assert trio.run(reader2.read, img.ino("f"), 0, len(data)) == data
+    assert img.requests == 1
+
+
+def test_corrupt_cache_file_is_refetched_from_the_backend(tmp_path):
+    data = compressible(2 * CS, 90)
+    img = Image(tmp_path, {"f": data})
+    assert img.read("f", 0, len(data)) == data
+    (bid,) = img.built.blobs
+    with open(tmp_path / "cache" / (bid.split(":")[1] + ".data"), "r+b") as f:
+        f.seek(CS + 5)
+        f.write(b"\x00\x00\x00")
+    img.cache.close()               # a restart: the new cache checks each chunk on first read
+    cache2 = ChunkCache(tmp_path / "cache", metrics=img.metrics)
+    reader2 = FileReader(img.bs, img.backend, cache2, limiter=img.limiter)
+    assert trio.run(reader2.read, img.ino("f"), CS, 10) == data[CS:CS + 10]
+    assert img.metrics.blobcache.value("cache_corrupt") == 1
+    assert img.requests == 2
+
+
+def test_full_cache_disk_still_serves_verified_bytes(tmp_path, monkeypatch):
+    data = compressible(2 * CS, 100)
+    img = Image(tmp_path, {"f": data})
+    img.reader.open_blobs()          # the daemon opens blobs at start-up, before the disk fills
+
+    def enospc(fd, data, offset):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cc, "_pwrite_all", enospc)
+    assert img.read("f", 0, len(data)) == data
+    assert img.metrics.fs.value("cache_store_errors") == 1
+    assert img.read("f", 0, len(data)) == data        # not cached: fetched again
+    assert img.requests == 2
+
+
+def test_metrics_count_reads(tmp_path):
+    img = Image(tmp_path, {"f": compressible(CS, 110)})
+    img.read("f", 0, 10)
+    img.read("f", 10, 10)
+    snap = img.metrics.snapshot()
+    assert snap["fs"]["read_count"] == 2 and snap["fs"]["read_bytes"] == 20
+    assert snap["fs"]["read_latency"]["count"] == 2
+    assert snap["blobcache"]["hits"] == 1
+
+
+def test_a_miss_that_another_task_stored_meanwhile_is_reread_not_refetched(tmp_path):
+    data = compressible(2 * CS, 120)
+    img = Image(tmp_path, {"f": data}, amplify_io=0)
+    assert img.read("f", 0, len(data)) == data
+    assert img.requests == 2
+    # A task whose cache lookup missed just before the other task stored the chunk:
+    c = img.chunks_of("f")[1]
+    got = {}
+    trio.run(img.reader._resolve, [(c, 0, c.size)], got)
+    assert got[(c.blob, c.index)] == (0, data[CS:])
+    assert img.requests == 2
+
+
+def test_cancelled_reader_does_not_strand_tasks_waiting_on_its_fetch(tmp_path):
+    data = incompressible(2 * CS, 130)
+    img = Image(tmp_path, {"f": data}, amplify_io=0, wrap=lambda b: SlowBackend(b, 0.2))
+    ino = img.ino("f")
+    out = {}
+
+    async def first():
+        with trio.move_on_after(0.05) as scope:
+            await img.reader.read(ino, 0, 10)
+        out["first_cancelled"] = scope.cancelled_caught
+
+    async def second():
+        await trio.sleep(0.02)
+        out["second"] = await img.reader.read(ino, 0, 10)
+
+    async def main():
+        with trio.fail_after(5):
+            async with trio.open_nursery() as n:
+                n.start_soon(first)
+                n.start_soon(second)
+
+    trio.run(main)
+    assert out["second"] == data[:10]
+    assert img.requests == 1
+
+
+def test_waiters_of_a_fetch_that_never_ran_fetch_for_themselves(tmp_path):
+    from nydus_py.io import reader as reader_mod
+
+    data = compressible(CS, 140)
+    img = Image(tmp_path, {"f": data}, amplify_io=0)
+    img.reader.open_blobs()
+    (c,) = img.chunks_of("f")
+    key = (c.blob, c.index)
+    planted = reader_mod._Flight()          # as if a task registered it, then was cancelled
+    img.reader._inflight[key] = planted
+    got = {}
+
+    async def main():
+        with trio.fail_after(5):
+            async with trio.open_nursery() as n:
+                n.start_soon(img.reader._resolve, [(c, 0, c.size)], got)
+                await trio.sleep(0.01)
+                assert not got
+                img.reader._settle(key, planted, None, reader_mod._Interrupted())
+
+    trio.run(main)
+    assert got[key] == (0, data)
+    assert img.requests == 1
