@@ -1,0 +1,199 @@
+"""`nydusd`: mount a converted image read-only with FUSE.
+
+    nydusd mount --image oci:DIR[:TAG] MOUNTPOINT
+    nydusd mount --bootstrap FILE --blob-dir DIR MOUNTPOINT
+    nydusd mount --bootstrap FILE --config nydusd.json MOUNTPOINT
+
+Foreground by default (Ctrl-C or SIGTERM unmounts and exits 0). With `--daemon` the process
+forks before any thread or trio loop exists; the child mounts and reports "ready" or its
+error through a pipe, and the parent exits 0 once the mount is live, or prints the error and
+exits 1. Bad input is one line on stderr (`nydusd: error: ...`) and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from importlib import metadata
+
+from nydus_py.daemon import config as config_mod
+from nydus_py.daemon.mount import MountRequest, mount
+from nydus_py.errors import ConfigError, NydusError
+
+log = logging.getLogger("nydusd")
+
+EXIT_ERROR = 1
+
+
+def _version() -> str:
+    try:
+        return metadata.version("nydus-py")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nydusd", description="Serve a nydus-py image with FUSE.")
+    p.add_argument("--version", action="version", version=f"nydusd (nydus-py) {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    m = sub.add_parser("mount", help="mount an image read-only at MOUNTPOINT",
+                       description="Mount a converted image read-only at MOUNTPOINT.")
+    src = m.add_argument_group("image")
+    src.add_argument("--image", metavar="oci:DIR[:TAG]", help="converted image in an OCI layout dir")
+    src.add_argument("--bootstrap", metavar="FILE", help="bootstrap file (with --blob-dir or --config)")
+    src.add_argument("--blob-dir", metavar="DIR", help="directory holding the data blobs")
+    m.add_argument("--config", metavar="FILE", help="nydusd-style JSON config")
+    m.add_argument("--cache-dir", metavar="DIR",
+                   help="chunk cache directory (default: config work_dir, else a private temp dir "
+                        "removed at exit)")
+    m.add_argument("--daemon", action="store_true", help="detach once the mount is ready")
+    m.add_argument("--pid-file", metavar="FILE",
+                   help="write the pid here once mounted (removed at exit)")
+    m.add_argument("--log-file", metavar="FILE", help="log here instead of stderr")
+    m.add_argument("--log-level", default="info",
+                   choices=["trace", "debug", "info", "warn", "warning", "error"])
+    m.add_argument("--allow-other", action="store_true",
+                   help="let other users (e.g. a non-root container) access the mount")
+    m.add_argument("--suid", action="store_true",
+                   help="honour setuid/setgid bits of image binaries (root only; default nosuid)")
+    m.add_argument("mountpoint", metavar="MOUNTPOINT")
+    return p
+
+
+def _setup_logging(level: str, log_file: str | None) -> None:
+    level = {"trace": "DEBUG", "warn": "WARNING"}.get(level, level.upper())
+    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler._nydusd = True  # replace only our own handler if called again
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if getattr(h, "_nydusd", False)]:
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("pyfuse3").setLevel(max(logging.getLevelName(level), logging.INFO))
+
+
+def _request(args) -> MountRequest:
+    if args.image and (args.bootstrap or args.blob_dir):
+        raise ConfigError("--image cannot be combined with --bootstrap/--blob-dir")
+    if args.blob_dir and not args.bootstrap:
+        raise ConfigError("--blob-dir needs --bootstrap")
+    cfg = config_mod.load(args.config) if args.config else config_mod.DaemonConfig()
+    return MountRequest(mountpoint=args.mountpoint, image=args.image, bootstrap=args.bootstrap,
+                        blob_dir=args.blob_dir, cache_dir=args.cache_dir, config=cfg,
+                        allow_other=args.allow_other, suid=args.suid)
+
+
+def _error(msg: str) -> int:
+    print(f"nydusd: error: {msg}", file=sys.stderr, flush=True)
+    return EXIT_ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        req = _request(args)
+    except NydusError as e:
+        return _error(str(e))
+    if args.daemon:
+        return _daemonize(req, args)
+    _setup_logging(args.log_level, args.log_file)
+    pid_file = os.path.abspath(args.pid_file) if args.pid_file else None
+    try:
+        mount(req, on_ready=(lambda: _write_pid(pid_file)) if pid_file else None)
+    except NydusError as e:
+        return _error(str(e))
+    except KeyboardInterrupt:  # before the mount existed (afterwards SIGINT unmounts cleanly)
+        return 130
+    finally:
+        _remove_pid(pid_file)
+    return 0
+
+
+def _write_pid(pid_file: str) -> None:
+    with open(pid_file, "w") as f:
+        f.write(f"{os.getpid()}\n")
+
+
+def _remove_pid(pid_file: str | None) -> None:
+    if pid_file:
+        try:
+            os.unlink(pid_file)
+        except OSError:
+            pass
+
+
+def _daemonize(req: MountRequest, args) -> int:
+    """Fork now (no threads exist yet); the parent waits for the child's verdict."""
+    pid_file = os.path.abspath(args.pid_file) if args.pid_file else None
+    log_file = os.path.abspath(args.log_file) if args.log_file else None
+    r, w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        verdict = _read_all(r)
+        os.close(r)
+        if verdict.startswith(b"ready"):
+            return 0
+        os.waitpid(pid, 0)
+        msg = verdict.decode("utf-8", "replace").strip() or "daemon exited before the mount was ready"
+        return _error(msg.removeprefix("error: "))
+    os.close(r)
+    code = _daemon_child(req, args, w, pid_file, log_file)
+    os._exit(code)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 4096):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _daemon_child(req: MountRequest, args, w: int, pid_file: str | None, log_file: str | None) -> int:
+    reported = False
+    try:
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        _setup_logging(args.log_level, log_file)
+
+        def ready() -> None:
+            nonlocal reported
+            if pid_file:
+                _write_pid(pid_file)
+            # Our stdout/stderr may be a pipe someone waits on: let go of them.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            os.write(w, b"ready\n")
+            os.close(w)
+            reported = True
+
+        mount(req, on_ready=ready)
+        return 0
+    except NydusError as e:
+        if reported:
+            log.error("%s", e)
+        else:                   # the parent prints it: one line on the user's terminal
+            os.write(w, f"error: {e}".encode())
+        return EXIT_ERROR
+    except BaseException as e:  # a bug: still tell the parent, never leave it waiting
+        log.exception("internal error")
+        if not reported:
+            os.write(w, f"error: internal error: {e!r}".encode())
+        return EXIT_ERROR
+    finally:
+        if reported:
+            _remove_pid(pid_file)
+        if not reported:
+            os.close(w)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

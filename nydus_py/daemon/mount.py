@@ -1,0 +1,251 @@
+"""Mount lifecycle: check the mountpoint, open the image, mount, serve, unmount.
+
+    prepare_mountpoint   refuse a missing/non-directory/live mountpoint; clear a stale FUSE
+                         mount ("Transport endpoint is not connected") with fusermount3 -u -z
+    open_filesystem      image → backend → chunk cache → FileReader → Vfs → Operations
+    serve                pyfuse3.init (the kernel mount), trio main loop, pyfuse3.close
+
+Signals: SIGINT/SIGTERM are blocked from just before the kernel mount until trio's signal
+receiver is installed, so a signal can never kill the process between "mounted" and "able
+to unmount". On either signal the FUSE loop is ended and the filesystem unmounted; an external
+`umount`/`fusermount3 -u` ends the loop too. Any failure after the kernel mount still
+unmounts (pyfuse3.close in a finally), so an error never leaves a mount behind.
+
+Mount options (see fuse_options): always `ro`, `default_permissions` (the kernel checks
+modes/owners for every non-root caller; root is unaffected), `nodev` (device nodes in an
+image are shown with their type and rdev but cannot be opened: a container gets its own
+/dev). `nosuid` unless `suid=True` was asked for (setuid binaries in an image run with
+privileges only when the operator opts in; FUSE honours it only for root mounts).
+Executables run (no `noexec`); `allow_other` is needed when processes of other users (a
+chroot or container running as non-root) must see the tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pyfuse3
+import trio
+
+from nydus_py.daemon.config import DaemonConfig
+from nydus_py.errors import ConfigError, NydusError
+from nydus_py.fs.ops import NydusOperations
+from nydus_py.fs.vfs import Vfs
+from nydus_py.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+FSNAME = "nydus-py"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class MountError(NydusError):
+    """The kernel mount could not be made (permissions, /dev/fuse, options)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class MountRequest:
+    mountpoint: str
+    image: str | None = None            # "oci:DIR[:TAG]"
+    bootstrap: str | None = None        # bootstrap file (with blob_dir or config backend)
+    blob_dir: str | None = None
+    cache_dir: str | None = None        # overrides config device.cache.config.work_dir
+    config: DaemonConfig = field(default_factory=DaemonConfig)
+    allow_other: bool = False
+    suid: bool = False
+    max_tasks: int = 64                 # concurrent FUSE requests in flight
+    io_threads: int = 16                # FileReader's trio.CapacityLimiter
+
+
+def fuse_options(req: MountRequest) -> set[str]:
+    opts = {f"fsname={FSNAME}", f"subtype={FSNAME}", "ro", "default_permissions", "nodev",
+            "suid" if req.suid else "nosuid"}
+    if req.allow_other:
+        opts.add("allow_other")
+    return opts
+
+
+def mount_fstype(path: str) -> str | None:
+    """The filesystem type mounted at `path` (the top of a stack), from /proc/self/mountinfo.
+    Unlike os.path.ismount this never stats the path, which a dead FUSE mount may answer from
+    the kernel's attribute cache (or a hung one never answer)."""
+    found = None
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            for line in f:
+                left, _, right = line.partition(b" - ")
+                mnt = left.split()[4].decode("unicode_escape", "replace")
+                if mnt == path:
+                    found = right.split()[0].decode()
+    except OSError:
+        return None
+    return found
+
+
+def is_stale(path: str) -> bool:
+    """A FUSE mount whose daemon is gone: listing it fails with ENOTCONN."""
+    try:
+        os.listdir(path)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
+def prepare_mountpoint(path: str) -> str:
+    """The absolute mountpoint, ready to mount on; a stale FUSE mount there is cleared."""
+    path = os.path.realpath(path)
+    fstype = mount_fstype(path)
+    if fstype is not None:
+        if not (fstype.startswith("fuse") and is_stale(path)):
+            raise ConfigError(f"{path}: something is already mounted there ({fstype})")
+        log.warning("%s: stale FUSE mount (Transport endpoint is not connected); "
+                    "clearing it with fusermount3 -u -z", path)
+        lazy_unmount(path)
+        if mount_fstype(path) is not None:
+            raise MountError(f"{path}: stale FUSE mount could not be cleared")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: mountpoint does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot use as mountpoint ({e.strerror})") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{path}: mountpoint is not a directory")
+    return path
+
+
+def lazy_unmount(path: str) -> bool:
+    """`fusermount3 -u -z`, falling back to umount2(MNT_DETACH) via umount -l. True if done."""
+    for cmd in (["fusermount3", "-u", "-z", path], ["umount", "-l", path]):
+        if shutil.which(cmd[0]) is None:
+            continue
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if r.returncode == 0:
+            return True
+        log.debug("%s: %s", " ".join(cmd), r.stderr.strip())
+    return False
+
+
+@dataclass
+class Filesystem:
+    vfs: Vfs
+    ops: NydusOperations
+    metrics: Metrics
+    description: str
+
+
+def open_filesystem(req: MountRequest, stack: contextlib.ExitStack) -> Filesystem:
+    """Everything up to (not including) the kernel mount; cleanups go on `stack`."""
+    from nydus_py import image_source
+    from nydus_py.storage.backend import close_backend
+
+    metrics = Metrics()
+    cfg = req.config
+    if req.image:
+        opened = image_source.open_oci(req.image, metrics=metrics)
+    elif req.bootstrap and req.blob_dir:
+        opened = image_source.open_local(req.bootstrap, req.blob_dir, metrics=metrics)
+    elif req.bootstrap and cfg.backend is not None:
+        opened = image_source.open_bootstrap(req.bootstrap, cfg.backend, metrics=metrics)
+    elif req.bootstrap:
+        raise ConfigError("--bootstrap needs --blob-dir or a backend in --config")
+    else:
+        raise ConfigError("name an image: --image oci:DIR[:TAG] or --bootstrap FILE --blob-dir DIR")
+    stack.callback(close_backend, opened.backend)
+
+    work_dir = req.cache_dir or (cfg.cache.work_dir if cfg.cache.type == "blobcache" else "")
+    if work_dir:
+        try:
+            os.makedirs(work_dir, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"{work_dir}: cannot create cache directory ({e.strerror})") from None
+    else:
+        work_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="nydus-py-cache-"))
+    reader = _make_reader(opened, work_dir, req, metrics, stack)
+    vfs = Vfs(opened.bootstrap, reader, metrics=metrics, xattrs=cfg.enable_xattr)
+    return Filesystem(vfs, NydusOperations(vfs), metrics, opened.description)
+
+
+def _make_reader(opened, work_dir: str, req: MountRequest, metrics: Metrics,
+                 stack: contextlib.ExitStack):
+    from nydus_py.cache.chunk_cache import ChunkCache
+    from nydus_py.io.reader import FileReader
+
+    cache = ChunkCache(work_dir, metrics=metrics)
+    close = getattr(cache, "close", None)
+    if close is not None:
+        stack.callback(close)
+    reader = FileReader(opened.bootstrap, opened.backend, cache,
+                        limiter=trio.CapacityLimiter(req.io_threads),
+                        amplify_io=req.config.amplify_io, metrics=metrics)
+    reader.open_blobs()     # cache files now, so a bad cache dir fails before the mount
+    return reader
+
+
+def serve(ops: pyfuse3.Operations, mountpoint: str, options: set[str], *,
+          on_ready: Callable[[], None] | None = None, max_tasks: int = 64) -> None:
+    """Mount, run the FUSE loop until a stop signal or an external unmount, unmount."""
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        try:
+            pyfuse3.init(ops, mountpoint, options)
+        except RuntimeError as e:
+            raise MountError(f"{mountpoint}: FUSE mount failed ({e}); "
+                             "is /dev/fuse available and are you allowed to mount?") from None
+        try:
+            trio.run(_main, old_mask, on_ready, max_tasks)
+        finally:
+            # A second Ctrl-C/SIGTERM must not interrupt the unmount: we are stopping anyway.
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            pyfuse3.close(unmount=True)
+            log.info("unmounted %s", mountpoint)
+    finally:
+        # Unblock with the signals ignored, so stop signals that arrived meanwhile are dropped.
+        handlers = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+async def _main(old_mask, on_ready, max_tasks: int) -> None:
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        # Pending stop signals are delivered now, to trio's handler.
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signal, signals)
+            if on_ready is not None:
+                on_ready()
+            await pyfuse3.main(min_tasks=1, max_tasks=max_tasks)
+            nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signal(signals) -> None:
+    async for signum in signals:
+        log.info("received %s, unmounting", signal.Signals(signum).name)
+        pyfuse3.terminate()
+        return
+
+
+def mount(req: MountRequest, *, on_ready: Callable[[], None] | None = None) -> None:
+    """The whole lifecycle; returns after a clean unmount, raises NydusError on bad input."""
+    with contextlib.ExitStack() as stack:
+        mountpoint = prepare_mountpoint(req.mountpoint)
+        fs = open_filesystem(req, stack)
+        log.info("mounting %s at %s (%d inodes)", fs.description, mountpoint,
+                 fs.vfs.bootstrap.inode_count)
+
+        def ready() -> None:
+            log.info("mounted %s at %s", fs.description, mountpoint)
+            if on_ready is not None:
+                on_ready()
+        serve(fs.ops, mountpoint, fuse_options(req), on_ready=ready, max_tasks=req.max_tasks)
