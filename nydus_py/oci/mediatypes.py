@@ -20,9 +20,10 @@ DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 DOCKER_LAYER_FOREIGN_GZIP = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
 
-# nydus-py artifacts (documented in docs/format.md)
-NYDUS_PY_BLOB = "application/vnd.nydus-py.blob.v1"
-NYDUS_PY_BOOTSTRAP = "application/vnd.nydus-py.bootstrap.v1.msgpack+zstd"
+# nydus-py artifacts (documented in docs/format.md). containerd only treats descriptors whose
+# type starts with "application/vnd.oci.image.layer." as layers, so ours live under that prefix.
+NYDUS_PY_BLOB = "application/vnd.oci.image.layer.nydus-py.blob.v1"
+NYDUS_PY_BOOTSTRAP = "application/vnd.oci.image.layer.nydus-py.bootstrap.v1"
 
 # Annotations we put on layer descriptors / manifests.
 ANNO_BOOTSTRAP = "io.nydus-py.bootstrap"          # "true" on the bootstrap layer

@@ -1,0 +1,98 @@
+"""`nydus-snapshotter`: containerd remote snapshotter (proxy plugin) for nydus-py images.
+
+    nydus-snapshotter --root /var/lib/nydus-py-snapshotter \
+                      --address /run/nydus-py-snapshotter/grpc.sock
+
+and in containerd's config.toml:
+
+    [proxy_plugins."nydus-py"]
+      type = "snapshot"
+      address = "/run/nydus-py-snapshotter/grpc.sock"
+
+SIGTERM/SIGINT stop serving and exit 0; nydusd daemons keep running (they serve running
+containers) and are re-attached on the next start. Bad options: one line on stderr, exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from nydus_py.errors import NydusError
+from nydus_py.snapshotter.remote import RemoteConfig, default_nydusd
+
+log = logging.getLogger("nydus-snapshotter")
+DEFAULT_ROOT = "/var/lib/nydus-py-snapshotter"
+DEFAULT_ADDRESS = "/run/nydus-py-snapshotter/grpc.sock"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nydus-snapshotter",
+                                description="containerd snapshotter (gRPC proxy plugin) for nydus-py images")
+    p.add_argument("--root", default=DEFAULT_ROOT, help=f"state directory (default {DEFAULT_ROOT})")
+    p.add_argument("--address", default=DEFAULT_ADDRESS, help=f"unix socket to serve on (default {DEFAULT_ADDRESS})")
+    p.add_argument("--nydusd", default=None, metavar="CMD",
+                   help="command that runs nydusd (default: the nydusd next to this Python, else on PATH)")
+    p.add_argument("--plain-http", action="append", default=[], metavar="HOST[:PORT]",
+                   help="talk http, not https, to this registry (repeatable); loopback hosts always do")
+    p.add_argument("--no-plain-http-loopback", action="store_true",
+                   help="use https for localhost/127.x registries too")
+    p.add_argument("--skip-verify", action="store_true", help="do not verify registry TLS certificates")
+    p.add_argument("--docker-config", metavar="FILE", help="docker config.json with registry credentials")
+    p.add_argument("--daemon-timeout", type=float, default=30.0, help="seconds to wait for nydusd's mount")
+    p.add_argument("--no-remote", action="store_true",
+                   help="behave as a plain overlayfs snapshotter (never start nydusd)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-file", metavar="FILE", help="log here instead of stderr")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), filename=args.log_file,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if os.geteuid() != 0:
+        print("nydus-snapshotter: error: must run as root (it mounts overlay and FUSE filesystems)",
+              file=sys.stderr)
+        return 1
+    from nydus_py.snapshotter.core import Snapshotter          # grpc is imported only when serving
+    from nydus_py.snapshotter.service import make_server
+
+    root = Path(args.root).absolute()
+    remote = RemoteConfig(root=root, nydusd=tuple(shlex.split(args.nydusd)) if args.nydusd else tuple(default_nydusd()),
+                          plain_http=tuple(args.plain_http), plain_http_loopback=not args.no_plain_http_loopback,
+                          skip_verify=args.skip_verify, docker_config=args.docker_config,
+                          daemon_timeout=args.daemon_timeout, log_level=args.log_level)
+    address = Path(args.address)
+    try:
+        sn = Snapshotter(root, remote=remote, enable_remote=not args.no_remote)
+        sn.start()
+        address.parent.mkdir(parents=True, exist_ok=True)
+        address.unlink(missing_ok=True)
+        server = make_server(sn, str(address))
+        server.start()
+    except NydusError as e:
+        print(f"nydus-snapshotter: error: {e}", file=sys.stderr)
+        return 1
+    os.chmod(address, 0o600)
+    log.info("serving containerd snapshots API on %s, root %s", address, root)
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("stopping (nydusd daemons keep running)")
+    server.stop(grace=5).wait()
+    sn.close()
+    address.unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

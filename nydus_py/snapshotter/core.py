@@ -1,0 +1,194 @@
+"""The snapshotter's behaviour, in plain Python (service.py is only the gRPC adapter).
+
+Layout under ROOT (like containerd's overlayfs snapshotter, plus what nydus needs):
+
+    ROOT/metadata.db               sqlite: snapshots, labels, images (store.py)
+    ROOT/snapshots/<id>/fs         an active snapshot's upperdir / a committed layer's files
+    ROOT/snapshots/<id>/work       overlay workdir
+    ROOT/images/<image-id>/        bootstrap, nydusd.json, nydusd.pid, nydusd.log, cache/
+    ROOT/mnt/<image-id>            the nydusd mount of that image
+
+Remote snapshots. When Prepare carries the target label (`containerd.io/snapshot.ref`, the
+layer's chain id) and the Resolver says the layer is a nydus-py one, we commit a snapshot
+named after the target at once and raise SnapshotExists: containerd then skips downloading and
+unpacking the layer. Data-blob layers become empty "blob" snapshots; the bootstrap layer gets
+its image mounted by nydusd and becomes a "bootstrap" snapshot whose files are that mount.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
+
+from nydus_py.snapshotter import overlay
+from nydus_py.snapshotter.remote import (LABEL_IMAGE, LABEL_REMOTE, LABEL_TARGET, DaemonManager,
+                                         RemoteConfig, RemoteLayer, Resolver)
+from nydus_py.snapshotter.store import (KIND_ACTIVE, KIND_COMMITTED, KIND_VIEW, REMOTE_BOOTSTRAP,
+                                        Snapshot, SnapshotExists, SnapshotPrecondition, Store)
+
+log = logging.getLogger("nydus_py.snapshotter")
+
+
+class Snapshotter:
+    def __init__(self, root: str | Path, *, remote: RemoteConfig | None = None, enable_remote: bool = True):
+        self.root = Path(root).absolute()
+        for sub in ("snapshots", "images", "mnt"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        self.store = Store(self.root / "metadata.db")
+        self.remote_config = remote or RemoteConfig(root=self.root)
+        self.resolver = Resolver(self.remote_config) if enable_remote else None
+        self.daemons = DaemonManager(self.remote_config, self.store, self.resolver) if enable_remote else None
+        self._remote_lock = threading.Lock()
+
+    def start(self) -> None:
+        """Re-attach to (or restart) the nydusd of every image still in use."""
+        if self.daemons is not None:
+            self.daemons.reattach_all()
+
+    def close(self) -> None:
+        if self.resolver is not None:
+            self.resolver.close()
+        self.store.close()
+
+    # -- containerd's Snapshotter interface --------------------------------------------------
+    def prepare(self, key: str, parent: str, labels: dict[str, str]) -> list[overlay.Mount]:
+        return self._create(key, parent, labels, KIND_ACTIVE)
+
+    def view(self, key: str, parent: str, labels: dict[str, str]) -> list[overlay.Mount]:
+        return self._create(key, parent, labels, KIND_VIEW)
+
+    def mounts(self, key: str) -> list[overlay.Mount]:
+        s = self.store.get(key)
+        if s.kind == KIND_COMMITTED:
+            raise SnapshotPrecondition(f"snapshot {key!r} is committed; it has no mounts")
+        return overlay.mounts(self.root, s, self._lowers(s))
+
+    def commit(self, name: str, key: str, labels: dict[str, str]) -> Snapshot:
+        s = self.store.get(key)
+        size, inodes = disk_usage(overlay.fs_dir(self.root, s.id)) if s.kind == KIND_ACTIVE else (0, 0)
+        return self.store.commit(key, name, labels, size=size, inodes=inodes)
+
+    def remove(self, key: str) -> None:
+        s = self.store.remove(key)
+        self._remove_dir(s.id)
+        if s.remote == REMOTE_BOOTSTRAP and self.daemons is not None and self.store.image_users(s.image) == 0:
+            self.daemons.release(s.image)
+
+    def stat(self, key: str) -> Snapshot:
+        return self.store.get(key)
+
+    def update(self, key: str, labels: dict[str, str], paths: list[str]) -> Snapshot:
+        return self.store.update_labels(key, labels, paths)
+
+    def list(self) -> list[Snapshot]:
+        return self.store.all()
+
+    def usage(self, key: str) -> tuple[int, int]:
+        s = self.store.get(key)
+        if s.kind == KIND_ACTIVE:
+            return disk_usage(overlay.fs_dir(self.root, s.id))
+        return s.size, s.inodes
+
+    def cleanup(self) -> None:
+        """Delete snapshot directories no record owns, and release images nobody uses."""
+        ids = self.store.ids()
+        for d in (self.root / "snapshots").iterdir():
+            if not (d.name.isdigit() and int(d.name) in ids):
+                log.info("cleanup: removing orphan %s", d)
+                shutil.rmtree(d, ignore_errors=True)
+        if self.daemons is not None:
+            for rec in self.store.images():
+                if self.store.image_users(rec.id) == 0:
+                    self.daemons.release(rec.id)
+
+    # -- internals --------------------------------------------------------------------------
+    def _create(self, key: str, parent: str, labels: dict[str, str], kind: int) -> list[overlay.Mount]:
+        if labels.get(LABEL_TARGET) and self.resolver is not None:
+            self._maybe_remote(parent, labels)
+        s = self.store.create(key, parent, kind, labels)
+        try:
+            d = overlay.snapshot_dir(self.root, s.id)
+            if d.exists():                     # an orphan from before a crash
+                shutil.rmtree(d)
+            overlay.fs_dir(self.root, s.id).mkdir(parents=True, mode=0o755)
+            if kind == KIND_ACTIVE:
+                overlay.work_dir(self.root, s.id).mkdir(mode=0o711)
+        except BaseException:
+            self.store.remove(key)
+            raise
+        return overlay.mounts(self.root, s, self._lowers(s))
+
+    def _maybe_remote(self, parent: str, labels: dict[str, str]) -> None:
+        """Raise SnapshotExists when the target layer is (or now becomes) a remote snapshot."""
+        target = labels[LABEL_TARGET]
+        existing = self.store.find(target)
+        if existing is not None and existing.kind == KIND_COMMITTED and existing.parent == parent:
+            raise SnapshotExists(f"target snapshot {target!r} already exists")
+        layer = self.resolver.classify(labels)
+        if layer is None:
+            return
+        log.info("layer %s of %s is a nydus-py %s; committing remote snapshot %s",
+                 layer.digest, layer.ref, layer.kind, target)
+        with self._remote_lock:
+            if self.store.find(target) is None:
+                self._commit_remote(target, parent, labels, layer)
+        raise SnapshotExists(f"target snapshot {target!r} already exists (remote)")
+
+    def _commit_remote(self, target: str, parent: str, labels: dict[str, str], layer: RemoteLayer) -> None:
+        labels = dict(labels)
+        labels[LABEL_REMOTE] = "nydus-py"
+        image = ""
+        if layer.kind == REMOTE_BOOTSTRAP:
+            self.daemons.ensure(layer)
+            image = layer.image_id
+            labels[LABEL_IMAGE] = image
+        self.store.create(target, parent, KIND_COMMITTED, labels, remote=layer.kind, image=image)
+
+    def _lowers(self, s: Snapshot) -> list[str]:
+        return overlay.lower_dirs(self.root, self.store.parents(s.key), self._mountpoint)
+
+    def _mountpoint(self, image_id: str) -> Path:
+        if self.daemons is None:
+            raise SnapshotPrecondition(f"image {image_id} needs nydusd but remote snapshots are disabled")
+        rec = self.store.get_image(image_id)
+        return Path(rec.mountpoint) if rec else self.daemons.mountpoint(image_id)
+
+    def _remove_dir(self, sid: int) -> None:
+        d = overlay.snapshot_dir(self.root, sid)
+        if not d.exists():
+            return
+        trash = d.with_name(f"rm-{sid}")     # rename first: a crash mid-delete leaves an orphan Cleanup finds
+        try:
+            os.rename(d, trash)
+        except OSError:
+            trash = d
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def disk_usage(path: Path) -> tuple[int, int]:
+    """(bytes allocated, inodes) under `path`, each inode counted once, like containerd's
+    fs.DiskUsage."""
+    seen: set[tuple[int, int]] = set()
+    size = 0
+    stack = [str(path)]
+    while stack:
+        top = stack.pop()
+        try:
+            st = os.lstat(top)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        size += st.st_blocks * 512
+        if os.path.isdir(top) and not os.path.islink(top):
+            try:
+                with os.scandir(top) as it:
+                    stack.extend(e.path for e in it)
+            except OSError:
+                continue
+    return size, len(seen)
