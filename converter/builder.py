@@ -1,0 +1,225 @@
+"""Turns a source image into data blobs + a bootstrap.
+
+Per layer: stream the tar (verified), merge entries into the tree (whiteouts), and push each
+regular file's data through the chunk pipeline; new chunks go into this layer's blob, known
+ones are referenced. After the last layer the final tree is laid out as the bootstrap.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import stat
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from converter import layer as tarlayer
+from converter.blob_writer import BlobWriter, FinishedBlob
+from converter.chunker import ChunkPipeline, read_exact_pieces
+from converter.dedup import ChunkIndex, remap_ids
+from converter.tree import Inode, Tree
+from nydus_py import __version__
+from nydus_py.errors import ConfigError, LayerError
+from nydus_py.format import compression
+from nydus_py.format.bootstrap import BootstrapWriter
+
+MIN_CHUNK, MAX_CHUNK = 0x1000, 0x1000000  # 4 KiB .. 16 MiB, powers of two (as nydus)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildOptions:
+    chunk_size: int = 1 << 20
+    compressor: str = "zstd"
+    max_layer_size: int = 64 << 30          # uncompressed bytes per layer (bomb limit)
+    workers: int = max(2, os.cpu_count() or 2)
+    prefetch_patterns: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        cs = self.chunk_size
+        if cs < MIN_CHUNK or cs > MAX_CHUNK or cs & (cs - 1):
+            raise ConfigError(f"--chunk-size {cs:#x}: must be a power of two between 0x1000 and 0x1000000")
+        compression.check_codec(self.compressor)
+
+
+@dataclass
+class BuiltBlob:
+    digest: str
+    size: int
+    uncompressed_size: int
+    chunk_count: int
+    path: Path
+    source_layer: str
+
+
+@dataclass
+class BuildStats:
+    layers: int = 0
+    entries: int = 0
+    files: int = 0
+    file_bytes: int = 0           # uncompressed bytes of regular file data read from layers
+    chunks_seen: int = 0
+    chunks_stored: int = 0
+    stored_uncompressed: int = 0
+    stored_compressed: int = 0
+
+
+@dataclass
+class BuildResult:
+    bootstrap: bytes               # plain msgpack (the target compresses it into a layer)
+    blobs: list[BuiltBlob]
+    stats: BuildStats
+    prefetch_files: int = 0
+
+
+ProgressFn = Callable[[str, int], None]   # (event, amount): "bytes" read, "layer" done
+
+
+class PrefetchMatcher:
+    """nydusify-style prefetch list: absolute paths, one a line; a directory includes its
+    subtree; shell wildcards are allowed too."""
+
+    def __init__(self, patterns: tuple[str, ...]):
+        self._exact: set[bytes] = set()
+        self._globs: list[bytes] = []
+        for p in patterns:
+            p = p.strip()
+            if not p or p.startswith("#"):
+                continue
+            b = os.fsencode("/" + p.strip("/")) if p != "/" else b"/"
+            if any(c in p for c in "*?["):
+                self._globs.append(b)
+            else:
+                self._exact.add(b)
+
+    def __bool__(self) -> bool:
+        return bool(self._exact or self._globs)
+
+    def match(self, path: tuple[bytes, ...]) -> bool:
+        full = b"/" + b"/".join(path)
+        if b"/" in self._exact:
+            return True
+        for i in range(1, len(path) + 1):
+            if b"/" + b"/".join(path[:i]) in self._exact:
+                return True
+        return any(fnmatch.fnmatchcase(full, g) for g in self._globs)
+
+
+class Builder:
+    def __init__(self, options: BuildOptions, work_dir: Path, progress: ProgressFn | None = None):
+        self.opt = options
+        self.work_dir = work_dir
+        self.progress = progress or (lambda event, n: None)
+        self.tree = Tree()
+        self.index = ChunkIndex()
+        self.stats = BuildStats()
+        self.writer = BootstrapWriter(chunk_size=options.chunk_size,
+                                      meta={"builder": f"nydus-py {__version__}",
+                                            "compressor": options.compressor})
+        self.blobs: list[BuiltBlob] = []
+        self.prefetch = PrefetchMatcher(options.prefetch_patterns)
+        self._prefetch_inodes: set[int] = set()
+
+    # -- per layer ----------------------------------------------------------------------------
+    def add_layer(self, entries, layer_index: int, source_layer: str, what: str) -> BuiltBlob | None:
+        """`entries` yields TarEntry objects of one layer (already decompressed and verified)."""
+        base = self.writer.chunk_count
+        blob = BlobWriter(self.work_dir, self.opt.compressor)
+        pipeline = ChunkPipeline(self.opt.compressor, self.opt.workers, depth=2 * self.opt.workers + 2)
+        touched: list[Inode] = []
+
+        def on_done(result, target, k):
+            digest, size, stored, compressed = result
+            inode, prefetch = target
+            self.stats.chunks_seen += 1
+            cid = self.index.get(digest)
+            if cid is None:
+                cid = base + blob.add(digest, size, stored, compressed, prefetch=prefetch)
+                self.index.add_new(digest, cid)
+                self.stats.chunks_stored += 1
+                self.stats.stored_uncompressed += size
+                self.stats.stored_compressed += len(stored)
+            inode.chunks[k] = cid
+
+        pipeline.on_done = on_done
+        cs = self.opt.chunk_size
+        try:
+            for entry in entries:
+                self.stats.entries += 1
+                inode = self.tree.apply(entry, layer_index)
+                if inode is None:
+                    continue
+                self.stats.files += 1
+                prefetch = bool(self.prefetch) and self.prefetch.match(entry.path)
+                if prefetch:
+                    self._prefetch_inodes.add(id(inode))
+                inode.chunks = [0] * (-(-entry.size // cs))
+                touched.append(inode)
+                try:
+                    for k, piece in enumerate(read_exact_pieces(entry.read, entry.size, cs)):
+                        pipeline.submit(piece, (inode, prefetch), k)
+                        self.progress("bytes", len(piece))
+                except EOFError as e:
+                    raise LayerError(f"{what}: {_show(entry.path)}: {e}") from None
+                self.stats.file_bytes += entry.size
+            pipeline.drain()
+        except BaseException:
+            blob.close()
+            raise
+        finally:
+            pipeline.close()
+        self.stats.layers += 1
+        fin = blob.finish()
+        if fin is None:
+            return None
+        mapping = _final_ids(fin, base)
+        self.index.renumber(mapping)
+        remap_ids((i.chunks for i in touched), mapping)
+        self.writer.add_blob(blob_id=fin.digest, compressor=self.opt.compressor,
+                             compressed_size=fin.size, uncompressed_size=fin.uncompressed_size,
+                             chunks=fin.chunks, source_layer=source_layer)
+        built = BuiltBlob(fin.digest, fin.size, fin.uncompressed_size, len(fin.chunks), fin.path, source_layer)
+        self.blobs.append(built)
+        return built
+
+    # -- final layout -------------------------------------------------------------------------
+    def finish(self) -> BuildResult:
+        w = self.writer
+        ino_of: dict[int, int] = {}
+        root = self.tree.root
+        ino_of[id(root)] = self._add_inode(root)
+        queue = deque([root])
+        prefetch_inos = []
+        while queue:
+            d = queue.popleft()
+            for name in sorted(d.children):
+                child = d.children[name]
+                ino = ino_of.get(id(child))
+                if ino is None:
+                    ino = ino_of[id(child)] = self._add_inode(child)
+                    if id(child) in self._prefetch_inodes:
+                        prefetch_inos.append(ino)
+                    if child.children is not None:
+                        queue.append(child)
+                w.add_dirent(ino_of[id(d)], name, ino)
+        w.prefetch = prefetch_inos
+        return BuildResult(w.to_bytes(), self.blobs, self.stats, len(prefetch_inos))
+
+    def _add_inode(self, node: Inode) -> int:
+        mode = tarlayer.st_mode(node.kind, node.mode)
+        rdev = os.makedev(*node.rdev) if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else 0
+        return self.writer.add_inode(
+            mode=mode, uid=node.uid, gid=node.gid, mtime_ns=node.mtime_ns,
+            size=node.size if stat.S_ISREG(mode) else 0, rdev=rdev, xattrs=node.xattrs,
+            symlink=node.target if stat.S_ISLNK(mode) else None,
+            chunk_ids=node.chunks if stat.S_ISREG(mode) else None)
+
+
+def _final_ids(fin: FinishedBlob, base: int) -> dict[int, int]:
+    """fin.order[pos] = add-sequence number of the chunk now at position pos in the blob."""
+    return {base + seq: base + pos for pos, seq in enumerate(fin.order) if seq != pos}
+
+
+def _show(path: tuple[bytes, ...]) -> str:
+    return "/" + b"/".join(path).decode("utf-8", "backslashreplace")

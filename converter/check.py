@@ -1,0 +1,111 @@
+"""`nydusify check`: unpack the source the OCI way (umoci), mount the target with nydusd, and
+compare the two trees field by field (converter.compare)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from converter.compare import compare_trees
+from converter.source import parse_source
+from nydus_py.errors import ConfigError, InputError
+
+MOUNT_TIMEOUT = 60.0
+
+
+def _run(cmd: list[str], what: str) -> None:
+    r = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+    if r.returncode != 0:
+        raise InputError(f"{what} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+
+
+def reference_unpack(source: str, dest: Path, platform: str | None = None) -> tuple[Path, frozenset[bytes]]:
+    """skopeo normalizes any source (docker-archive, index, zstd) into a gzip OCI layout that
+    umoci 0.4 can read; umoci unpacks it. Returns the rootfs and the directories whose mtime
+    umoci set to "now" (implicit parents), which a comparison must not hold against us."""
+    for tool in ("skopeo", "umoci"):
+        if shutil.which(tool) is None:
+            raise ConfigError(f"nydusify check needs {tool} (apt-get install {tool})")
+    ref = parse_source(source)
+    layout = dest / "oci"
+    cmd = ["skopeo", "--insecure-policy"]
+    if platform:
+        parts = platform.split("/")
+        cmd += ["--override-os", parts[0], "--override-arch", parts[1]]
+        if len(parts) > 2:
+            cmd += ["--override-variant", parts[2]]
+    src = f"oci:{ref.path}" + (f":{ref.reference}" if ref.reference else "") if ref.transport == "oci" else source
+    cmd += ["copy", "--quiet", "--dest-compress-format", "gzip", "--dest-compress", src, f"oci:{layout}:src"]
+    _run(cmd, "skopeo copy of the source")
+    start = time.time_ns() - 1_000_000_000
+    _run(["umoci", "--log", "error", "unpack", "--image", f"{layout}:src", str(dest / "bundle")],
+         "umoci unpack of the source")
+    rootfs = dest / "bundle" / "rootfs"
+    return rootfs, volatile_mtimes(rootfs, start)
+
+
+def volatile_mtimes(rootfs: Path, since_ns: int) -> frozenset[bytes]:
+    """Directories (relative bytes paths, b"" = root) whose mtime umoci set to the unpack
+    time: implicit parent dirs, and the declared ancestor whose mtime their creation bumped."""
+    root = os.fsencode(rootfs)
+    out = set()
+    for dirpath, _, _ in os.walk(root):
+        if os.lstat(dirpath).st_mtime_ns >= since_ns:
+            rel = os.path.relpath(dirpath, root)
+            out.add(b"" if rel == b"." else rel)
+    return frozenset(out)
+
+
+class Mounted:
+    """`nydusd mount` of a converted image as a child process, for the duration of a check."""
+
+    def __init__(self, target: str, mountpoint: Path, cache_dir: Path):
+        self.cmd = [sys.executable, "-m", "nydus_py.daemon.cli", "mount", "--image", target,
+                    "--cache-dir", str(cache_dir), str(mountpoint)]
+        self.mountpoint = mountpoint
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> Path:
+        self.proc = subprocess.Popen(self.cmd, stderr=subprocess.PIPE, text=True, errors="replace")
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while not os.path.ismount(self.mountpoint):
+            if self.proc.poll() is not None:
+                err = (self.proc.stderr.read() or "").strip().splitlines()
+                raise InputError(f"nydusd could not mount the target: {err[-1] if err else self.proc.returncode}")
+            if time.monotonic() > deadline:
+                self.__exit__()
+                raise InputError(f"nydusd did not mount the target within {MOUNT_TIMEOUT:.0f}s")
+            time.sleep(0.05)
+        return self.mountpoint
+
+    def __exit__(self, *exc) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if os.path.ismount(self.mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True)
+
+
+def check(source: str, target: str, *, platform: str | None = None, work_dir: str | None = None) -> list[str]:
+    tref = parse_source(target)
+    if tref.transport != "oci":
+        raise ConfigError(f"check target {target}: only oci:DIR[:TAG] is supported")
+    tmp = Path(tempfile.mkdtemp(prefix="nydusify-check-", dir=work_dir))
+    try:
+        rootfs, volatile = reference_unpack(source, tmp, platform)
+        mnt = tmp / "mnt"
+        mnt.mkdir()
+        with Mounted(target, mnt, tmp / "cache") as mounted:
+            return compare_trees(rootfs, mounted, ignore_mtime=volatile)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,108 @@
+"""`nydusify`: convert OCI images to nydus-py images, and check a conversion."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from converter.builder import BuildOptions
+from nydus_py import __version__
+from nydus_py.errors import NydusError
+
+log = logging.getLogger("nydusify")
+
+
+def _size(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nydusify", description="Convert OCI images to nydus-py lazy images.")
+    p.add_argument("--version", action="version", version=f"nydusify (nydus-py) {__version__}")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("convert", help="convert an image")
+    c.add_argument("--source", required=True, help="oci:DIR[:TAG] or docker-archive:FILE[:REF]")
+    c.add_argument("--target", required=True, help="oci:DIR[:TAG]")
+    c.add_argument("--platform", help="os/arch[/variant] to pick from a multi-platform index")
+    c.add_argument("--chunk-size", type=_size, default=1 << 20, help="power of two, 0x1000..0x1000000 (default 1 MiB)")
+    c.add_argument("--compressor", default="zstd", choices=["zstd", "lz4", "none"])
+    c.add_argument("--prefetch-patterns", metavar="FILE",
+                   help="paths to prefetch, one a line ('-' for stdin)")
+    c.add_argument("--max-layer-size", type=_size, default=64 << 30,
+                   help="reject a layer that decompresses to more bytes than this")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    k = sub.add_parser("check", help="compare a converted image with its source, file by file")
+    k.add_argument("--source", required=True, help="the original image (oci:DIR[:TAG] or docker-archive:FILE)")
+    k.add_argument("--target", required=True, help="the converted image (oci:DIR[:TAG])")
+    k.add_argument("--platform")
+    k.add_argument("--work-dir", help="where to unpack and mount (default: a temp dir)")
+    return p
+
+
+def _read_patterns(path: str | None) -> tuple[str, ...]:
+    if not path:
+        return ()
+    try:
+        text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8", errors="surrogateescape").read()
+    except OSError as e:
+        from nydus_py.errors import ConfigError
+        raise ConfigError(f"--prefetch-patterns {path}: {e.strerror}") from None
+    return tuple(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
+
+
+def cmd_convert(args) -> int:
+    from converter.convert import convert
+    from converter.progress import Progress
+    from converter.source import parse_source
+
+    options = BuildOptions(chunk_size=args.chunk_size, compressor=args.compressor,
+                           max_layer_size=args.max_layer_size,
+                           prefetch_patterns=_read_patterns(args.prefetch_patterns))
+    source, target = parse_source(args.source), parse_source(args.target)
+    with Progress(enabled=not args.quiet) as progress:
+        res = convert(source, target, options, platform=args.platform, progress=progress.update,
+                      on_image=progress.start)
+    s = res.build.stats
+    stored = sum(b.size for b in res.build.blobs)
+    print(f"converted {args.source} -> {args.target}: manifest {res.manifest.digest}", file=sys.stderr)
+    print(f"  {s.layers} layers, {s.entries} entries, {s.files} files, {s.file_bytes} file bytes; "
+          f"{s.chunks_stored}/{s.chunks_seen} chunks stored after dedup; blobs {stored} bytes "
+          f"(source layers {res.source_compressed}); bootstrap {len(res.build.bootstrap)} bytes; "
+          f"{res.seconds:.2f}s", file=sys.stderr)
+    return 0
+
+
+def cmd_check(args) -> int:
+    from converter.check import check
+    diffs = check(args.source, args.target, platform=args.platform, work_dir=args.work_dir)
+    for d in diffs:
+        print(d)
+    if diffs:
+        print(f"nydusify check: {len(diffs)} difference(s)", file=sys.stderr)
+        return 1
+    print("nydusify check: trees are identical", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return {"convert": cmd_convert, "check": cmd_check}[args.cmd](args)
+    except NydusError as e:
+        print(f"nydusify: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("nydusify: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
