@@ -27,8 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     c = sub.add_parser("convert", help="convert an image")
-    c.add_argument("--source", required=True, help="oci:DIR[:TAG] or docker-archive:FILE[:REF]")
-    c.add_argument("--target", required=True, help="oci:DIR[:TAG]")
+    c.add_argument("--source", required=True,
+                   help="HOST/REPO[:TAG|@DIGEST], oci:DIR[:TAG] or docker-archive:FILE[:REF]")
+    c.add_argument("--target", required=True, help="HOST/REPO[:TAG] or oci:DIR[:TAG]")
     c.add_argument("--platform", help="os/arch[/variant] to pick from a multi-platform index")
     c.add_argument("--chunk-size", type=_size, default=1 << 20, help="power of two, 0x1000..0x1000000 (default 1 MiB)")
     c.add_argument("--compressor", default="zstd", choices=["zstd", "lz4", "none"])
@@ -37,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--max-layer-size", type=_size, default=64 << 30,
                    help="reject a layer that decompresses to more bytes than this")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.add_argument("--merge-platform", action="store_true",
+                   help="push an index holding the source and the converted manifest under the target tag")
+    _registry_args(c)
 
     k = sub.add_parser("check", help="compare a converted image with its source, file by file")
     k.add_argument("--source", required=True, help="the original image (oci:DIR[:TAG] or docker-archive:FILE)")
@@ -44,6 +48,19 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--platform")
     k.add_argument("--work-dir", help="where to unpack and mount (default: a temp dir)")
     return p
+
+
+def _registry_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plain-http", action="store_true", help="talk plain HTTP to the registries")
+    p.add_argument("--insecure", action="store_true", help="HTTPS without certificate verification")
+    p.add_argument("--ca-file", help="PEM bundle of CAs to trust for registry TLS")
+    p.add_argument("--work-dir", help="temp space for downloaded layers and built blobs")
+
+
+def _registry_options(args):
+    from converter.source_registry import RegistryOptions
+    return RegistryOptions(plain_http=args.plain_http, skip_verify=args.insecure, ca_file=args.ca_file,
+                           work_dir=args.work_dir)
 
 
 def _read_patterns(path: str | None) -> tuple[str, ...]:
@@ -68,7 +85,8 @@ def cmd_convert(args) -> int:
     source, target = parse_source(args.source), parse_source(args.target)
     with Progress(enabled=not args.quiet) as progress:
         res = convert(source, target, options, platform=args.platform, progress=progress.update,
-                      on_image=progress.start)
+                      on_image=progress.start, registry=_registry_options(args),
+                      merge_platform=args.merge_platform)
     s = res.build.stats
     stored = sum(b.size for b in res.build.blobs)
     print(f"converted {args.source} -> {args.target}: manifest {res.manifest.digest}", file=sys.stderr)
@@ -76,6 +94,8 @@ def cmd_convert(args) -> int:
           f"{s.chunks_stored}/{s.chunks_seen} chunks stored after dedup; blobs {stored} bytes "
           f"(source layers {res.source_compressed}); bootstrap {len(res.build.bootstrap)} bytes; "
           f"{res.seconds:.2f}s", file=sys.stderr)
+    if res.pushed_digest:
+        print(f"  pushed {args.target} ({res.pushed_digest})", file=sys.stderr)
     return 0
 
 

@@ -1,17 +1,20 @@
-"""`nydusify convert`: source image → builder → target layout, all-or-nothing."""
+"""`nydusify convert`: source image → builder → target (OCI layout or registry), all-or-nothing."""
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from converter import layer as tarlayer
 from converter.builder import Builder, BuildOptions, BuildResult, ProgressFn
-from converter.source import SourceRef, open_source
+from converter.source import SourceImage, SourceRef, open_source
+from converter.source_registry import RegistryOptions
 from converter.target import Staging, write_image
 from nydus_py.errors import ConfigError
 from nydus_py.oci.layout import Descriptor
+from nydus_py.oci.reference import parse as parse_reference
 
 
 @dataclass
@@ -20,18 +23,39 @@ class ConvertResult:
     build: BuildResult
     source_compressed: int
     seconds: float
+    pushed_digest: str | None = None
 
 
 def convert(source: SourceRef, target: SourceRef, options: BuildOptions, *,
             platform: str | None = None, progress: ProgressFn | None = None,
-            on_image: "callable | None" = None) -> ConvertResult:
-    if target.transport != "oci":
-        raise ConfigError(f"target {target}: only oci:DIR[:TAG] targets are supported here")
+            on_image=None, registry: RegistryOptions | None = None,
+            merge_platform: bool = False) -> ConvertResult:
+    if target.transport not in ("oci", "docker"):
+        raise ConfigError(f"target {target}: use oci:DIR[:TAG] or a registry reference HOST/REPO:TAG")
+    if merge_platform and target.transport != "docker":
+        raise ConfigError("--merge-platform needs a registry target")
+    registry = registry or RegistryOptions()
     t0 = time.monotonic()
-    image = open_source(source, platform)
-    if on_image:
-        on_image(image)
-    with Staging(Path(target.path)) as staging:
+    with open_source(source, platform, registry=registry) as image:
+        if on_image:
+            on_image(image)
+        if target.transport == "oci":
+            manifest, result = _build_into(image, Path(target.path), target.reference, options, progress)
+            return ConvertResult(manifest, result, _total(image), time.monotonic() - t0)
+        ref = parse_reference(target.path)
+        with tempfile.TemporaryDirectory(prefix="nydusify-out-", dir=registry.work_dir) as tmp:
+            manifest, result = _build_into(image, Path(tmp) / "oci", None, options, progress)
+            from converter.push import push_converted
+            with registry.client(ref) as client:
+                pushed = push_converted(Path(tmp) / "oci", manifest, ref, client, source_image=image,
+                                        merge_platform=merge_platform, concurrency=registry.concurrency,
+                                        progress=progress)
+        return ConvertResult(manifest, result, _total(image), time.monotonic() - t0, pushed)
+
+
+def _build_into(image: SourceImage, target_dir: Path, tag: str | None, options: BuildOptions,
+                progress: ProgressFn | None) -> tuple[Descriptor, BuildResult]:
+    with Staging(target_dir) as staging:
         builder = Builder(options, staging.work_dir, progress)
         for layer in image.layers:
             # iter_entries reads the stream to EOF, so the digest and diff_id checks have fired
@@ -44,6 +68,9 @@ def convert(source: SourceRef, target: SourceRef, options: BuildOptions, *,
         result = builder.finish()
         manifest = write_image(staging.layout, result, image, chunk_size=options.chunk_size,
                                compressor=options.compressor)
-        staging.commit(manifest, target.reference)
-    return ConvertResult(manifest, result, sum(l.size for l in image.layers), time.monotonic() - t0)
+        staging.commit(manifest, tag)
+    return manifest, result
 
+
+def _total(image: SourceImage) -> int:
+    return sum(layer.size for layer in image.layers)

@@ -4,8 +4,8 @@ Transports (skopeo syntax):
     oci:DIR[:TAG]                    an OCI image layout directory (DIR has no colon)
     docker-archive:FILE[:REF]        a `docker save` tarball (legacy or OCI-layout-inside);
                                      REF is a RepoTag (`busybox:latest`) or `@N` (Nth image)
-Registry references (`docker://…`, bare `host/repo:tag`) are recognised and refused for now;
-a new transport is one entry in `_PARSERS` and one in `_OPENERS`.
+    [docker://]HOST/REPO[:TAG|@DIGEST]  a registry (converter/source_registry.py)
+A new transport is one entry in `_PARSERS` and one in `_OPENERS`.
 
 Integrity: every blob is verified against the digest that names it — manifests and configs
 when read, layers at EOF of `open_layer()` (compressed digest + size). `open_layer_tar()`
@@ -38,11 +38,13 @@ MAX_INDEX_DEPTH = 4
 
 @dataclass(frozen=True)
 class SourceRef:
-    transport: str            # "oci" | "docker-archive"
+    transport: str            # "oci" | "docker-archive" | "docker" (registry; path = reference)
     path: str
     reference: str | None = None
 
     def __str__(self) -> str:
+        if self.transport == "docker":
+            return self.path
         return f"{self.transport}:{self.path}" + (f":{self.reference}" if self.reference else "")
 
 
@@ -73,8 +75,9 @@ def parse_source(s: str) -> SourceRef:
     if sep and transport in _SKOPEO_TRANSPORTS and transport != "docker":
         raise ConfigError(f"source {s!r}: transport '{transport}:' is not supported "
                           f"(use oci:DIR[:TAG] or docker-archive:FILE[:REF])")
-    raise ConfigError(f"source {s!r}: registry sources not supported yet "
-                      f"(use oci:DIR[:TAG] or docker-archive:FILE[:REF])")
+    text = s[len("docker://"):] if s.startswith("docker://") else s
+    from nydus_py.oci.reference import parse as parse_reference
+    return SourceRef("docker", str(parse_reference(text)), None)
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,7 @@ class SourceImage:
         self.config = config
         self.config_bytes = config_bytes
         self.layers = layers
+        self.manifest_bytes: bytes | None = None   # exact bytes, when the source has a manifest blob
 
     def open_layer(self, layer: LayerInfo):
         raise NotImplementedError
@@ -133,7 +137,11 @@ def verify_diff_id(stream, layer: LayerInfo) -> dg.VerifyingReader:
     return dg.VerifyingReader(stream, layer.diff_id, None, f"{layer.what}: uncompressed tar (diff_id)")
 
 
-def open_source(ref: SourceRef, platform: str | None = None) -> SourceImage:
+def open_source(ref: SourceRef, platform: str | None = None, *, registry=None) -> SourceImage:
+    """`registry`: RegistryOptions for registry references (plain HTTP, TLS, work dir)."""
+    if ref.transport == "docker":
+        from converter.source_registry import open_registry
+        return open_registry(ref, platform, registry)
     return _OPENERS[ref.transport](ref, platform)
 
 
@@ -247,14 +255,24 @@ class _OCILayoutImage(SourceImage):
         return self._layout.open_blob(layer.descriptor, layer.what)
 
 
-def _open_oci(ref: SourceRef, platform: str | None) -> SourceImage:
+def _open_oci(ref: SourceRef, platform: str | None, **_) -> SourceImage:
     name = str(ref)
     layout = OCILayout(ref.path)
     desc = layout.resolve(ref.reference)
+    return resolve_image(name, desc, layout.read_blob, platform,
+                         lambda **kw: _OCILayoutImage(layout, **kw))
+
+
+def resolve_image(name: str, desc: Descriptor, read_blob, platform: str | None, make):
+    """Walks index → manifest (host or --platform), validates manifest and config, and calls
+    `make(**fields)` for the SourceImage subclass of the transport. `read_blob(desc, what)`
+    fetches a small blob and verifies it against its digest. The manifest's exact bytes are
+    kept (`manifest_bytes`) so it can be copied by digest (--merge-platform)."""
     want = parse_platform(platform)
     for _ in range(MAX_INDEX_DEPTH + 1):
         what = f"{name}: {desc.digest[:19]}…"
-        doc = layout.read_json(desc, what)
+        raw = read_blob(desc, what)
+        doc = _json_object(raw, what)
         inner = doc.get("mediaType")
         if inner and inner != desc.media_type:
             raise ImageFormatError(f"{what}: media type {inner!r} does not match its descriptor's {desc.media_type!r}")
@@ -268,12 +286,14 @@ def _open_oci(ref: SourceRef, platform: str | None) -> SourceImage:
         raise ImageFormatError(f"{name}: image indexes nested more than {MAX_INDEX_DEPTH} deep")
     config_desc, layer_descs = _check_manifest(doc, f"{name}: manifest {desc.digest[:19]}…")
     cwhat = f"{name}: config {config_desc.digest[:19]}…"
-    config_bytes = layout.read_blob(config_desc, cwhat)
+    config_bytes = read_blob(config_desc, cwhat)
     config, diff_ids = _check_config(config_bytes, len(layer_descs), cwhat)
     layers = [LayerInfo(i, d.digest, d.media_type, d.size, diff_ids[i], d, len(layer_descs))
               for i, d in enumerate(layer_descs)]
-    return _OCILayoutImage(layout, name=name, manifest_desc=desc, manifest=doc, config=config,
-                           config_bytes=config_bytes, layers=layers)
+    image = make(name=name, manifest_desc=desc, manifest=doc, config=config,
+                 config_bytes=config_bytes, layers=layers)
+    image.manifest_bytes = raw
+    return image
 
 
 # -- docker-archive ------------------------------------------------------------------------------

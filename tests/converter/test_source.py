@@ -50,10 +50,7 @@ def test_parse_source(s, ref):
 @pytest.mark.parametrize("s,msg", [
     ("", "empty"), ("   ", "empty"), ("oci:", "missing path"), ("oci:dir:", "empty tag"),
     ("docker-archive:", "missing path"),
-    ("docker://docker.io/library/busybox:latest", "registry sources not supported yet"),
-    ("busybox:latest", "registry sources not supported yet"),
-    ("localhost:5000/app:1", "registry sources not supported yet"),
-    ("ghcr.io/org/app", "registry sources not supported yet"),
+    ("docker://UPPER/case:1", "invalid"), ("localhost:5000/app:bad tag", "invalid"),
     ("dir:/tmp/x", "transport 'dir:' is not supported"),
     ("containers-storage:img", "not supported"),
 ])
@@ -408,3 +405,14 @@ def test_skopeo_written_docker_archive(tmp_path, layout):
     assert [l.diff_id for l in img.layers] == [dg.of_bytes(TAR1), dg.of_bytes(TAR2)]
     got = {k: v for l in img.layers for k, v in files(img, l).items()}
     assert got[b"etc/hostname"] == b"box\n" and got[b"usr/bin/tool"] == b"#!/bin/sh\n"
+
+
+@pytest.mark.parametrize("s,ref", [
+    ("docker://docker.io/library/busybox:latest", "docker.io/library/busybox:latest"),
+    ("busybox:latest", "docker.io/library/busybox:latest"),
+    ("localhost:5000/app:1", "localhost:5000/app:1"),
+    ("ghcr.io/org/app", "ghcr.io/org/app:latest"),
+])
+def test_parse_source_registry_references(s, ref):
+    parsed = parse_source(s)
+    assert parsed.transport == "docker" and str(parsed) == ref

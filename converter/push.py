@@ -1,0 +1,96 @@
+"""Pushing a converted image from a local OCI layout to a registry.
+
+Blobs first (concurrently; ones the target already has are skipped by HEAD, ones in another
+repository of the same registry are cross-mounted), the manifest last, so a tag never points
+at missing content. With `merge_platform`, an index holding the source manifest and the
+converted one is pushed under the tag, as nydusify's --merge-platform does.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+from nydus_py.oci import mediatypes as mt
+from nydus_py.oci.layout import Descriptor, OCILayout, canonical_json
+from nydus_py.oci.reference import Reference
+from nydus_py.oci.registry import RegistryClient
+
+# Marks the converted manifest in a merged index; platform matchers that don't know it pick
+# the original image, ours look for it (OCI image-spec: os.features is for such extensions).
+NYDUS_OS_FEATURE = "nydus-py.remoteimage.v1"
+
+Progress = Callable[[str, int], None]
+
+
+def push_converted(layout_dir: Path, manifest: Descriptor, target: Reference, client: RegistryClient, *,
+                   source_image=None, merge_platform: bool = False, concurrency: int = 3,
+                   progress: Progress | None = None) -> str:
+    """Returns the digest that the target tag now names."""
+    layout = OCILayout(layout_dir)
+    doc = layout.read_json(manifest, "converted manifest")
+    blobs = [Descriptor.from_json(d, "layer") for d in [doc["config"], *doc["layers"]]]
+    progress = progress or (lambda event, n: None)
+    repo = target.repository
+
+    def push_one(desc: Descriptor) -> str:
+        result = client.push_blob(repo, layout.blob_path(desc.digest), desc.digest, desc.size,
+                                  on_progress=None)
+        progress("pushed", desc.size)
+        return result
+
+    with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="push") as pool:
+        list(pool.map(push_one, blobs))
+        if merge_platform and source_image is not None:
+            _push_source(source_image, target, client, pool)
+    ref = target.tag or target.digest or "latest"
+    manifest_bytes = layout.read_blob(manifest, "converted manifest")
+    if not merge_platform or source_image is None or source_image.manifest_desc is None:
+        return client.put_manifest(repo, ref, manifest_bytes, manifest.media_type)
+    pushed = client.put_manifest(repo, manifest.digest, manifest_bytes, manifest.media_type)
+    platform = _platform_of(source_image.config)
+    src = source_image.manifest_desc
+    index = {
+        "schemaVersion": 2,
+        "mediaType": mt.OCI_INDEX,
+        "manifests": [
+            {"mediaType": src.media_type, "digest": src.digest, "size": src.size, "platform": platform},
+            {"mediaType": manifest.media_type, "digest": pushed, "size": manifest.size,
+             "platform": {**platform, "os.features": [NYDUS_OS_FEATURE]}},
+        ],
+    }
+    return client.put_manifest(repo, ref, canonical_json(index), mt.OCI_INDEX)
+
+
+def _platform_of(config: dict) -> dict:
+    p = {"architecture": config.get("architecture", "amd64"), "os": config.get("os", "linux")}
+    if config.get("variant"):
+        p["variant"] = config["variant"]
+    return p
+
+
+def _push_source(image, target: Reference, client: RegistryClient, pool: ThreadPoolExecutor) -> None:
+    """Makes the source manifest and its blobs exist in the target repository."""
+    repo = target.repository
+    descs = [Descriptor.from_json(image.manifest["config"], "config")] + [l.descriptor for l in image.layers]
+    same_registry = getattr(image, "client", None) is not None and image.client.config.host == client.config.host
+    mount_from = [image.ref.repository] if same_registry else []
+
+    def copy(desc: Descriptor) -> None:
+        if client.head_blob(repo, desc.digest) is not None:
+            return
+        with tempfile.TemporaryDirectory(prefix="nydusify-copy-") as tmp:
+            path = Path(tmp) / "blob"
+            if desc.digest == descs[0].digest:
+                path.write_bytes(image.config_bytes)
+            else:
+                layer = next(l for l in image.layers if l.digest == desc.digest)
+                with image.open_layer(layer) as src, open(path, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+            client.push_blob(repo, path, desc.digest, desc.size, mount_from=mount_from)
+
+    list(pool.map(copy, descs))
+    client.put_manifest(repo, image.manifest_desc.digest, image.manifest_bytes, image.manifest_desc.media_type)
