@@ -14,8 +14,10 @@ Contract, for the converter and the daemon alike:
   * one `requests.Session` with a connection pool of `pool_size`; methods may be called from
     several threads at once (the daemon calls them from trio worker threads).
 
-Seam for later: mirrors and the Dragonfly proxy would choose the base URL per request in
-`_endpoint()`; today it is always the configured host.
+Mirrors and the Dragonfly proxy (`oci/mirrors.py`) are routes between several clients, one per
+mirror/proxy, each built from the origin's config with `host`/`scheme`, `proxy` (the proxy as an
+HTTP forward proxy) and `headers` (a mirror's extra headers) replaced; so `_endpoint()` stays the
+configured host and each client keeps its own auth state.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ class RegistryConfig:
     upload_chunk_size: int = 32 << 20      # blobs larger than this are uploaded in PATCH chunks
     max_range_skip: int = 16 << 20         # when a server ignores Range: how far we may skip a 200 body
     user_agent: str = USER_AGENT
-    # mirrors: list[MirrorConfig] — not yet; see `_endpoint()`.
+    headers: tuple[tuple[str, str], ...] = ()   # extra headers on every request (a mirror's `headers`)
 
     def __post_init__(self) -> None:
         if self.scheme not in ("http", "https"):
@@ -244,12 +246,13 @@ class RegistryClient:
         s.mount("http://", adapter)
         s.mount("https://", adapter)
         s.headers["User-Agent"] = self.config.user_agent
+        s.headers.update(dict(self.config.headers))
         if self.config.proxy:
             s.proxies = {"http": self.config.proxy, "https": self.config.proxy}
         return s
 
     def _endpoint(self) -> str:
-        """Base URL for the next request. Mirrors / Dragonfly would be chosen here."""
+        """Base URL for the next request (mirrors/proxy are separate clients: oci/mirrors.py)."""
         return self._base
 
     def _url(self, path_or_url: str) -> str:

@@ -13,12 +13,16 @@ type accepts it (the retry wrapper is shared). Unknown fields are a ConfigError 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nydus_py.errors import ConfigError
 
+if TYPE_CHECKING:   # defined next to their backends; imported lazily below (no import cycle)
+    from nydus_py.storage.registry import RegistryBackendConfig
+    from nydus_py.storage.s3 import S3BackendConfig
+
 BACKEND_TYPES = ("localfs", "registry", "oss", "s3")
-SUPPORTED_TYPES = ("localfs",)
+SUPPORTED_TYPES = ("localfs", "registry", "s3")
 
 
 def check_fields(d: Any, where: str, allowed: tuple[str, ...]) -> dict:
@@ -76,6 +80,8 @@ RETRY_FIELDS = ("retry_limit", "retry_backoff")
 class BackendConfig:
     type: str
     localfs: LocalFsConfig | None = None
+    registry: "RegistryBackendConfig | None" = None
+    s3: "S3BackendConfig | None" = None
     retry_limit: int = 2          # extra attempts after a transient error
     retry_backoff: float = 0.1    # seconds before the first retry; doubles each time
 
@@ -96,5 +102,11 @@ class BackendConfig:
                      retry_backoff=get_float(conf, "retry_backoff", cwhere, 0.1))
         if btype == "localfs":
             return cls(type=btype, localfs=LocalFsConfig.from_dict(conf, cwhere), **retry)
-        # registry/oss/s3: typed configs arrive with their backends (issue #3).
+        if btype == "registry":
+            from nydus_py.storage.registry import RegistryBackendConfig
+            return cls(type=btype, registry=RegistryBackendConfig.from_dict(conf, cwhere), **retry)
+        if btype == "s3":
+            from nydus_py.storage.s3 import S3BackendConfig
+            return cls(type=btype, s3=S3BackendConfig.from_dict(conf, cwhere), **retry)
+        # oss: not implemented yet.
         return cls(type=btype, **retry)

@@ -2,7 +2,8 @@
 
     RetryingBackend(MeteredBackend(<concrete>))   retries outside, metrics per attempt inside
 
-New backend types (registry, s3 — issue #3) add a branch in `_concrete` and nothing else.
+New backend types add a branch in `_concrete` and nothing else (registry and s3 import their
+modules lazily, so a localfs daemon never loads requests routing or botocore).
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ def _concrete(config: BackendConfig) -> BlobBackend:
         if not os.path.isdir(config.localfs.dir):
             raise ConfigError(f"backend.config.dir: {config.localfs.dir} is not a directory")
         return LocalFsBackend(config.localfs.dir, config.localfs.alt_dirs)
+    if config.type == "registry" and config.registry is not None:
+        from nydus_py.storage.registry import RegistryBackend
+        return RegistryBackend(config.registry)
+    if config.type == "s3" and config.s3 is not None:
+        from nydus_py.storage.s3 import S3Backend
+        return S3Backend(config.s3)
     raise ConfigError(f"backend.type: {config.type!r} is not supported yet")
 
 

@@ -58,7 +58,7 @@ def test_make_backend_rejects_missing_dir(tmp_path):
         make_backend(BackendConfig(type="localfs", localfs=LocalFsConfig(dir=str(tmp_path / "nope"))))
 
 
-@pytest.mark.parametrize("t", ["registry", "s3", "oss"])
+@pytest.mark.parametrize("t", ["oss"])
 def test_remote_backends_are_not_supported_yet(t):
     c = BackendConfig.from_dict({"type": t, "config": {"host": "example.com"}})
     with pytest.raises(ConfigError, match="not supported yet"):
