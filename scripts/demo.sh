@@ -16,8 +16,8 @@ $B/nydusify convert --source "oci:$W/oci:latest" --target "oci:$W/nydus:latest"
 echo "== nydusd mount (lazy, local backend)"
 $B/nydusd mount --image "oci:$W/nydus:latest" --cache-dir "$W/cache" --daemon "$W/mnt"
 trap 'fusermount3 -u "$W/mnt" 2>/dev/null || fusermount3 -u -z "$W/mnt" 2>/dev/null || true' EXIT
-echo "== chroot $W/mnt /bin/sh -c 'echo hello; ls /; head -3 /etc/os-release'"
-chroot "$W/mnt" /bin/sh -c 'echo "hello from a lazily mounted rootfs"; ls /; head -3 /etc/os-release'
+echo "== chroot $W/mnt /bin/sh -c 'echo hello; ls /; busybox | head -1; md5sum /bin/busybox'"
+chroot "$W/mnt" /bin/sh -c 'echo "hello from a lazily mounted rootfs"; ls /; busybox | head -1; md5sum /bin/busybox'
 image=$(du -sb "$W/nydus/blobs" | cut -f1)
 fetched=$(find "$W/cache" -name '*.data' -printf '%b\n' 2>/dev/null | awk '{s+=$1*512} END {print s+0}')
 files=$(du -sb --apparent-size "$W/oci/blobs" | cut -f1)
