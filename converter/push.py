@@ -16,12 +16,9 @@ from typing import Callable
 
 from nydus_py.oci import mediatypes as mt
 from nydus_py.oci.layout import Descriptor, OCILayout, canonical_json
+from nydus_py.oci.nydus_image import NYDUS_OS_FEATURE
 from nydus_py.oci.reference import Reference
 from nydus_py.oci.registry import RegistryClient
-
-# Marks the converted manifest in a merged index; platform matchers that don't know it pick
-# the original image, ours look for it (OCI image-spec: os.features is for such extensions).
-NYDUS_OS_FEATURE = "nydus-py.remoteimage.v1"
 
 Progress = Callable[[str, int], None]
 

@@ -29,7 +29,7 @@ from converter.layer import open_layer_stream, sniff
 from nydus_py.errors import ConfigError, ImageFormatError
 from nydus_py.oci import digest as dg
 from nydus_py.oci import mediatypes as mt
-from nydus_py.oci.layout import MAX_JSON, Descriptor, OCILayout
+from nydus_py.oci.layout import MAX_JSON, Descriptor, OCILayout, json_object
 
 LAYER_TYPES = frozenset(mt.GZIP_LAYERS + mt.ZSTD_LAYERS + mt.TAR_LAYERS)
 DOCKER_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
@@ -147,16 +147,6 @@ def open_source(ref: SourceRef, platform: str | None = None, *, registry=None) -
 
 # -- shared validation ---------------------------------------------------------------------------
 
-def _json_object(data: bytes, what: str) -> dict:
-    try:
-        obj = json.loads(data)
-    except ValueError as e:
-        raise ImageFormatError(f"{what}: malformed JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise ImageFormatError(f"{what}: expected a JSON object")
-    return obj
-
-
 def _check_manifest(m: dict, what: str) -> tuple[Descriptor, list[Descriptor]]:
     if m.get("schemaVersion") != 2:
         raise ImageFormatError(f"{what}: schemaVersion {m.get('schemaVersion')!r}, expected 2")
@@ -176,7 +166,7 @@ def _check_manifest(m: dict, what: str) -> tuple[Descriptor, list[Descriptor]]:
 
 
 def _check_config(data: bytes, n_layers: int, what: str) -> tuple[dict, list[str]]:
-    cfg = _json_object(data, what)
+    cfg = json_object(data, what)
     rootfs = cfg.get("rootfs")
     if not isinstance(rootfs, dict) or rootfs.get("type") != "layers" or not isinstance(rootfs.get("diff_ids"), list):
         raise ImageFormatError(f"{what}: missing or malformed rootfs (need type 'layers' and diff_ids)")
@@ -272,7 +262,7 @@ def resolve_image(name: str, desc: Descriptor, read_blob, platform: str | None, 
     for _ in range(MAX_INDEX_DEPTH + 1):
         what = f"{name}: {desc.digest[:19]}…"
         raw = read_blob(desc, what)
-        doc = _json_object(raw, what)
+        doc = json_object(raw, what)
         inner = doc.get("mediaType")
         if inner and inner != desc.media_type:
             raise ImageFormatError(f"{what}: media type {inner!r} does not match its descriptor's {desc.media_type!r}")

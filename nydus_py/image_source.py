@@ -1,6 +1,9 @@
 """Open a converted image for mounting: its bootstrap, and a backend that serves its blobs.
 
-Two ways to name an image:
+Three ways to name an image:
+  - `HOST/REPO:TAG` (or `@sha256:…`): a converted image in a registry. The manifest (or the
+    converted entry of a merged index) and the bootstrap layer are fetched and verified; data
+    blobs are read lazily with ranged GETs through the registry backend.
   - `oci:DIR[:TAG]`: an OCI image layout holding a converted image. The manifest's last layer
     is the bootstrap (read and digest-verified here); the data blobs are read lazily from the
     same directory (`DIR/blobs/sha256/<hex>`) through LocalFsBackend.
@@ -19,7 +22,7 @@ from pathlib import Path
 from nydus_py.errors import BlobNotFoundError, ConfigError, FormatError, ImageFormatError
 from nydus_py.format.bootstrap import MAX_BOOTSTRAP, Bootstrap
 from nydus_py.oci import mediatypes as mt
-from nydus_py.oci.layout import Descriptor, OCILayout
+from nydus_py.oci.layout import Descriptor, OCILayout, json_object
 from nydus_py.oci.nydus_image import find_layers
 from nydus_py.metrics import Metrics
 from nydus_py.storage.config import BackendConfig, LocalFsConfig
@@ -108,3 +111,57 @@ def open_local(bootstrap_path: str | os.PathLike, blob_dir: str | os.PathLike, a
         raise ConfigError(f"{blob_dir}: blob directory does not exist")
     bootstrap = Bootstrap.from_file(bootstrap_path)
     return OpenedImage(bootstrap, _localfs(blob_dir, alt_dirs, metrics), str(bootstrap_path))
+
+
+def open_image(ref: str, *, metrics: Metrics | None = None, plain_http: bool = False,
+               skip_verify: bool = False, backend: BackendConfig | None = None) -> OpenedImage:
+    """`oci:DIR[:TAG]` or a registry reference. `backend` overrides where a registry image's
+    data blobs are read from (e.g. S3, or a registry config with mirrors/proxy)."""
+    if ref.startswith(OCI_PREFIX):
+        return open_oci(ref, metrics=metrics)
+    return open_registry(ref, metrics=metrics, plain_http=plain_http, skip_verify=skip_verify,
+                         backend=backend)
+
+
+def open_registry(ref: str, *, metrics: Metrics | None = None, plain_http: bool = False,
+                  skip_verify: bool = False, backend: BackendConfig | None = None) -> OpenedImage:
+    from nydus_py.oci.reference import parse as parse_reference
+    from nydus_py.oci.registry import RegistryClient, RegistryConfig
+    from nydus_py.storage.registry import RegistryBackendConfig
+
+    r = parse_reference(ref)
+    scheme = "http" if plain_http else "https"
+    with RegistryClient(config=RegistryConfig.for_reference(r, scheme=scheme, skip_verify=skip_verify)) as c:
+        data, media_type, digest = c.get_manifest(r.repository, r.ref or "latest")
+        manifest = json_object(data, f"{ref}: manifest {digest}")
+        if media_type in mt.INDEX_TYPES:
+            entry = _converted_entry(manifest, ref)
+            data, _, digest = c.get_manifest(r.repository, entry.digest)
+            manifest = json_object(data, f"{ref}: manifest {digest}")
+        layers = find_layers(manifest, ref)
+        if layers.bootstrap.size > MAX_BOOTSTRAP:
+            raise ImageFormatError(f"{ref}: bootstrap layer of {layers.bootstrap.size} bytes is too large")
+        with c.get_blob(r.repository, layers.bootstrap.digest, layers.bootstrap.size) as body:
+            layer = body.read()
+    try:
+        bootstrap = Bootstrap.from_bytes(layer)
+    except FormatError as e:
+        raise FormatError(f"{ref}: {e}") from None
+    if backend is None:
+        backend = BackendConfig(type="registry", registry=RegistryBackendConfig(
+            host=r.api_host, repo=r.repository, scheme=scheme, skip_verify=skip_verify))
+    return OpenedImage(bootstrap, make_backend(backend, metrics=metrics), str(r))
+
+
+def _converted_entry(index: dict, ref: str) -> Descriptor:
+    """In a merged index, the entry marked with our os.feature for this host's architecture."""
+    import platform as _platform
+    from nydus_py.oci.nydus_image import NYDUS_OS_FEATURE
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(_platform.machine(), _platform.machine())
+    entries = [Descriptor.from_json(m, ref) for m in index.get("manifests") or [] if isinstance(m, dict)]
+    ours = [e for e in entries if NYDUS_OS_FEATURE in ((e.platform or {}).get("os.features") or [])]
+    for e in ours:
+        if (e.platform or {}).get("architecture") in (arch, None):
+            return e
+    raise ImageFormatError(f"{ref}: index has no nydus-py image for linux/{arch} "
+                           f"(convert it with nydusify; --merge-platform keeps both)")

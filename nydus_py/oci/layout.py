@@ -54,6 +54,17 @@ def canonical_json(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def json_object(data: bytes, what: str) -> dict:
+    """Parse a manifest/index/config: malformed JSON or a non-object is an ImageFormatError."""
+    try:
+        obj = json.loads(data)
+    except ValueError as e:
+        raise ImageFormatError(f"{what}: malformed JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ImageFormatError(f"{what}: expected a JSON object")
+    return obj
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
@@ -117,14 +128,7 @@ class OCILayout:
         return data
 
     def read_json(self, desc: Descriptor, what: str) -> dict:
-        data = self.read_blob(desc, what)
-        try:
-            obj = json.loads(data)
-        except ValueError as e:
-            raise ImageFormatError(f"{what}: malformed JSON ({e})") from None
-        if not isinstance(obj, dict):
-            raise ImageFormatError(f"{what}: expected a JSON object")
-        return obj
+        return json_object(self.read_blob(desc, what), what)
 
     def index(self) -> dict:
         p = self.root / "index.json"

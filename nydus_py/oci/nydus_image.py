@@ -10,6 +10,12 @@ from nydus_py.errors import ImageFormatError
 from nydus_py.oci import mediatypes as mt
 from nydus_py.oci.layout import Descriptor
 
+# Marks the converted manifest in a merged index (nydusify --merge-platform): platform matchers
+# that don't know it pick the original image; ours look for it (image-spec: os.features is for
+# such extensions).
+NYDUS_OS_FEATURE = "nydus-py.remoteimage.v1"
+
+
 @dataclass(frozen=True)
 class NydusLayers:
     bootstrap: Descriptor

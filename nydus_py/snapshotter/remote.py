@@ -34,6 +34,7 @@ from pathlib import Path
 from nydus_py.errors import ConfigError, ImageFormatError, NydusError
 from nydus_py.oci import mediatypes as mt
 from nydus_py.oci.auth import resolve_credentials
+from nydus_py.oci.layout import json_object
 from nydus_py.oci.reference import Reference, parse as parse_reference
 from nydus_py.oci.registry import RegistryClient, RegistryConfig
 from nydus_py.snapshotter.store import REMOTE_BLOB, REMOTE_BOOTSTRAP, ImageRecord, Store
@@ -179,7 +180,7 @@ class Resolver:
 
     def _get_manifest_by_ref(self, ref: Reference) -> tuple[dict, str]:
         data, _mtype, digest = self.client(ref).get_manifest(ref.repository, ref.ref)
-        doc = _json(data, f"manifest {ref}")
+        doc = json_object(data, f"manifest {ref}")
         self._remember((ref.name, digest), doc)
         return doc, digest
 
@@ -190,7 +191,7 @@ class Resolver:
                 self._manifests.move_to_end(key)
                 return self._manifests[key]
         data, _mtype, _ = self.client(ref).get_manifest(ref.repository, digest)
-        doc = _json(data, f"manifest {ref.name}@{digest}")
+        doc = json_object(data, f"manifest {ref.name}@{digest}")
         self._remember(key, doc)
         return doc
 
@@ -211,16 +212,6 @@ def layer_kind(desc: dict, labels: dict[str, str] | None = None) -> str | None:
     if mtype in BLOB_TYPES or ann.get(mt.ANNO_BLOB) == "true" or labels.get(HINT_BLOB) == "true":
         return REMOTE_BLOB
     return None
-
-
-def _json(data: bytes, what: str) -> dict:
-    try:
-        doc = json.loads(data)
-    except ValueError as e:
-        raise ImageFormatError(f"{what}: not JSON ({e})") from None
-    if not isinstance(doc, dict):
-        raise ImageFormatError(f"{what}: not a JSON object")
-    return doc
 
 
 # ---------------------------------------------------------------------------- daemons
