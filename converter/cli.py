@@ -77,8 +77,9 @@ def _read_patterns(path: str | None) -> tuple[str, ...]:
 def cmd_convert(args) -> int:
     from converter.convert import convert
     from converter.progress import Progress
-    from converter.source import parse_source
+    from converter.source import parse_platform, parse_source
 
+    parse_platform(args.platform)  # a bad --platform is an error before any download
     options = BuildOptions(chunk_size=args.chunk_size, compressor=args.compressor,
                            max_layer_size=args.max_layer_size,
                            prefetch_patterns=_read_patterns(args.prefetch_patterns))
