@@ -8,7 +8,7 @@ import sys
 
 from converter.builder import BuildOptions
 from nydus_py import __version__
-from nydus_py.errors import NydusError
+from nydus_py.errors import ConfigError, NydusError
 
 log = logging.getLogger("nydusify")
 
@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--max-layer-size", type=_size, default=64 << 30,
                    help="reject a layer that decompresses to more bytes than this")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.add_argument("--backend-type", choices=["registry", "s3"], default="registry",
+                   help="where the data blobs go: with the image (default) or to S3")
+    c.add_argument("--backend-config", help="the backend's JSON config (nydusd's backend.config)")
+    c.add_argument("--backend-config-file", help="a file holding the backend's JSON config")
     c.add_argument("--merge-platform", action="store_true",
                    help="push an index holding the source and the converted manifest under the target tag")
     _registry_args(c)
@@ -69,9 +73,32 @@ def _read_patterns(path: str | None) -> tuple[str, ...]:
     try:
         text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8", errors="surrogateescape").read()
     except OSError as e:
-        from nydus_py.errors import ConfigError
         raise ConfigError(f"--prefetch-patterns {path}: {e.strerror}") from None
     return tuple(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
+
+
+def _blob_store(args):
+    """nydusify's --backend-type/--backend-config: an external store for the data blobs."""
+    if args.backend_type == "registry":
+        if args.backend_config or args.backend_config_file:
+            raise ConfigError("--backend-config goes with --backend-type s3")
+        return None
+    import json
+    text = args.backend_config
+    if args.backend_config_file:
+        try:
+            text = open(args.backend_config_file, encoding="utf-8").read()
+        except OSError as e:
+            raise ConfigError(f"--backend-config-file {args.backend_config_file}: {e.strerror}") from None
+    if not text:
+        raise ConfigError(f"--backend-type {args.backend_type} needs --backend-config or --backend-config-file")
+    try:
+        conf = json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"backend config: malformed JSON ({e})") from None
+    from converter.convert import BlobStore
+    from nydus_py.storage.s3 import S3Backend, S3BackendConfig
+    return BlobStore("s3", S3Backend(S3BackendConfig.from_dict(conf, "backend-config")))
 
 
 def cmd_convert(args) -> int:
@@ -87,7 +114,7 @@ def cmd_convert(args) -> int:
     with Progress(enabled=not args.quiet) as progress:
         res = convert(source, target, options, platform=args.platform, progress=progress.update,
                       on_image=progress.start, registry=_registry_options(args),
-                      merge_platform=args.merge_platform)
+                      merge_platform=args.merge_platform, blob_store=_blob_store(args))
     s = res.build.stats
     stored = sum(b.size for b in res.build.blobs)
     print(f"converted {args.source} -> {args.target}: manifest {res.manifest.digest}", file=sys.stderr)

@@ -17,6 +17,14 @@ from nydus_py.oci.layout import Descriptor
 from nydus_py.oci.reference import parse as parse_reference
 
 
+@dataclass(frozen=True)
+class BlobStore:
+    """Where data blobs go instead of the image (nydusify --backend-type): `backend` has
+    `put_blob(blob_id, path)` (storage/s3.py)."""
+    type: str
+    backend: object
+
+
 @dataclass
 class ConvertResult:
     manifest: Descriptor
@@ -29,7 +37,7 @@ class ConvertResult:
 def convert(source: SourceRef, target: SourceRef, options: BuildOptions, *,
             platform: str | None = None, progress: ProgressFn | None = None,
             on_image=None, registry: RegistryOptions | None = None,
-            merge_platform: bool = False) -> ConvertResult:
+            merge_platform: bool = False, blob_store: BlobStore | None = None) -> ConvertResult:
     if target.transport not in ("oci", "docker"):
         raise ConfigError(f"target {target}: use oci:DIR[:TAG] or a registry reference HOST/REPO:TAG")
     if merge_platform and target.transport != "docker":
@@ -40,11 +48,12 @@ def convert(source: SourceRef, target: SourceRef, options: BuildOptions, *,
         if on_image:
             on_image(image)
         if target.transport == "oci":
-            manifest, result = _build_into(image, Path(target.path), target.reference, options, progress)
+            manifest, result = _build_into(image, Path(target.path), target.reference, options,
+                                           progress, blob_store)
             return ConvertResult(manifest, result, _total(image), time.monotonic() - t0)
         ref = parse_reference(target.path)
         with tempfile.TemporaryDirectory(prefix="nydusify-out-", dir=registry.work_dir) as tmp:
-            manifest, result = _build_into(image, Path(tmp) / "oci", None, options, progress)
+            manifest, result = _build_into(image, Path(tmp) / "oci", None, options, progress, blob_store)
             from converter.push import push_converted
             with registry.client(ref) as client:
                 pushed = push_converted(Path(tmp) / "oci", manifest, ref, client, source_image=image,
@@ -54,7 +63,8 @@ def convert(source: SourceRef, target: SourceRef, options: BuildOptions, *,
 
 
 def _build_into(image: SourceImage, target_dir: Path, tag: str | None, options: BuildOptions,
-                progress: ProgressFn | None) -> tuple[Descriptor, BuildResult]:
+                progress: ProgressFn | None, blob_store: BlobStore | None = None
+                ) -> tuple[Descriptor, BuildResult]:
     with Staging(target_dir) as staging:
         builder = Builder(options, staging.work_dir, progress)
         for layer in image.layers:
@@ -66,8 +76,14 @@ def _build_into(image: SourceImage, target_dir: Path, tag: str | None, options: 
             if progress:
                 progress("layer", 1)
         result = builder.finish()
+        if blob_store is not None:
+            for blob in result.blobs:
+                blob_store.backend.put_blob(blob.digest, blob.path)
+                if progress:
+                    progress("pushed", blob.size)
         manifest = write_image(staging.layout, result, image, chunk_size=options.chunk_size,
-                               compressor=options.compressor)
+                               compressor=options.compressor,
+                               external_blobs=blob_store.type if blob_store is not None else None)
         staging.commit(manifest, tag)
     return manifest, result
 

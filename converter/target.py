@@ -16,7 +16,8 @@ from pathlib import Path
 from nydus_py import __version__
 from nydus_py.format.bootstrap import compress_layer
 from nydus_py.oci import mediatypes as mt
-from nydus_py.oci.layout import Descriptor, OCILayout, OCILayoutWriter
+from nydus_py.errors import ConfigError
+from nydus_py.oci.layout import Descriptor, OCILayoutWriter
 
 
 class Staging:
@@ -28,7 +29,6 @@ class Staging:
 
     def __enter__(self) -> "Staging":
         if self.target.exists() and not (self.target / "oci-layout").exists():
-            from nydus_py.errors import ConfigError
             if any(self.target.iterdir()):
                 raise ConfigError(f"target {self.target}: exists and is not an OCI layout dir")
         self.target.parent.mkdir(parents=True, exist_ok=True)
@@ -59,10 +59,13 @@ class Staging:
 
 
 def write_image(layout: OCILayoutWriter, result, source, *, chunk_size: int, compressor: str,
-                extra_annotations: dict[str, str] | None = None) -> Descriptor:
-    """Blobs + bootstrap layer + config + manifest into `layout`; returns the manifest descriptor."""
+                extra_annotations: dict[str, str] | None = None, external_blobs: str | None = None
+                ) -> Descriptor:
+    """Blobs + bootstrap layer + config + manifest into `layout`; returns the manifest descriptor.
+    `external_blobs` (a backend type, e.g. "s3"): the data blobs were stored there instead, so
+    the manifest lists only the bootstrap (registries refuse manifests naming absent blobs)."""
     layers: list[Descriptor] = []
-    for b in result.blobs:
+    for b in ([] if external_blobs else result.blobs):
         ann = {mt.ANNO_BLOB: "true", mt.ANNO_SOURCE_LAYER: b.source_layer,
                mt.ANNO_UNCOMPRESSED_SIZE: str(b.uncompressed_size), mt.ANNO_CHUNK_COUNT: str(b.chunk_count)}
         layers.append(layout.adopt_file(b.path, b.digest, b.size, mt.NYDUS_PY_BLOB, ann))
@@ -85,6 +88,7 @@ def write_image(layout: OCILayoutWriter, result, source, *, chunk_size: int, com
             mt.ANNO_VERSION: __version__,
             "io.nydus-py.chunk-size": str(chunk_size),
             "io.nydus-py.compressor": compressor,
+            **({"io.nydus-py.blob-backend": external_blobs} if external_blobs else {}),
             **(extra_annotations or {}),
         },
     }
@@ -92,7 +96,3 @@ def write_image(layout: OCILayoutWriter, result, source, *, chunk_size: int, com
         s = source.manifest_desc
         manifest["subject"] = {"mediaType": s.media_type, "digest": s.digest, "size": s.size}
     return layout.put_json(manifest, mt.OCI_MANIFEST)
-
-
-def existing_layout(path: Path) -> OCILayout | None:
-    return OCILayout(path) if (path / "oci-layout").exists() else None
