@@ -28,27 +28,51 @@ chunks whose records were not written stay missing. A failed *read* of the cache
 counted (`read_errors`) and reported as a miss (None): the backend is still there. The read
 path's policy on CacheError from `store_many` (serve the verified bytes anyway) is in io/reader.py.
 
-Size: `used_bytes` is the sum of the sizes of ready chunks (what eviction will account; disk
-usage is a bit higher because of block granularity). `max_size` is the seam for eviction
-(issue #4): today a store that would exceed it raises CacheError(ENOSPC) instead of evicting.
+Size: `used_bytes` is the sum of the sizes of ready chunks of the blobs this process has open
+(disk usage is a bit higher because of block granularity); `total_bytes` adds the other blobs
+in the directory as of the last scan. With `max_size`, a store that would go over the limit
+first evicts, down to 90% of the limit (so that eviction is not paid on every store):
+  1. whole blobs no process has open (see cache/gc.py: lockf-based "in use"), least recently
+     used first (meta mtime);
+  2. then chunks of this process's own blobs that no other process has open, least recently
+     read or stored first (a per-chunk tick in memory), by clearing their records and punching
+     a hole in the data file.
+If that cannot make room (everything belongs to blobs other mounts use), the store raises
+CacheError(ENOSPC) and the read path serves the bytes uncached.
+
+Eviction vs. concurrent reads: chunks are punched out, their records cleared and the blob's
+eviction generation bumped in one critical section of the blob's lock, and `read` re-checks
+record and generation under that lock after its pread, so a reader racing an eviction gets a
+miss, never zeros. A store whose data write overlapped an eviction of the same blob publishes
+nothing (its chunks are fetched again).
+
+Sharing a work_dir between processes (one per mount, see docs/operations.md): every process
+holds a POSIX read lock on the meta files of the blobs it has open. A blob is deleted only
+under a write lock (nobody uses it); chunks are evicted only from blobs whose lock this
+process can upgrade to a write lock (nobody else uses them), held during the eviction.
 
 Thread-safe and blocking: call it from worker threads (except `missing`, which is memory-only).
-Several daemons sharing one work_dir is not supported yet (no lock file); it would only cost
-misses, never wrong bytes, since every read is checked against its record's xxh3.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
+import fcntl
+import itertools
 import logging
 import os
 import struct
 import threading
+import time
+from array import array
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import xxhash
 
+from nydus_py.cache import gc as gc_mod
 from nydus_py.errors import CacheError
 from nydus_py.format.bootstrap import BlobInfo, Chunk
 from nydus_py.metrics import Metrics
@@ -64,8 +88,23 @@ READY = 1
 _NOT_READY = bytes(RECORD.size)
 
 
+LOW_WATERMARK = 0.9     # eviction frees down to this fraction of max_size
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Frees [offset, offset+length) of a file (reads return zeros). False if unsupported."""
+    r = _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+    return r == 0
+
+
 class _Blob:
-    __slots__ = ("info", "name", "data_fd", "meta_fd", "records", "verified", "lock", "used")
+    __slots__ = ("info", "name", "hexid", "data_fd", "meta_fd", "records", "verified", "lock",
+                 "used", "gen", "atime", "offset_of")
 
     def __init__(self, info: BlobInfo, name: str, data_fd: int, meta_fd: int, records: bytearray,
                  used: int):
@@ -77,6 +116,10 @@ class _Blob:
         self.verified = bytearray(info.chunk_count)  # xxh3-checked (or stored) in this process
         self.lock = threading.Lock()
         self.used = used
+        self.hexid = ""
+        self.gen = 0                                   # bumped by every eviction in the blob
+        self.atime = array("Q", bytes(8 * info.chunk_count))   # LRU tick per chunk
+        self.offset_of = None      # chunk index -> data offset (to punch evicted chunks out)
 
 
 def _header(blob: BlobInfo, hexid: str) -> bytes:
@@ -117,26 +160,69 @@ class ChunkCache:
         self._m_stored_bytes = m.counter("stored_bytes")
         self._m_store_errors = m.counter("store_errors")
         self._m_used = m.gauge("used_bytes")
+        self._m_total = m.gauge("total_bytes")
+        self._m_max = m.gauge("max_size")
+        self._m_evicted_chunks = m.counter("evicted_chunks")
+        self._m_evicted_bytes = m.counter("evicted_bytes")
+        self._m_evicted_blobs = m.counter("evicted_blobs")
+        self._m_evictions = m.counter("evictions")
+        self._m_max.set(max_size or 0)
         self._lock = threading.Lock()
+        self._evict_lock = threading.Lock()
         self._blobs: list[_Blob] = []
         self._by_id: dict[str, int] = {}
         self._used = 0
+        self._tick = itertools.count(1)
+        # Blobs in work_dir that this process has not opened, as of the last scan.
+        self._others: dict[str, int] = {}
+        if max_size:
+            self._rescan()
 
     # -- blobs ----------------------------------------------------------------------------------
-    def open_blob(self, blob: BlobInfo) -> int:
-        """Opens (creating or validating) the cache files of `blob`; returns its handle."""
+    def open_blob(self, blob: BlobInfo, offset_of: Callable[[int], int] | None = None) -> int:
+        """Opens (creating or validating) the cache files of `blob`; returns its handle.
+        `offset_of(index)` gives a chunk's data offset; without it evicted chunks are only
+        marked missing, their disk blocks are not freed."""
         with self._lock:
             h = self._by_id.get(blob.id)
             if h is not None:
                 return h
             b = self._open(blob)
+            b.offset_of = offset_of
             self._blobs.append(b)
             h = self._by_id[blob.id] = len(self._blobs) - 1
+            self._others.pop(b.hexid, None)
             self._used += b.used
-            self._m_used.set(self._used)
+            self._publish_sizes()
             return h
 
     def _open(self, blob: BlobInfo) -> _Blob:
+        """Opens the files and takes the shared "in use" lock; retries if a gc removed the
+        files between our open and our lock (they are then unlinked: st_nlink == 0)."""
+        for _ in range(5):
+            b = self._open_files(blob)
+            try:
+                fcntl.lockf(b.meta_fd, fcntl.LOCK_SH)
+                if os.fstat(b.meta_fd).st_nlink and os.fstat(b.data_fd).st_nlink:
+                    os.utime(b.meta_fd)         # LRU stamp for gc between mounts
+                    return b
+            except OSError as e:
+                self._close_fds(b)
+                raise CacheError(f"blob cache for {blob.id} in {self.work_dir}: {e.strerror}",
+                                 errno=e.errno) from None
+            self._close_fds(b)
+        raise CacheError(f"blob cache for {blob.id} in {self.work_dir}: files keep disappearing "
+                         "(another process collecting the cache?)", errno=errno.EAGAIN)
+
+    @staticmethod
+    def _close_fds(b: _Blob) -> None:
+        for fd in (b.data_fd, b.meta_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _open_files(self, blob: BlobInfo) -> _Blob:
         hexid = blob_hex(blob.id)
         data_path = self.work_dir / f"{hexid}.data"
         meta_path = self.work_dir / f"{hexid}.meta"
@@ -174,7 +260,9 @@ class ChunkCache:
                 used += size
             elif ready:  # torn record: neither 0 nor READY
                 records[i * RECORD.size:(i + 1) * RECORD.size] = _NOT_READY
-        return _Blob(blob, hexid[:12], data_fd, meta_fd, records, used)
+        b = _Blob(blob, hexid[:12], data_fd, meta_fd, records, used)
+        b.hexid = hexid
+        return b
 
     def _blob(self, handle: int) -> _Blob:
         try:
@@ -194,7 +282,13 @@ class ChunkCache:
 
     @property
     def used_bytes(self) -> int:
+        """Ready bytes of the blobs this process has open."""
         return self._used
+
+    @property
+    def total_bytes(self) -> int:
+        """`used_bytes` plus the other blobs in work_dir as of the last scan."""
+        return self._used + sum(self._others.values())
 
     # -- data -----------------------------------------------------------------------------------
     def read(self, blob: int, index: int, offset: int, size: int,
@@ -216,18 +310,26 @@ class ChunkCache:
         with b.lock:
             rec = bytes(b.records[pos:pos + RECORD.size])
             verified = b.verified[index] and not self.revalidate
+            gen = b.gen
         ready, rsize, rhash = RECORD.unpack(rec)
         if ready != READY:
             self._m_misses.inc()
             return None
+        b.atime[index] = next(self._tick)
         try:
             if verified and rsize == size:
                 data = os.pread(b.data_fd, stop - start, offset + start)
+                if not self._unchanged(b, pos, rec, gen):
+                    self._m_misses.inc()        # evicted while we read: maybe holes
+                    return None
                 if len(data) == stop - start:
                     self._m_hits.inc()
                     return data
                 verified = 0  # the file shrank under us: fall through to the full check
             data = os.pread(b.data_fd, size, offset)
+            if not self._unchanged(b, pos, rec, gen):
+                self._m_misses.inc()
+                return None
         except OSError as e:
             self._m_read_errors.inc()
             log.warning("blob cache %s: reading chunk %d failed (%s); fetching it again",
@@ -240,10 +342,15 @@ class ChunkCache:
             self._invalidate(b, index, rec)
             return None
         with b.lock:
-            if bytes(b.records[pos:pos + RECORD.size]) == rec:
+            if bytes(b.records[pos:pos + RECORD.size]) == rec and b.gen == gen:
                 b.verified[index] = 1
         self._m_hits.inc()
         return data if (start, stop) == (0, size) else data[start:stop]
+
+    @staticmethod
+    def _unchanged(b: _Blob, pos: int, rec: bytes, gen: int) -> bool:
+        with b.lock:
+            return b.gen == gen and bytes(b.records[pos:pos + RECORD.size]) == rec
 
     def _invalidate(self, b: _Blob, index: int, seen: bytes) -> None:
         """Marks a chunk missing, unless it was re-stored since `seen` was read."""
@@ -274,6 +381,7 @@ class ChunkCache:
                 raise ValueError(f"chunk {c.id} does not fit blob {b.info.id} "
                                  f"(index {c.index}, offset {c.offset}, size {c.size}/{len(d)})")
         self._reserve(b, sum(c.size for c, _ in todo))
+        gen = b.gen
         done: list[tuple[Chunk, bytes]] = []
         try:
             try:
@@ -281,15 +389,19 @@ class ChunkCache:
                     _pwrite_all(b.data_fd, d, c.offset)
                     done.append((c, RECORD.pack(READY, c.size, xxhash.xxh3_64_intdigest(d))))
             finally:
-                self._commit(b, done)
+                self._commit(b, done, gen)
         except OSError as e:
             self._m_store_errors.inc()
             raise CacheError(f"blob cache {b.info.id} in {self.work_dir}: cannot store "
                              f"chunks: {e.strerror}", errno=e.errno) from None
 
-    def _commit(self, b: _Blob, done: list[tuple[Chunk, bytes]]) -> None:
+    def _commit(self, b: _Blob, done: list[tuple[Chunk, bytes]], gen: int) -> None:
         """Writes the records of chunks whose data is on disk (contiguous runs in one pwrite),
-        then publishes them in memory."""
+        then publishes them in memory. If the blob saw an eviction since the data was written
+        (generation `gen`), a hole may have been punched over it: publish nothing."""
+        with b.lock:
+            if b.gen != gen:
+                return
         run_start = 0
         for i in range(1, len(done) + 1):
             if i == len(done) or done[i][0].index != done[i - 1][0].index + 1:
@@ -297,8 +409,12 @@ class ChunkCache:
                 _pwrite_all(b.meta_fd, b"".join(r for _, r in done[run_start:i]),
                             HEADER.size + first * RECORD.size)
                 added = 0
+                tick = next(self._tick)
                 with b.lock:
+                    if b.gen != gen:        # evicted while we wrote the records: not ready
+                        return
                     for c, r in done[run_start:i]:
+                        b.atime[c.index] = tick
                         pos = c.index * RECORD.size
                         if b.records[pos] != READY:
                             added += c.size
@@ -311,24 +427,138 @@ class ChunkCache:
                 run_start = i
 
     def _reserve(self, b: _Blob, nbytes: int) -> None:
-        """Eviction seam (issue #4): make room for `nbytes` or raise. Today: only a check."""
-        if self.max_size is not None and self._used + nbytes > self.max_size:
-            self._m_store_errors.inc()
-            raise CacheError(f"blob cache {self.work_dir} is full ({self._used} of {self.max_size} "
-                             f"bytes used, {nbytes} more needed for blob {b.info.id}); eviction is "
-                             f"not implemented yet", errno=errno.ENOSPC)
+        """Makes room for `nbytes` under `max_size` (evicting), or raises CacheError(ENOSPC).
+        Concurrent stores may overshoot the limit by what they store at the same moment."""
+        if not self.max_size or self.total_bytes + nbytes <= self.max_size:
+            return
+        with self._evict_lock:
+            if self.total_bytes + nbytes > self.max_size:
+                target = min(int(self.max_size * LOW_WATERMARK), self.max_size - nbytes)
+                self._evict(max(target, 0))
+            if self.total_bytes + nbytes > self.max_size:
+                self._m_store_errors.inc()
+                raise CacheError(
+                    f"blob cache {self.work_dir} is full ({self.total_bytes} of {self.max_size} "
+                    f"bytes used, {nbytes} more needed for blob {b.info.id}; the rest belongs "
+                    f"to blobs other mounts use)", errno=errno.ENOSPC)
+
+    # -- eviction -------------------------------------------------------------------------------
+    def _rescan(self) -> None:
+        with self._lock:
+            own = {b.hexid for b in self._blobs}
+        others = {u.hexid: u.used for u in gc_mod.scan(self.work_dir, skip=own)}
+        with self._lock:
+            for b in self._blobs:           # opened while we scanned
+                others.pop(b.hexid, None)
+            self._others = others
+        self._publish_sizes()
+
+    def _evict(self, target: int) -> None:
+        """Frees space until total_bytes <= target: unused blobs, then own chunks (LRU)."""
+        self._m_evictions.inc()
+        self._rescan()
+        with self._lock:
+            own = {b.hexid for b in self._blobs}
+        blobs = gc_mod.scan(self.work_dir, skip=own)
+        for u in sorted(blobs, key=lambda u: (u.valid, u.mtime)):
+            if self.total_bytes <= target:
+                return
+            with self._lock:                # never probe (and so unlock) a blob we opened
+                if u.hexid in {b.hexid for b in self._blobs}:
+                    continue
+                removed = gc_mod.remove_if_unused(self.work_dir, u.hexid)
+                if removed:
+                    self._others.pop(u.hexid, None)
+            if removed:
+                self._m_evicted_blobs.inc()
+                log.info("blob cache %s: evicted unused blob %s (%d bytes)", self.work_dir,
+                         u.hexid[:12], u.used)
+        self._publish_sizes()
+        if self.total_bytes > target:
+            self._evict_own_chunks(self.total_bytes - target)
+
+    def _evict_own_chunks(self, need: int) -> None:
+        with self._lock:
+            blobs = list(self._blobs)
+        mine = []
+        for b in blobs:
+            try:        # upgrade our read lock; fails (and keeps it) if another process has it
+                fcntl.lockf(b.meta_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                mine.append(b)
+            except OSError:
+                continue
+        try:
+            cands = []
+            for b in mine:
+                rec, at = b.records, b.atime
+                for i in range(b.info.chunk_count):
+                    if rec[i * RECORD.size] == READY:
+                        cands.append((at[i], i, b))
+            cands.sort(key=lambda t: t[0])
+            victims: dict[int, list[int]] = {}
+            freed = 0
+            for _, i, b in cands:
+                if freed >= need:
+                    break
+                victims.setdefault(id(b), [b]).append(i)
+                freed += RECORD.unpack_from(b.records, i * RECORD.size)[1]
+            for b, *indices in victims.values():
+                self._evict_chunks(b, indices)
+        finally:
+            for b in mine:
+                try:
+                    fcntl.lockf(b.meta_fd, fcntl.LOCK_SH)
+                except OSError as e:
+                    log.warning("blob cache %s: cannot downgrade lock: %s", b.name, e.strerror)
+
+    def _evict_chunks(self, b: _Blob, indices: list[int]) -> None:
+        """Punches the chunks out, clears their records and bumps the generation in ONE
+        critical section of the blob's lock: a reader re-checks record and generation under
+        that lock after its pread, so whatever its pread saw during the punch is discarded;
+        a store that wrote over a punched range sees the new generation and publishes nothing.
+        The on-disk records are cleared afterwards (a crash in between leaves ready records
+        over holes, which the xxh3 check catches)."""
+        freed = []
+        with b.lock:
+            b.gen += 1
+            for i in indices:
+                pos = i * RECORD.size
+                ready, size, _ = RECORD.unpack_from(b.records, pos)
+                if ready != READY:
+                    continue
+                if b.offset_of is not None:
+                    punch_hole(b.data_fd, b.offset_of(i), size)
+                b.records[pos:pos + RECORD.size] = _NOT_READY
+                b.verified[i] = 0
+                b.used -= size
+                freed.append((i, size))
+        total = sum(s for _, s in freed)
+        self._account(-total)
+        self._m_evicted_chunks.inc(len(freed))
+        self._m_evicted_bytes.inc(total)
+        for i, size in freed:
+            try:
+                _pwrite_all(b.meta_fd, _NOT_READY, HEADER.size + i * RECORD.size)
+            except OSError as e:
+                log.warning("blob cache %s: cannot clear record %d: %s", b.name, i, e.strerror)
+        log.debug("blob cache %s: evicted %d chunks (%d bytes)", b.name, len(freed), total)
 
     def _account(self, delta: int) -> None:
         with self._lock:
             self._used += delta
-            self._m_used.set(self._used)
+        self._publish_sizes()
+
+    def _publish_sizes(self) -> None:
+        self._m_used.set(self._used)
+        self._m_total.set(self.total_bytes)
 
     def close(self) -> None:
         with self._lock:
             blobs, self._blobs, self._by_id = self._blobs, [], {}
         for b in blobs:
-            for fd in (b.data_fd, b.meta_fd):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            try:        # "flush the cache map": records reach the disk before we let go
+                os.fsync(b.meta_fd)
+                os.utime(b.meta_fd)
+            except OSError as e:
+                log.warning("blob cache %s: cannot flush metadata: %s", b.name, e.strerror)
+            self._close_fds(b)      # also releases the "in use" lock

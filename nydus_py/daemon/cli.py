@@ -3,6 +3,9 @@
     nydusd mount --image oci:DIR[:TAG] MOUNTPOINT
     nydusd mount --bootstrap FILE --blob-dir DIR MOUNTPOINT
     nydusd mount --bootstrap FILE --config nydusd.json MOUNTPOINT
+        [--apisock SOCK] [--cache-dir DIR] [--cache-max-size 10G] [--prefetch-files FILE]
+    nydusd serve --apisock SOCK [--cache-dir DIR] [--cache-max-size N]   (several mounts)
+    nydusd cache gc --cache-dir DIR [--max-size N]
 
 Foreground by default (Ctrl-C or SIGTERM unmounts and exits 0). With `--daemon` the process
 forks before any thread or trio loop exists; the child mounts and reports "ready" or its
@@ -58,7 +61,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let other users (e.g. a non-root container) access the mount")
     m.add_argument("--suid", action="store_true",
                    help="honour setuid/setgid bits of image binaries (root only; default nosuid)")
+    m.add_argument("--apisock", metavar="SOCK", help="serve the HTTP API on this unix socket")
+    m.add_argument("--id", dest="daemon_id", default="", help="daemon id reported by the API")
+    m.add_argument("--cache-max-size", metavar="SIZE",
+                   help="cache size limit (bytes or K/M/G/T); LRU eviction above it")
+    m.add_argument("--prefetch-files", metavar="FILE",
+                   help="image paths to prefetch after mounting, one a line")
+    m.add_argument("--no-prefetch", action="store_true",
+                   help="do not prefetch the image's own prefetch list")
     m.add_argument("mountpoint", metavar="MOUNTPOINT")
+
+    s = sub.add_parser("serve", help="one daemon for several mounts, driven by the API",
+                       description="Serve the API on --apisock; POST /api/v1/mount mounts an "
+                       "image in a child process per mount (see docs/operations.md).")
+    s.add_argument("--apisock", metavar="SOCK", required=True)
+    s.add_argument("--id", dest="daemon_id", default="")
+    s.add_argument("--cache-dir", metavar="DIR", help="chunk cache shared by every mount")
+    s.add_argument("--cache-max-size", metavar="SIZE")
+    s.add_argument("--state-dir", metavar="DIR",
+                   help="per-mount sockets, configs and logs (default: a temp dir)")
+    s.add_argument("--log-file", metavar="FILE")
+    s.add_argument("--log-level", default="info",
+                   choices=["trace", "debug", "info", "warn", "warning", "error"])
+
+    c = sub.add_parser("cache", help="chunk cache maintenance")
+    csub = c.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    g = csub.add_parser("gc", help="remove unused blobs (LRU first) down to --max-size",
+                        description="Remove cached blobs no mount is using, least recently "
+                        "used first, until the cache is at most --max-size (default 0: all "
+                        "unused). Prints a JSON report.")
+    g.add_argument("--cache-dir", metavar="DIR", required=True)
+    g.add_argument("--max-size", metavar="SIZE", default="0")
     return p
 
 
@@ -75,15 +108,36 @@ def _setup_logging(level: str, log_file: str | None) -> None:
     logging.getLogger("pyfuse3").setLevel(max(logging.getLevelName(level), logging.INFO))
 
 
+def _size(text: str | None, what: str) -> int | None:
+    from nydus_py.cache.gc import parse_size
+    if text is None:
+        return None
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise ConfigError(f"{what}: {e}") from None
+
+
 def _request(args) -> MountRequest:
     if args.image and (args.bootstrap or args.blob_dir):
         raise ConfigError("--image cannot be combined with --bootstrap/--blob-dir")
     if args.blob_dir and not args.bootstrap:
         raise ConfigError("--blob-dir needs --bootstrap")
     cfg = config_mod.load(args.config) if args.config else config_mod.DaemonConfig()
+    prefetch_files: tuple[str, ...] = ()
+    if args.prefetch_files:
+        from nydus_py.io.prefetch import read_paths_file
+        try:
+            prefetch_files = tuple(read_paths_file(args.prefetch_files))
+        except OSError as e:
+            raise ConfigError(f"--prefetch-files {args.prefetch_files}: {e.strerror}") from None
     return MountRequest(mountpoint=args.mountpoint, image=args.image, bootstrap=args.bootstrap,
                         blob_dir=args.blob_dir, cache_dir=args.cache_dir, config=cfg,
-                        allow_other=args.allow_other, suid=args.suid)
+                        allow_other=args.allow_other, suid=args.suid,
+                        apisock=os.path.abspath(args.apisock) if args.apisock else None,
+                        daemon_id=args.daemon_id, prefetch_files=prefetch_files,
+                        no_prefetch=args.no_prefetch,
+                        cache_max_size=_size(args.cache_max_size, "--cache-max-size"))
 
 
 def _error(msg: str) -> int:
@@ -91,8 +145,41 @@ def _error(msg: str) -> int:
     return EXIT_ERROR
 
 
+def _cache_gc(args) -> int:
+    import json
+
+    from nydus_py.cache.gc import collect
+    try:
+        max_size = _size(args.max_size, "--max-size")
+    except NydusError as e:
+        return _error(str(e))
+    if not os.path.isdir(args.cache_dir):
+        return _error(f"{args.cache_dir}: no such cache directory")
+    report = collect(args.cache_dir, max_size or 0)
+    print(json.dumps(report.to_dict(), indent=2))
+    return 0
+
+
+def _serve(args) -> int:
+    from nydus_py.daemon.supervisor import Supervisor
+    _setup_logging(args.log_level, args.log_file)
+    try:
+        sup = Supervisor(apisock=os.path.abspath(args.apisock), daemon_id=args.daemon_id,
+                         cache_dir=args.cache_dir,
+                         cache_max_size=_size(args.cache_max_size, "--cache-max-size"),
+                         state_dir=args.state_dir, log_level=args.log_level)
+        sup.run()
+    except NydusError as e:
+        return _error(str(e))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "cache":
+        return _cache_gc(args)
+    if args.command == "serve":
+        return _serve(args)
     try:
         req = _request(args)
     except NydusError as e:

@@ -18,8 +18,10 @@ The field names are nydusd's (v1 "fuse" config), so an existing nydusd config wo
 `device.backend` is parsed by storage/config.py (BackendConfig: localfs now, registry/oss/s3
 as their backends land) and turned into a backend by storage/factory.py. Cache types:
 "blobcache" (`work_dir`) and "dummy" (a private temporary directory, removed at exit).
-`fs_prefetch` is parsed and kept for the prefetcher; `mode`, `iostats_files`,
-`latest_read_files` and `access_pattern` are accepted for compatibility.
+`device.cache.config.max_size` (bytes, nydus-py's addition) bounds the cache (LRU eviction).
+`fs_prefetch` drives the background prefetcher (io/prefetch.py); `access_pattern` and
+`iostats_files` turn on the per-file recording behind /api/v1/metrics/{pattern,files};
+`mode` and `latest_read_files` are accepted for compatibility.
 
 Every field is checked: an unknown key or a value of the wrong type is a ConfigError naming
 its dotted path (`device.backend.config.dri: unknown field`), so typos fail loudly.
@@ -45,6 +47,7 @@ DEFAULT_AMPLIFY_IO = 1 << 20
 class CacheConfig:
     type: str = "blobcache"
     work_dir: str = ""             # "" = a private temporary directory, removed at exit
+    max_size: int = 0              # bytes; 0 = unlimited (LRU eviction above it)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,6 +109,12 @@ def parse(doc: object) -> DaemonConfig:
         raise ConfigError(f"mode: must be \"direct\" or \"cached\", not {cfg.mode!r}")
     if cfg.amplify_io < 0:
         raise ConfigError("amplify_io: must not be negative")
+    if cfg.cache.max_size < 0:
+        raise ConfigError("device.cache.config.max_size: must not be negative")
+    pf = cfg.fs_prefetch
+    for name in ("threads_count", "merging_size", "bandwidth_rate"):
+        if getattr(pf, name) < 0:
+            raise ConfigError(f"fs_prefetch.{name}: must not be negative")
     return cfg
 
 

@@ -65,6 +65,11 @@ class MountRequest:
     suid: bool = False
     max_tasks: int = 64                 # concurrent FUSE requests in flight
     io_threads: int = 16                # FileReader's trio.CapacityLimiter
+    apisock: str | None = None          # serve the HTTP API on this unix socket
+    daemon_id: str = ""                 # reported by /api/v1/daemon ("" = derived)
+    prefetch_files: tuple[str, ...] = ()  # --prefetch-files: image paths to prefetch
+    no_prefetch: bool = False           # ignore the bootstrap's prefetch list
+    cache_max_size: int | None = None   # overrides device.cache.config.max_size
 
 
 def fuse_options(req: MountRequest) -> set[str]:
@@ -142,6 +147,9 @@ class Filesystem:
     ops: NydusOperations
     metrics: Metrics
     description: str
+    reader: object = None
+    cache_dir: str = ""
+    backend_type: str = ""
 
 
 def open_filesystem(req: MountRequest, stack: contextlib.ExitStack) -> Filesystem:
@@ -172,8 +180,11 @@ def open_filesystem(req: MountRequest, stack: contextlib.ExitStack) -> Filesyste
     else:
         work_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="nydus-py-cache-"))
     reader = _make_reader(opened, work_dir, req, metrics, stack)
-    vfs = Vfs(opened.bootstrap, reader, metrics=metrics, xattrs=cfg.enable_xattr)
-    return Filesystem(vfs, NydusOperations(vfs), metrics, opened.description)
+    vfs = Vfs(opened.bootstrap, reader, metrics=metrics, xattrs=cfg.enable_xattr,
+              record_access=cfg.access_pattern or cfg.iostats_files, image=opened.description)
+    backend_type = cfg.backend.type if cfg.backend is not None else "localfs"
+    return Filesystem(vfs, NydusOperations(vfs), metrics, opened.description, reader=reader,
+                      cache_dir=work_dir, backend_type=backend_type)
 
 
 def _make_reader(opened, work_dir: str, req: MountRequest, metrics: Metrics,
@@ -181,7 +192,8 @@ def _make_reader(opened, work_dir: str, req: MountRequest, metrics: Metrics,
     from nydus_py.cache.chunk_cache import ChunkCache
     from nydus_py.io.reader import FileReader
 
-    cache = ChunkCache(work_dir, metrics=metrics)
+    max_size = req.cache_max_size if req.cache_max_size is not None else req.config.cache.max_size
+    cache = ChunkCache(work_dir, max_size=max_size or None, metrics=metrics)
     close = getattr(cache, "close", None)
     if close is not None:
         stack.callback(close)
@@ -193,7 +205,8 @@ def _make_reader(opened, work_dir: str, req: MountRequest, metrics: Metrics,
 
 
 def serve(ops: pyfuse3.Operations, mountpoint: str, options: set[str], *,
-          on_ready: Callable[[], None] | None = None, max_tasks: int = 64) -> None:
+          on_ready: Callable[[], None] | None = None, max_tasks: int = 64,
+          services: Callable | None = None) -> None:
     """Mount, run the FUSE loop until a stop signal or an external unmount, unmount."""
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
@@ -203,7 +216,7 @@ def serve(ops: pyfuse3.Operations, mountpoint: str, options: set[str], *,
             raise MountError(f"{mountpoint}: FUSE mount failed ({e}); "
                              "is /dev/fuse available and are you allowed to mount?") from None
         try:
-            trio.run(_main, old_mask, on_ready, max_tasks)
+            trio.run(_main, old_mask, on_ready, max_tasks, services)
         finally:
             # A second Ctrl-C/SIGTERM must not interrupt the unmount: we are stopping anyway.
             signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
@@ -217,12 +230,14 @@ def serve(ops: pyfuse3.Operations, mountpoint: str, options: set[str], *,
             signal.signal(s, h)
 
 
-async def _main(old_mask, on_ready, max_tasks: int) -> None:
+async def _main(old_mask, on_ready, max_tasks: int, services=None) -> None:
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         # Pending stop signals are delivered now, to trio's handler.
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, signals)
+            if services is not None:        # API socket bound before we report "ready"
+                await nursery.start(services)
             if on_ready is not None:
                 on_ready()
             await pyfuse3.main(min_tasks=1, max_tasks=max_tasks)
@@ -248,4 +263,40 @@ def mount(req: MountRequest, *, on_ready: Callable[[], None] | None = None) -> N
             log.info("mounted %s at %s", fs.description, mountpoint)
             if on_ready is not None:
                 on_ready()
-        serve(fs.ops, mountpoint, fuse_options(req), on_ready=ready, max_tasks=req.max_tasks)
+        serve(fs.ops, mountpoint, fuse_options(req), on_ready=ready, max_tasks=req.max_tasks,
+              services=_services(req, fs, mountpoint))
+
+
+def make_prefetcher(req: MountRequest, fs: Filesystem):
+    """The background prefetcher, or None when there is nothing to prefetch (module
+    docstring of io/prefetch.py; enabled by fs_prefetch.enable, --prefetch-files, or a
+    prefetch list in the bootstrap unless --no-prefetch)."""
+    from nydus_py.io.prefetch import Prefetcher
+
+    pf = req.config.fs_prefetch
+    bs = fs.vfs.bootstrap
+    if not (pf.enable or req.prefetch_files or (bs.prefetch and not req.no_prefetch)):
+        return None
+    return Prefetcher(fs.reader, bs, threads_count=pf.threads_count, merging_size=pf.merging_size,
+                      bandwidth_rate=pf.bandwidth_rate, prefetch_all=pf.prefetch_all and pf.enable,
+                      paths=req.prefetch_files, metrics=fs.metrics, image=fs.description)
+
+
+def _services(req: MountRequest, fs: Filesystem, mountpoint: str):
+    """The trio tasks that run beside the FUSE loop: API server, then prefetch."""
+    prefetcher = make_prefetcher(req, fs)
+
+    async def run(task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            if req.apisock:
+                from nydus_py.daemon.api import DaemonApi, serve_unix
+                api = DaemonApi(daemon_id=req.daemon_id or f"nydusd-{os.getpid()}",
+                                mountpoint=mountpoint, fs=fs, stop=pyfuse3.terminate,
+                                prefetcher=prefetcher, access_pattern=req.config.access_pattern,
+                                iostats_files=req.config.iostats_files)
+                await nursery.start(serve_unix, req.apisock, api.handle)
+                log.info("API listening on %s", req.apisock)
+            task_status.started()
+            if prefetcher is not None:
+                nursery.start_soon(prefetcher.run)
+    return run

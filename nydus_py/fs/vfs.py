@@ -24,6 +24,7 @@ from typing import Iterator, NamedTuple, Protocol
 
 from nydus_py.errors import NydusError
 from nydus_py.format.bootstrap import ROOT_INO, Bootstrap
+from nydus_py.fs.access import AccessRecorder, Inflight
 from nydus_py.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,12 @@ class Vfs:
     """Read-only filesystem view of one image. Safe to share between concurrent requests."""
 
     def __init__(self, bootstrap: Bootstrap, reader: Reader, *, metrics: Metrics | None = None,
-                 xattrs: bool = True):
+                 xattrs: bool = True, record_access: bool = False, image: str = ""):
         self.bootstrap = bootstrap
+        self.image = image              # named in log lines
+        # access_pattern / iostats_files: which files are read, first-read order
+        self.access = AccessRecorder(bootstrap) if record_access else None
+        self.inflight = Inflight()
         self.xattrs = xattrs            # nydusd's enable_xattr: False hides all xattrs
         self.reader = reader
         self.metrics = metrics
@@ -187,6 +192,9 @@ class Vfs:
         if offset >= a.size or size == 0:
             return b""
         size = min(size, a.size - offset)
+        if self.access is not None:
+            self.access.record(ino, size)
+        token = self.inflight.begin("read", ino, offset, size)
         try:
             return await self.reader.read(ino, offset, size)
         except NydusError as e:
@@ -194,8 +202,11 @@ class Vfs:
             self._count("read_errors")     # nydusd: fs "fop_errors"
             where = self.bootstrap.path_of(ino)
             msg = str(e).removeprefix(f"{where}: ")      # the reader may name the file already
-            log.error("read %s (inode %d, offset %d, size %d) failed: %s", where, ino, offset, size, msg)
+            log.error("read %s (inode %d, offset %d, size %d)%s failed: %s", where, ino, offset,
+                      size, f" of image {self.image}" if self.image else "", msg)
             raise FsError(e.errno or errno.EIO, str(e)) from None
+        finally:
+            self.inflight.end(token)
 
     def _count(self, name: str) -> None:
         if self.metrics is not None:

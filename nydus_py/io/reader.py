@@ -167,11 +167,53 @@ class FileReader:
             plan.append((c, max(offset - base, 0), min(end - base, c.size)))
         return plan
 
+    # -- background prefetch (io/prefetch.py drives it) ----------------------------------------
+    def uncached(self, chunks: Sequence[Chunk]) -> list[Chunk]:
+        """The chunks among `chunks` neither cached nor being fetched. Memory only."""
+        out = []
+        for c in chunks:
+            h = self._handles[c.blob]
+            if (c.blob, c.index) not in self._inflight and (h is None or not self.cache.is_ready(h, c.index)):
+                out.append(c)
+        return out
+
+    async def prefetch(self, chunks: Sequence[Chunk], *, limiter: trio.CapacityLimiter,
+                       merging_size: int) -> tuple[int, int]:
+        """Fetches and caches those of `chunks` nobody has or is fetching, under `limiter`
+        (the prefetcher's own, so that it never takes the slots foreground reads use).
+        Foreground reads that need one of these chunks meanwhile wait for it through
+        single-flight, as for any other fetch. Returns (chunks fetched, compressed bytes);
+        raises the first error (the chunks stay missing; a later read fetches them)."""
+        owned: dict[Key, _Flight] = {}
+        mine = []
+        for c in self.uncached(chunks):
+            key = (c.blob, c.index)
+            owned[key] = self._inflight[key] = _Flight()
+            mine.append(c)
+        if not mine:
+            return 0, 0
+        errors: list[BaseException] = []
+        got: Got = {}
+        ranges = plan_ranges(mine, max_gap=self.max_gap, limit=max(merging_size, 1))
+        try:
+            for r in ranges:
+                r.readahead = len(r.chunks)         # nobody asked: results are not kept
+                await self._fetch_range(r, owned, got, errors, limiter)
+        finally:
+            for key, f in owned.items():
+                self._settle(key, f, None, _Interrupted())
+        if errors:
+            raise errors[0]
+        return len(mine), sum(r.length for r in ranges)
+
     # -- 2. lookup (worker thread) ------------------------------------------------------------
     def _handle(self, blob: int) -> int:
         h = self._handles[blob]
         if h is None:  # open_blob is idempotent, so racing threads agree on the handle
-            h = self._handles[blob] = self.cache.open_blob(self.bootstrap.blobs[blob])
+            info = self.bootstrap.blobs[blob]
+            start, chunk = info.chunk_start, self.bootstrap.chunk
+            h = self._handles[blob] = self.cache.open_blob(
+                info, offset_of=lambda i: chunk(start + i).offset)
         return h
 
     def _lookup(self, wants: Sequence[Want]) -> Got:
@@ -260,10 +302,11 @@ class FileReader:
             self._m_readahead.inc(n)
 
     async def _fetch_range(self, r: Range, owned: dict[Key, _Flight], got: Got,
-                           errors: list) -> None:
+                           errors: list, limiter: trio.CapacityLimiter | None = None) -> None:
         wanted = len(r.chunks) - r.readahead
         try:
-            results = await trio.to_thread.run_sync(self._fetch_range_sync, r, limiter=self.limiter)
+            results = await trio.to_thread.run_sync(self._fetch_range_sync, r,
+                                                    limiter=limiter or self.limiter)
         except Exception as e:  # the whole range failed: every chunk in it shares the error
             for c in r.chunks:
                 key = (c.blob, c.index)

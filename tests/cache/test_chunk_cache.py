@@ -195,16 +195,16 @@ def test_write_error_is_cache_error_with_errno_and_chunk_stays_missing(tmp_path,
     assert c.missing(h, range(4)) == [3]
 
 
-def test_max_size_is_enforced_by_accounting(tmp_path):
+def test_max_size_without_room_to_evict_is_enospc(tmp_path):
+    """Eviction frees chunks of this process's blobs; a store bigger than the limit fails."""
     info, items = _blob()
-    c = ChunkCache(tmp_path, max_size=SIZES[0] + SIZES[1])
+    c = ChunkCache(tmp_path, max_size=SIZES[3])
     h = c.open_blob(info)
-    c.store_many(h, items[:2])
     with pytest.raises(CacheError) as ei:
-        c.store_many(h, items[2:3])
+        c.store_many(h, items[:1])
     assert ei.value.errno == errno.ENOSPC
-    assert c.missing(h, range(4)) == [2, 3]
-    c.store_many(h, items[:2])  # already stored: needs no room
+    assert c.missing(h, range(4)) == [0, 1, 2, 3]
+    c.store_many(h, items[3:])
 
 
 def test_concurrent_store_and_read_from_threads(tmp_path):

@@ -1,0 +1,394 @@
+"""`nydusd serve`: one daemon, several mounts, driven by the HTTP API.
+
+pyfuse3 keeps its FUSE session in module globals: one mount per process. So this daemon does
+not mount anything itself. Each `POST /api/v1/mount?mountpoint=M` starts a child
+`nydusd mount ... --apisock STATE/N.sock M` that shares the daemon's cache directory (the
+cache's per-blob locks make that safe, see cache/gc.py) and serves its own FUSE loop; the
+supervisor waits until the child's API says RUNNING, then answers. Why processes and not
+threads: see docs/operations.md ("One daemon, several mounts").
+
+    POST   /api/v1/mount?mountpoint=M   {"source": "oci:DIR[:TAG]"} or {"bootstrap": F,
+                                        "blob_dir": D} or {"bootstrap": F, "config": {...}};
+                                        optional "config" (nydusd JSON, e.g. fs_prefetch),
+                                        "prefetch_files": [paths]
+    DELETE /api/v1/mount?mountpoint=M   graceful unmount (SIGTERM to the child), 204
+    GET    /api/v1/mount                the mounts, their state and child pid
+    GET    /api/v1/daemon               id, version, state, mounts
+    GET    /api/v1/metrics[/*]          ?mountpoint=M: that mount's answer (proxied);
+                                        without: numbers summed over mounts (pattern, files,
+                                        inflight: a map by mountpoint)
+    GET    /metrics                     every mount's Prometheus text, labelled mountpoint="M"
+    PUT    /api/v1/daemon/exit          unmount everything and exit 0 (as SIGTERM/SIGINT)
+
+A child that dies on its own (crash, kill -9) is restarted (its stale mountpoint is cleared by
+the new child) up to RESTART_LIMIT times; its cache stays valid. When the supervisor itself is
+killed, the children get SIGTERM (PR_SET_PDEATHSIG) and unmount.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from nydus_py.daemon import api as api_mod
+from nydus_py.daemon.api import ApiError, Request, Response, error_response, json_response
+from nydus_py.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 30.0
+STOP_TIMEOUT = 20.0
+RESTART_LIMIT = 3
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # preexec_fn: runs in the child between fork and exec
+    try:
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except Exception:
+        pass
+
+
+@dataclass
+class Child:
+    mountpoint: str
+    number: int
+    argv: list[str]
+    sock: str
+    log_file: str
+    err_file: str
+    source: str
+    proc: trio.Process | None = None
+    state: str = "STARTING"       # STARTING, RUNNING, RESTARTING, STOPPING, FAILED
+    restarts: int = 0
+    started: float = field(default_factory=time.time)
+    stopping: bool = False
+    exited: trio.Event = field(default_factory=trio.Event)
+
+    def info(self) -> dict:
+        return {"mountpoint": self.mountpoint, "source": self.source, "state": self.state,
+                "pid": self.proc.pid if self.proc else None, "apisock": self.sock,
+                "log_file": self.log_file, "restarts": self.restarts}
+
+
+class Supervisor:
+    def __init__(self, *, apisock: str, daemon_id: str = "", cache_dir: str | None = None,
+                 cache_max_size: int | None = None, state_dir: str | None = None,
+                 log_level: str = "info"):
+        self.apisock = apisock
+        self.id = daemon_id or f"nydusd-{os.getpid()}"
+        self.cache_max_size = cache_max_size
+        self._own_state = state_dir is None
+        self.state_dir = state_dir or tempfile.mkdtemp(prefix="nydusd-serve-")
+        os.makedirs(self.state_dir, exist_ok=True)
+        self.cache_dir = cache_dir or os.path.join(self.state_dir, "cache")
+        try:
+            os.makedirs(self.cache_dir, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"{self.cache_dir}: cannot create cache directory ({e.strerror})") from None
+        self.log_level = log_level
+        self.mounts: dict[str, Child] = {}
+        self.state = "RUNNING"
+        self.started = time.time()
+        self._seq = 0
+        self._exit = None
+        self._nursery = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            trio.run(self._main)
+        finally:
+            if self._own_state:
+                shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    async def _main(self) -> None:
+        self._exit = trio.Event()
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(api_mod.serve_unix, self.apisock, self.handle)
+                log.info("nydusd %s serving API on %s (cache %s)", self.id, self.apisock,
+                         self.cache_dir)
+                nursery.start_soon(self._signals, signals)
+                await self._exit.wait()
+                self.state = "STOPPING"
+                async with trio.open_nursery() as stops:
+                    for child in list(self.mounts.values()):
+                        stops.start_soon(self._stop_child, child)
+                nursery.cancel_scope.cancel()
+        log.info("nydusd %s: all mounts stopped, exiting", self.id)
+
+    async def _signals(self, signals) -> None:
+        async for signum in signals:
+            log.info("received %s: unmounting everything", signal.Signals(signum).name)
+            self._exit.set()
+            return
+
+    # -- children -------------------------------------------------------------------------------
+    def _argv(self, mountpoint: str, body: dict, n: int) -> tuple[list[str], str]:
+        if not isinstance(body, dict):
+            raise ApiError(400, "BadRequest", "body must be a JSON object")
+        unknown = set(body) - {"source", "bootstrap", "blob_dir", "config", "prefetch_files"}
+        if unknown:
+            raise ApiError(400, "BadRequest", f"unknown fields: {', '.join(sorted(unknown))}")
+        sock = os.path.join(self.state_dir, f"mount-{n}.sock")
+        argv = [sys.executable, "-m", "nydus_py.daemon.cli", "mount", "--apisock", sock,
+                "--cache-dir", self.cache_dir, "--id", f"{self.id}/{n}",
+                "--log-level", self.log_level,
+                "--log-file", os.path.join(self.state_dir, f"mount-{n}.log")]
+        if self.cache_max_size is not None:
+            argv += ["--cache-max-size", str(self.cache_max_size)]
+        source = body.get("source")
+        if source:
+            if not isinstance(source, str) or not source.startswith("oci:"):
+                raise ApiError(400, "BadRequest", "source: expected \"oci:DIR[:TAG]\"")
+            argv += ["--image", source]
+        elif body.get("bootstrap"):
+            argv += ["--bootstrap", str(body["bootstrap"])]
+            source = str(body["bootstrap"])
+            if body.get("blob_dir"):
+                argv += ["--blob-dir", str(body["blob_dir"])]
+        else:
+            raise ApiError(400, "BadRequest", "name an image: \"source\" or \"bootstrap\"")
+        if body.get("config") is not None:
+            from nydus_py.daemon import config as config_mod
+            try:
+                config_mod.parse(body["config"])
+            except ConfigError as e:
+                raise ApiError(400, "BadConfig", f"config: {e}") from None
+            path = os.path.join(self.state_dir, f"mount-{n}.json")
+            with open(path, "w") as f:
+                json.dump(body["config"], f)
+            argv += ["--config", path]
+        files = body.get("prefetch_files")
+        if files:
+            if not isinstance(files, list) or not all(isinstance(p, str) for p in files):
+                raise ApiError(400, "BadRequest", "prefetch_files: expected a list of paths")
+            path = os.path.join(self.state_dir, f"mount-{n}.prefetch")
+            with open(path, "w") as f:
+                f.write("".join(p + "\n" for p in files))
+            argv += ["--prefetch-files", path]
+        argv.append(mountpoint)
+        return argv, source
+
+    async def _spawn(self, child: Child) -> None:
+        """Starts the child and waits until its API answers RUNNING; raises ApiError if it
+        exits first (with its one-line error) or takes too long."""
+        for p in (child.sock,):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+        err = await trio.to_thread.run_sync(open, child.err_file, "wb")
+        try:
+            child.proc = await trio.lowlevel.open_process(
+                child.argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                preexec_fn=_die_with_parent)
+        finally:
+            err.close()
+        child.exited = trio.Event()
+        self._nursery.start_soon(self._watch, child, child.proc)
+        deadline = trio.current_time() + READY_TIMEOUT
+        while trio.current_time() < deadline:
+            if child.proc.returncode is not None or child.exited.is_set():
+                raise ApiError(500, "MountFailed", self._child_error(child))
+            if os.path.exists(child.sock):
+                try:
+                    status, raw = await api_mod.call(child.sock, "GET", "/api/v1/daemon", timeout=2)
+                    if status == 200 and json.loads(raw).get("state") == "RUNNING":
+                        child.state = "RUNNING"
+                        return
+                except (OSError, trio.TooSlowError, ValueError):
+                    pass
+            await trio.sleep(0.05)
+        child.proc.terminate()
+        raise ApiError(500, "MountFailed", f"{child.mountpoint}: not ready after {READY_TIMEOUT}s")
+
+    def _child_error(self, child: Child) -> str:
+        try:
+            with open(child.err_file, "rb") as f:
+                lines = f.read().decode("utf-8", "replace").strip().splitlines()
+        except OSError:
+            lines = []
+        msg = lines[-1].removeprefix("nydusd: error: ") if lines else "exited before it was ready"
+        return f"mount of {child.source} at {child.mountpoint} failed: {msg}"
+
+    async def _watch(self, child: Child, proc: trio.Process) -> None:
+        code = await proc.wait()
+        child.exited.set()
+        if child.stopping or child.state == "STARTING" or self.state != "RUNNING":
+            return
+        log.error("mount %s (image %s) exited unexpectedly with code %s; see %s",
+                  child.mountpoint, child.source, code, child.log_file)
+        if child.restarts >= RESTART_LIMIT:
+            child.state = "FAILED"
+            return
+        child.restarts += 1
+        child.state = "RESTARTING"
+        await trio.sleep(min(2 ** child.restarts * 0.25, 5))
+        if child.stopping or self.mounts.get(child.mountpoint) is not child:
+            return
+        try:
+            child.state = "STARTING"
+            await self._spawn(child)
+            log.info("mount %s restarted (%d/%d)", child.mountpoint, child.restarts, RESTART_LIMIT)
+        except ApiError as e:
+            child.state = "FAILED"
+            log.error("%s", e)
+
+    async def _stop_child(self, child: Child) -> None:
+        child.stopping = True
+        child.state = "STOPPING"
+        proc = child.proc
+        if proc is None or proc.returncode is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        with trio.move_on_after(STOP_TIMEOUT):
+            await child.exited.wait()
+            return
+        log.error("mount %s did not stop in %ss; killing it", child.mountpoint, STOP_TIMEOUT)
+        proc.kill()
+        await child.exited.wait()
+        from nydus_py.daemon.mount import lazy_unmount
+        await trio.to_thread.run_sync(lazy_unmount, child.mountpoint)
+
+    # -- API ------------------------------------------------------------------------------------
+    def _mountpoint(self, req: Request) -> str:
+        mp = req.query.get("mountpoint")
+        if not mp:
+            raise ApiError(400, "BadRequest", "missing ?mountpoint=")
+        return os.path.realpath(mp)
+
+    async def handle(self, req: Request) -> Response:
+        path = req.path.rstrip("/") or "/"
+        if path == "/api/v1/mount":
+            if req.method == "GET":
+                return json_response([c.info() for c in self.mounts.values()])
+            if req.method == "POST":
+                return await self._mount(req)
+            if req.method == "DELETE":
+                mp = self._mountpoint(req)
+                child = self.mounts.get(mp)
+                if child is None:
+                    raise ApiError(404, "NotFound", f"nothing mounted at {mp}")
+                await self._stop_child(child)
+                del self.mounts[mp]
+                return Response(204)
+            raise ApiError(405, "MethodNotAllowed", f"{req.method} {path}")
+        if path == "/api/v1/daemon" and req.method == "GET":
+            return json_response({"id": self.id, "version": api_mod.version_info(),
+                                  "state": self.state, "pid": os.getpid(),
+                                  "supervisor": True, "cache_dir": self.cache_dir,
+                                  "uptime_secs": round(time.time() - self.started, 3),
+                                  "mounts": [c.info() for c in self.mounts.values()]})
+        if path == "/api/v1/daemon/exit" and req.method == "PUT":
+            return Response(204, after=self._exit.set)
+        if path.startswith("/api/v1/metrics") and req.method == "GET":
+            return await self._metrics(req, path)
+        if path == "/metrics" and req.method == "GET":
+            return await self._prometheus()
+        raise ApiError(404, "NotFound", f"no endpoint {req.method} {path}")
+
+    async def _mount(self, req: Request) -> Response:
+        mp = self._mountpoint(req)
+        if mp in self.mounts:
+            raise ApiError(409, "AlreadyMounted", f"{mp} is already mounted by this daemon")
+        self._seq += 1
+        n = self._seq
+        body = req.json()
+        argv, source = await trio.to_thread.run_sync(self._argv, mp, body, n)
+        child = Child(mp, n, argv, os.path.join(self.state_dir, f"mount-{n}.sock"),
+                      os.path.join(self.state_dir, f"mount-{n}.log"),
+                      os.path.join(self.state_dir, f"mount-{n}.err"), source)
+        self.mounts[mp] = child
+        try:
+            await self._spawn(child)
+        except BaseException:
+            child.stopping = True
+            del self.mounts[mp]
+            raise
+        log.info("mounted %s at %s (pid %d)", source, mp, child.proc.pid)
+        return json_response(child.info())
+
+    async def _ask(self, child: Child, target: str) -> tuple[int, bytes]:
+        try:
+            return await api_mod.call(child.sock, "GET", target, timeout=5)
+        except (OSError, trio.TooSlowError) as e:
+            return 503, json.dumps({"code": "Unavailable", "message": f"{child.mountpoint}: {e}"}).encode()
+
+    async def _metrics(self, req: Request, path: str) -> Response:
+        query = "&".join(f"{k}={v}" for k, v in req.query.items() if k != "mountpoint")
+        target = path + (f"?{query}" if query else "")
+        if "mountpoint" in req.query:
+            child = self.mounts.get(self._mountpoint(req))
+            if child is None:
+                raise ApiError(404, "NotFound", f"nothing mounted at {req.query['mountpoint']}")
+            status, body = await self._ask(child, target)
+            ctype = "text/plain; charset=utf-8" if req.query.get("format") == "text" else "application/json"
+            return Response(status, body, ctype)
+        answers = {}
+        for child in list(self.mounts.values()):
+            status, body = await self._ask(child, target)
+            if status == 200:
+                try:
+                    answers[child.mountpoint] = json.loads(body)
+                except ValueError:
+                    pass
+        if path.rsplit("/", 1)[-1] in ("pattern", "files", "inflight"):
+            return json_response(answers)
+        total = None
+        for a in answers.values():
+            total = a if total is None else merge_sum(total, a)
+        return json_response(total if total is not None else {})
+
+    async def _prometheus(self) -> Response:
+        families: dict[str, list[str]] = {}
+        for child in list(self.mounts.values()):
+            status, body = await self._ask(child, "/metrics")
+            if status != 200:
+                continue
+            label = 'mountpoint="%s"' % child.mountpoint.replace("\\", "\\\\").replace('"', '\\"')
+            fam = None
+            for line in body.decode().splitlines():
+                if line.startswith("# TYPE "):
+                    fam = line.split()[2]
+                    families.setdefault(fam, [line])
+                elif line and fam is not None:
+                    name, _, rest = line.partition(" ")
+                    if "{" in name:
+                        name = name.replace("{", "{" + label + ",", 1)
+                    else:
+                        name = name + "{" + label + "}"
+                    families[fam].append(f"{name} {rest}")
+        text = "".join(line + "\n" for lines in families.values() for line in lines)
+        return Response(200, text.encode(), "text/plain; version=0.0.4")
+
+
+def merge_sum(a, b):
+    """Numbers add up, dicts merge key by key, equal-length lists add element-wise (histogram
+    counts); anything else keeps the first value."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a + b
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = merge_sum(out[k], v) if k in out else v
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in a + b):
+            return [x + y for x, y in zip(a, b)]
+    return a

@@ -1,0 +1,211 @@
+"""Run-time prefetch: after the mount is ready, fetch chosen files' chunks into the cache in
+the background, without getting in the way of the workload's own reads.
+
+What is prefetched (in this order, each chunk once):
+  1. the bootstrap's `prefetch` list (files named by `nydusify convert --prefetch-patterns`),
+  2. the paths of `nydusd mount --prefetch-files FILE` (absolute paths, one a line, "#"
+     comments; a directory means every file below it),
+  3. with `prefetch_all`, every regular file of the image.
+Chunks are then sorted by blob and offset (the converter lays prefetch files out first, so
+this is also priority order) and merged into ranges of at most `merging_size` bytes.
+
+Priority, so foreground reads always go first:
+  - prefetch runs its backend calls in worker threads under its OWN CapacityLimiter
+    (`threads_count` slots); foreground reads use the reader's limiter and never wait for a
+    prefetch slot;
+  - a foreground read waits on prefetch only through single-flight, for a chunk a prefetch
+    range is fetching right now, and a range is at most `merging_size` bytes;
+  - the bandwidth limit (`bandwidth_rate` bytes/s, a token bucket on compressed bytes fetched)
+    is waited out BEFORE a range claims its chunks, so a throttled prefetch holds nothing a
+    foreground read could need.
+
+Progress is in the metrics group "prefetch": state (0 idle, 1 running, 2 done, 3 stopped),
+planned_chunks/planned_bytes, fetched_chunks/fetched_bytes (compressed bytes from the
+backend), skipped_chunks (already cached or fetched by a foreground read), errors, and
+elapsed_ms. A failed range is logged (naming the image and blob) and skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import stat
+import time
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import trio
+
+from nydus_py.format.bootstrap import ROOT_INO, Bootstrap, Chunk
+from nydus_py.io.fetch import plan_ranges
+from nydus_py.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+IDLE, RUNNING, DONE, STOPPED = 0, 1, 2, 3
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrefetchPlan:
+    inodes: tuple[int, ...]
+    chunks: tuple[Chunk, ...]           # deduplicated, sorted by (blob, comp_offset)
+
+    @property
+    def bytes(self) -> int:
+        return sum(c.size for c in self.chunks)
+
+
+class TokenBucket:
+    """Bytes-per-second limiter (virtual-clock token bucket, `burst` bytes of credit)."""
+
+    def __init__(self, rate: int, burst: int):
+        self.rate = rate
+        self.burst = max(burst, 1)
+        self._t = -math.inf             # the time at which the bucket is empty
+
+    async def take(self, n: int) -> None:
+        now = trio.current_time()
+        self._t = max(self._t, now - self.burst / self.rate) + n / self.rate
+        if self._t > now:
+            await trio.sleep_until(self._t)
+
+
+def read_paths_file(path: str) -> list[str]:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        return [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def resolve(bs: Bootstrap, path: str) -> int | None:
+    """The inode of an absolute image path (no symlinks followed), None if absent."""
+    ino = ROOT_INO
+    for part in os.fsencode(path).split(b"/"):
+        if not part or part == b".":
+            continue
+        nxt = bs.lookup(ino, part)
+        if nxt is None:
+            return None
+        ino = nxt
+    return ino
+
+
+def _files_under(bs: Bootstrap, ino: int) -> Iterable[int]:
+    stack = [ino]
+    while stack:
+        cur = stack.pop()
+        mode = bs.attr(cur).mode
+        if stat.S_ISREG(mode):
+            yield cur
+        elif stat.S_ISDIR(mode):
+            stack.extend(child for _, _, child in reversed(list(bs.readdir(cur))))
+
+
+def plan(bs: Bootstrap, *, paths: Sequence[str] = (), prefetch_all: bool = False) -> PrefetchPlan:
+    """Blocking (walks the bootstrap): call it from a worker thread."""
+    inodes: list[int] = list(bs.prefetch)
+    for p in paths:
+        ino = resolve(bs, p)
+        if ino is None:
+            log.warning("prefetch: %s is not in the image; skipped", p)
+            continue
+        inodes.extend(_files_under(bs, ino))
+    if prefetch_all:
+        inodes.extend(_files_under(bs, ROOT_INO))
+    seen_ino: set[int] = set()
+    seen_chunk: set[int] = set()
+    chunks: list[Chunk] = []
+    order: list[int] = []
+    for ino in inodes:
+        if ino in seen_ino:
+            continue
+        seen_ino.add(ino)
+        try:
+            if not stat.S_ISREG(bs.attr(ino).mode):
+                continue
+        except KeyError:
+            continue
+        order.append(ino)
+        for cid in bs.file_chunk_ids(ino):
+            if cid not in seen_chunk:
+                seen_chunk.add(cid)
+                chunks.append(bs.chunk(cid))
+    chunks.sort(key=lambda c: (c.blob, c.comp_offset))
+    return PrefetchPlan(inodes=tuple(order), chunks=tuple(chunks))
+
+
+class Prefetcher:
+    def __init__(self, reader, bootstrap: Bootstrap, *, threads_count: int = 4,
+                 merging_size: int = 1 << 20, bandwidth_rate: int = 0, prefetch_all: bool = False,
+                 paths: Sequence[str] = (), metrics: Metrics | None = None, image: str = ""):
+        self.reader = reader
+        self.bootstrap = bootstrap
+        self.threads = max(threads_count, 1)
+        self.merging_size = max(merging_size, 4096)
+        self.bucket = TokenBucket(bandwidth_rate, self.merging_size) if bandwidth_rate > 0 else None
+        self.prefetch_all = prefetch_all
+        self.paths = list(paths)
+        self.image = image
+        self.limiter = trio.CapacityLimiter(self.threads)
+        m = (metrics or Metrics()).group("prefetch")
+        self.m = m
+        self._state = m.gauge("state")
+        self._planned = m.gauge("planned_chunks")
+        self._planned_bytes = m.gauge("planned_bytes")
+        self._fetched = m.counter("fetched_chunks")
+        self._fetched_bytes = m.counter("fetched_bytes")
+        self._skipped = m.counter("skipped_chunks")
+        self._errors = m.counter("errors")
+        self._elapsed = m.gauge("elapsed_ms")
+        self.done = trio.Event()
+
+    async def run(self) -> None:
+        t0 = time.perf_counter()
+        self._state.set(RUNNING)
+        try:
+            p = await trio.to_thread.run_sync(
+                lambda: plan(self.bootstrap, paths=self.paths, prefetch_all=self.prefetch_all))
+            self._planned.set(len(p.chunks))
+            self._planned_bytes.set(p.bytes)
+            log.info("prefetch of %s: %d files, %d chunks, %d bytes", self.image or "image",
+                     len(p.inodes), len(p.chunks), p.bytes)
+            batches = plan_ranges(p.chunks, max_gap=self.reader.max_gap, limit=self.merging_size)
+            send, recv = trio.open_memory_channel(len(batches) or 1)
+            for r in batches:
+                send.send_nowait(r.chunks)
+            send.close()
+            async with trio.open_nursery() as nursery:
+                for _ in range(self.threads):
+                    nursery.start_soon(self._worker, recv.clone())
+            recv.close()
+            self._state.set(DONE)
+            log.info("prefetch of %s done in %.2fs: %d chunks fetched, %d already cached, "
+                     "%d errors", self.image or "image", time.perf_counter() - t0,
+                     self._fetched.value, self._skipped.value, self._errors.value)
+        except BaseException:
+            self._state.set(STOPPED)
+            raise
+        finally:
+            self._elapsed.set(int((time.perf_counter() - t0) * 1000))
+            self.done.set()
+
+    async def _worker(self, recv) -> None:
+        async with recv:
+            async for chunks in recv:
+                todo = self.reader.uncached(chunks)
+                self._skipped.inc(len(chunks) - len(todo))
+                if not todo:
+                    continue
+                if self.bucket is not None:
+                    await self.bucket.take(sum(c.comp_size for c in todo))
+                try:
+                    n, nbytes = await self.reader.prefetch(todo, limiter=self.limiter,
+                                                           merging_size=self.merging_size)
+                except Exception as e:
+                    self._errors.inc()
+                    blob = self.bootstrap.blobs[todo[0].blob].id
+                    log.warning("prefetch of %s: blob %s, %d chunks: %s", self.image or "image",
+                                blob, len(todo), e)
+                    continue
+                self._fetched.inc(n)
+                self._skipped.inc(len(todo) - n)
+                self._fetched_bytes.inc(nbytes)
