@@ -44,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("mount", help="mount an image read-only at MOUNTPOINT",
                        description="Mount a converted image read-only at MOUNTPOINT.")
     src = m.add_argument_group("image")
-    src.add_argument("--image", metavar="oci:DIR[:TAG]", help="converted image in an OCI layout dir")
+    src.add_argument("--image", metavar="IMAGE",
+                     help="converted image: oci:DIR[:TAG] or a registry reference HOST/REPO:TAG")
+    src.add_argument("--plain-http", action="store_true", help="talk plain HTTP to the registry")
+    src.add_argument("--insecure", action="store_true", help="HTTPS without certificate verification")
     src.add_argument("--bootstrap", metavar="FILE", help="bootstrap file (with --blob-dir or --config)")
     src.add_argument("--blob-dir", metavar="DIR", help="directory holding the data blobs")
     m.add_argument("--config", metavar="FILE", help="nydusd-style JSON config")
@@ -132,6 +135,7 @@ def _request(args) -> MountRequest:
         except OSError as e:
             raise ConfigError(f"--prefetch-files {args.prefetch_files}: {e.strerror}") from None
     return MountRequest(mountpoint=args.mountpoint, image=args.image, bootstrap=args.bootstrap,
+                        plain_http=args.plain_http, skip_verify=args.insecure,
                         blob_dir=args.blob_dir, cache_dir=args.cache_dir, config=cfg,
                         allow_other=args.allow_other, suid=args.suid,
                         apisock=os.path.abspath(args.apisock) if args.apisock else None,

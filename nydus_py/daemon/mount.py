@@ -56,7 +56,9 @@ class MountError(NydusError):
 @dataclass(frozen=True, kw_only=True)
 class MountRequest:
     mountpoint: str
-    image: str | None = None            # "oci:DIR[:TAG]"
+    image: str | None = None            # "oci:DIR[:TAG]" or a registry reference
+    plain_http: bool = False            # registry images: http:// instead of https://
+    skip_verify: bool = False           # registry images: no TLS certificate verification
     bootstrap: str | None = None        # bootstrap file (with blob_dir or config backend)
     blob_dir: str | None = None
     cache_dir: str | None = None        # overrides config device.cache.config.work_dir
@@ -160,7 +162,9 @@ def open_filesystem(req: MountRequest, stack: contextlib.ExitStack) -> Filesyste
     metrics = Metrics()
     cfg = req.config
     if req.image:
-        opened = image_source.open_oci(req.image, metrics=metrics)
+        # a backend in the config (mirrors, proxy, S3 …) overrides where the blobs are read from
+        opened = image_source.open_image(req.image, metrics=metrics, plain_http=req.plain_http,
+                                         skip_verify=req.skip_verify, backend=cfg.backend)
     elif req.bootstrap and req.blob_dir:
         opened = image_source.open_local(req.bootstrap, req.blob_dir, metrics=metrics)
     elif req.bootstrap and cfg.backend is not None:

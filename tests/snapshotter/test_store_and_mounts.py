@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-grpc = pytest.importorskip("grpc", reason="grpcio not installed (pyproject dependency)")
+import grpc  # noqa: E402
 
 from nydus_py.oci import mediatypes as mt
 from nydus_py.snapshotter import overlay
