@@ -16,7 +16,7 @@ import time
 import pytest
 
 from tests.fixtures import imagegen
-from tests.fixtures.containerd import (SNAPSHOTTER, ContainerdEnv, build_nydus_busybox, mounts_under,
+from tests.fixtures.containerd import (SNAPSHOTTER, ContainerdEnv, convert_nydus_busybox, mounts_under,
                                        push_oci_layout, use_localfs_nydusd)
 from tests.fixtures.registry import RegistryServer
 
@@ -104,12 +104,11 @@ def test_snapshotter_restart_while_container_runs(env, busybox_ref):
 
 @pytest.fixture(scope="module")
 def nydus_image(reg, tmp_path_factory):
-    """busybox + a 24 MiB file nobody reads, as a nydus-py image in the registry.
-    Built by tests/fixtures/containerd.build_nydus_busybox (not the converter, which is tested
-    on its own); blobs also written to a localfs dir for the localfs stand-in nydusd."""
+    """busybox + a 24 MiB file nobody reads, converted by nydusify and pushed to the registry;
+    blobs also copied to a localfs dir for the localfs stand-in nydusd."""
     d = tmp_path_factory.mktemp("nydus-img")
-    info = build_nydus_busybox(d / "oci", "latest", blob_dir=d / "blobs")
-    info["digest"] = push_oci_layout(d / "oci", "latest", reg.host, "test/busybox-nydus")
+    info = convert_nydus_busybox(d, blob_dir=d / "blobs")
+    info["digest"] = push_oci_layout(d / "nydus", "latest", reg.host, "test/busybox-nydus")
     info["ref"] = f"{reg.host}/test/busybox-nydus:latest"
     info["blob_dir"] = d / "blobs"
     return info
@@ -197,7 +196,7 @@ def test_nydus_image_rpull_runs_lazily_from_registry(env_registry_backend, reg, 
     assert out.strip() == "lazy"
     gets = _blob_gets(reg)[before:]
     print("blob GETs during rpull + run:", *gets, sep="\n  ")
-    big_blob = nydus_image["blobs"][1]
+    big_blob = nydus_image["blobs"][-1]   # the last source layer holds only big.bin
     assert not any(big_blob in g for g in gets), "the unread 24 MiB blob must not be fetched"
     _remove_image_and_check_clean(env, ref)
 
