@@ -14,12 +14,20 @@ $B/python scripts/demo_image.py "$W/oci" $((40 << 20))
 echo "== nydusify convert"
 $B/nydusify convert --source "oci:$W/oci:latest" --target "oci:$W/nydus:latest"
 echo "== nydusd mount (lazy, local backend)"
-$B/nydusd mount --image "oci:$W/nydus:latest" --cache-dir "$W/cache" --daemon "$W/mnt"
+$B/nydusd mount --image "oci:$W/nydus:latest" --cache-dir "$W/cache" --apisock "$W/api.sock" \
+  --log-file "$W/nydusd.log" --daemon "$W/mnt"
 trap 'fusermount3 -u "$W/mnt" 2>/dev/null || fusermount3 -u -z "$W/mnt" 2>/dev/null || true' EXIT
 echo "== chroot $W/mnt /bin/sh -c 'echo hello; ls /; busybox | head -1; md5sum /bin/busybox'"
 chroot "$W/mnt" /bin/sh -c 'echo "hello from a lazily mounted rootfs"; ls /; busybox | head -1; md5sum /bin/busybox'
-image=$(du -sb "$W/nydus/blobs" | cut -f1)
-fetched=$(find "$W/cache" -name '*.data' -printf '%b\n' 2>/dev/null | awk '{s+=$1*512} END {print s+0}')
-files=$(du -sb --apparent-size "$W/oci/blobs" | cut -f1)
-echo "== image: ${image} bytes (nydus blobs + bootstrap), source OCI ${files} bytes"
-echo "== fetched into the chunk cache: ${fetched} bytes ($(awk -v a="$fetched" -v b="$image" 'BEGIN{printf "%.1f", 100*a/b}')% of the image)"
+metrics=$(curl -s --unix-socket "$W/api.sock" http://localhost/api/v1/metrics/backend)
+$B/python - "$W" "$metrics" <<'PY'
+import json, os, sys
+work, metrics = sys.argv[1], json.loads(sys.argv[2])
+def tree_size(d):
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)
+image, source = tree_size(f"{work}/nydus/blobs"), tree_size(f"{work}/oci/blobs")
+fetched, reads = metrics["read_amount_total"], metrics["read_count"]
+print(f"== source OCI image {source:,} bytes; nydus-py image {image:,} bytes (blobs + bootstrap)")
+print(f"== fetched from the backend: {fetched:,} bytes in {reads} reads = {100 * fetched / image:.1f}% of the image")
+PY
+echo "== unmounting"
