@@ -2,7 +2,7 @@
 # Idempotent set-up of a fresh Debian machine (run as root): apt packages, a venv, pip packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-APT_PKGS=(fuse3 libfuse3-dev pkg-config gcc python3-dev umoci busybox-static skopeo docker-registry zstd
+APT_PKGS=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv umoci busybox-static skopeo docker-registry zstd
           containerd runc stargz-snapshotter curl)
 missing=()
 for p in "${APT_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
