@@ -517,9 +517,10 @@ def _parse_header(blk: bytes) -> _Header:
     except _Bad:
         raise _Bad("bad header checksum (not a tar header)") from None
     unsigned = sum(blk) - sum(blk[148:156]) + 8 * 32
-    signed = unsigned - 256 * sum(1 for b in blk if b & 0x80) + 256 * sum(1 for b in blk[148:156] if b & 0x80)
-    if chk not in (unsigned, signed):
-        raise _Bad("bad header checksum (corrupt or not a tar header)")
+    if chk != unsigned:  # old tars summed signed chars; only pay for that when needed
+        signed = unsigned - 256 * sum(1 for b in blk if b & 0x80) + 256 * sum(1 for b in blk[148:156] if b & 0x80)
+        if chk != signed:
+            raise _Bad("bad header checksum (corrupt or not a tar header)")
     magic = blk[257:265]
     name = _cstr(blk[0:100])
     if magic[:6] == b"ustar\0":
