@@ -60,6 +60,40 @@ def _die_with_parent() -> None:  # preexec_fn: runs in the child between fork an
         pass
 
 
+class _ChildProcess:
+    """A child forked by the trio thread itself. PR_SET_PDEATHSIG fires when the *thread* that
+    forked the child exits; trio.lowlevel.open_process forks in a worker thread, and trio ends
+    idle worker threads after 10 s, which sent SIGTERM to every mount 10 s after it started.
+    The subset of trio.Process the supervisor uses; wait() polls a pidfd, as trio does."""
+
+    def __init__(self, argv: list[str], **kw):
+        self._popen = subprocess.Popen(argv, **kw)
+        self.pid = self._popen.pid
+        self._pidfd = os.pidfd_open(self.pid)
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.poll()
+
+    async def wait(self) -> int:
+        if self._popen.poll() is None and self._pidfd >= 0:
+            await trio.lowlevel.wait_readable(self._pidfd)
+        code = self._popen.wait()
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        self._popen.send_signal(sig)          # a no-op once reaped: never hits a reused pid
+
+    def terminate(self) -> None:
+        self._popen.terminate()
+
+    def kill(self) -> None:
+        self._popen.kill()
+
+
 @dataclass
 class Child:
     mountpoint: str
@@ -69,7 +103,7 @@ class Child:
     log_file: str
     err_file: str
     source: str
-    proc: trio.Process | None = None
+    proc: _ChildProcess | None = None
     state: str = "STARTING"       # STARTING, RUNNING, RESTARTING, STOPPING, FAILED
     restarts: int = 0
     started: float = field(default_factory=time.time)
@@ -169,7 +203,7 @@ class Supervisor:
             except ConfigError as e:
                 raise ApiError(400, "BadConfig", f"config: {e}") from None
             path = os.path.join(self.state_dir, f"mount-{n}.json")
-            with open(path, "w") as f:
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:  # may hold registry auth
                 json.dump(body["config"], f)
             argv += ["--config", path]
         files = body.get("prefetch_files")
@@ -193,9 +227,8 @@ class Supervisor:
                 pass
         err = await trio.to_thread.run_sync(open, child.err_file, "wb")
         try:
-            child.proc = await trio.lowlevel.open_process(
-                child.argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                preexec_fn=_die_with_parent)
+            child.proc = _ChildProcess(child.argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                       preexec_fn=_die_with_parent)
         finally:
             err.close()
         child.exited = trio.Event()
@@ -225,7 +258,7 @@ class Supervisor:
         msg = lines[-1].removeprefix("nydusd: error: ") if lines else "exited before it was ready"
         return f"mount of {child.source} at {child.mountpoint} failed: {msg}"
 
-    async def _watch(self, child: Child, proc: trio.Process) -> None:
+    async def _watch(self, child: Child, proc: _ChildProcess) -> None:
         code = await proc.wait()
         child.exited.set()
         if child.stopping or child.state == "STARTING" or self.state != "RUNNING":

@@ -25,7 +25,7 @@ import threading
 from pathlib import Path
 
 from nydus_py.errors import NydusError
-from nydus_py.snapshotter.remote import RemoteConfig, default_nydusd
+from nydus_py.snapshotter.remote import DAEMON_MODES, DEDICATED, RemoteConfig, default_nydusd
 
 log = logging.getLogger("nydus-snapshotter")
 DEFAULT_ROOT = "/var/lib/nydus-py-snapshotter"
@@ -44,8 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plain-http-loopback", action="store_true",
                    help="use https for localhost/127.x registries too")
     p.add_argument("--skip-verify", action="store_true", help="do not verify registry TLS certificates")
-    p.add_argument("--docker-config", metavar="FILE", help="docker config.json with registry credentials")
+    p.add_argument("--docker-config", metavar="FILE",
+                   help="docker config.json with registry credentials (default: IMAGE_PULL_AUTH, "
+                        "else $DOCKER_CONFIG/config.json or ~/.docker/config.json; credHelpers and "
+                        "credsStore are run)")
+    p.add_argument("--daemon-mode", choices=DAEMON_MODES, default=DEDICATED,
+                   help="dedicated: one nydusd per image (default); shared: one nydusd supervisor "
+                        "for all images, each image a mount in it. Images keep the mode they were "
+                        "started in")
     p.add_argument("--daemon-timeout", type=float, default=30.0, help="seconds to wait for nydusd's mount")
+    p.add_argument("--recover-interval", type=float, default=5.0, metavar="SECONDS",
+                   help="check the daemons this often and restart dead ones (0: only at start)")
     p.add_argument("--no-remote", action="store_true",
                    help="behave as a plain overlayfs snapshotter (never start nydusd)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -68,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     remote = RemoteConfig(root=root, nydusd=tuple(shlex.split(args.nydusd)) if args.nydusd else tuple(default_nydusd()),
                           plain_http=tuple(args.plain_http), plain_http_loopback=not args.no_plain_http_loopback,
                           skip_verify=args.skip_verify, docker_config=args.docker_config,
-                          daemon_timeout=args.daemon_timeout, log_level=args.log_level)
+                          daemon_timeout=args.daemon_timeout, log_level=args.log_level,
+                          daemon_mode=args.daemon_mode, recover_interval=args.recover_interval)
     address = Path(args.address)
     try:
         sn = Snapshotter(root, remote=remote, enable_remote=not args.no_remote)

@@ -48,8 +48,12 @@ class Snapshotter:
         """Re-attach to (or restart) the nydusd of every image still in use."""
         if self.daemons is not None:
             self.daemons.reattach_all()
+            self.daemons.start_monitor(self.remote_config.recover_interval)
 
     def close(self) -> None:
+        """Stop our threads; daemons keep running (running containers use them)."""
+        if self.daemons is not None:
+            self.daemons.close()
         if self.resolver is not None:
             self.resolver.close()
         self.store.close()
@@ -94,16 +98,22 @@ class Snapshotter:
         return s.size, s.inodes
 
     def cleanup(self) -> None:
-        """Delete snapshot directories no record owns, and release images nobody uses."""
-        ids = self.store.ids()
-        for d in (self.root / "snapshots").iterdir():
-            if not (d.name.isdigit() and int(d.name) in ids):
-                log.info("cleanup: removing orphan %s", d)
-                shutil.rmtree(d, ignore_errors=True)
+        """Delete snapshot directories no record owns (a crash mid-Remove or mid-Prepare), and
+        free the daemons, mounts, directories and cached blobs no snapshot uses."""
+        with self.store.locked():
+            ids = self.store.ids()
+            orphans = [d for d in (self.root / "snapshots").iterdir()
+                       if not (d.name.isdigit() and int(d.name) in ids)]
+            for d in orphans:              # renamed away under the lock: a Prepare cannot race us
+                try:
+                    os.rename(d, d.with_name(f"cleanup-{d.name}"))
+                except OSError:
+                    pass
+        for d in (self.root / "snapshots").glob("cleanup-*"):
+            log.info("cleanup: removing orphan %s", d.name.removeprefix("cleanup-"))
+            shutil.rmtree(d, ignore_errors=True)
         if self.daemons is not None:
-            for rec in self.store.images():
-                if self.store.image_users(rec.id) == 0:
-                    self.daemons.release(rec.id)
+            self.daemons.cleanup()
 
     # -- internals --------------------------------------------------------------------------
     def _create(self, key: str, parent: str, labels: dict[str, str], kind: int) -> list[overlay.Mount]:

@@ -9,15 +9,18 @@ digest. We fetch the manifest once (cached), find the layer, and decide from its
 and annotations (docs/format.md). A converter may also put the hint labels `HINT_BLOB` /
 `HINT_BOOTSTRAP` straight on the layer descriptors; they pass containerd's filter.
 
-The daemon. One nydusd per image (first version), started with `nydusd mount --daemon` in a
-session of its own, so it outlives the snapshotter; its pid, mountpoint and the command that
-started it live in the store. On start the snapshotter re-attaches to a daemon whose pid is
-alive and whose mountpoint is still a live mount, and restarts (after a lazy unmount) one that
-is not.
+The daemons (`--daemon-mode`, nydus-snapshotter's names). "dedicated": one `nydusd mount
+--daemon` per image. "shared": one `nydusd serve` supervisor for all images, each image one
+mount in it (SharedDaemon). Either way the daemon runs in a session of its own, so it outlives
+the snapshotter; what is needed to find or restart it lives in the store. On start the
+snapshotter re-attaches to a daemon that is alive and whose mount is live, and restarts (after
+a lazy unmount) one that is not; a monitor thread does the same every `recover_interval`
+seconds while it runs.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -28,8 +31,9 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import quote
 
 from nydus_py.errors import ConfigError, ImageFormatError, NydusError
 from nydus_py.oci import mediatypes as mt
@@ -55,6 +59,8 @@ LABEL_IMAGE = "containerd.io/snapshot/nydus-py.image"   # image id, on bootstrap
 BLOB_TYPES = {mt.NYDUS_PY_BLOB, "application/vnd.oci.image.layer.nydus-py.blob.v1"}
 BOOTSTRAP_TYPES = {mt.NYDUS_PY_BOOTSTRAP, "application/vnd.oci.image.layer.nydus-py.bootstrap.v1"}
 MANIFEST_CACHE = 64
+DEDICATED, SHARED = "dedicated", "shared"        # nydus-snapshotter's --daemon-mode names
+DAEMON_MODES = (DEDICATED, SHARED)
 
 
 def default_nydusd() -> list[str]:
@@ -75,6 +81,8 @@ class RemoteConfig:
     skip_verify: bool = False
     docker_config: str | None = None       # docker config.json with credentials
     daemon_timeout: float = 30.0           # seconds for nydusd to report its mount ready
+    daemon_mode: str = "dedicated"         # DEDICATED: a nydusd per image; SHARED: one supervisor
+    recover_interval: float = 5.0          # seconds between liveness checks of the daemons (0: off)
     log_level: str = "info"
     allow_other: bool = True               # non-root container users can read the image
     suid: bool = True                      # honour setuid bits in the image, as overlayfs would
@@ -271,15 +279,170 @@ def unmount(path: str | Path) -> None:
         raise RemoteError(f"cannot unmount {path}")
 
 
+class SharedDaemon:
+    """Shared mode: the one `nydusd serve` supervisor of all images (ROOT/shared/).
+
+    Started in a session of its own, so it outlives the snapshotter; found again after a
+    restart by its pid file, its command line (which names our API socket) and its API. Each
+    image is one `POST /api/v1/mount` (the supervisor runs one FUSE child per mount: pyfuse3
+    serves one mount per process), and all mounts share ROOT/shared/cache. When the
+    supervisor dies its children get SIGTERM and unmount; the snapshotter starts a new
+    supervisor and mounts every image in use again (DaemonManager.recover)."""
+
+    def __init__(self, config: RemoteConfig):
+        self.config = config
+        self.dir = config.root / "shared"
+        self.apisock = self.dir / "api.sock"
+        self.pid_file = self.dir / "nydusd.pid"
+        self.state_dir = self.dir / "state"
+        self.cache_dir = self.dir / "cache"
+        self.log_file = self.dir / "nydusd.log"
+        self._proc: subprocess.Popen | None = None
+        self._lock = threading.RLock()
+
+    def pid(self) -> int:
+        try:
+            return int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return 0
+
+    def _process_alive(self) -> bool:
+        if self._proc is not None:
+            self._proc.poll()                      # reap our own child: no zombie passes for alive
+        return pid_alive(self.pid(), str(self.apisock))
+
+    def call(self, method: str, target: str, body: object = None, timeout: float = 10.0) -> tuple[int, object]:
+        from nydus_py.daemon.api import get_json
+        return get_json(str(self.apisock), target, method, body, timeout)
+
+    def alive(self) -> bool:
+        if not self._process_alive():
+            return False
+        try:
+            status, info = self.call("GET", "/api/v1/daemon", timeout=5)
+        except OSError:
+            return False
+        return status == 200 and isinstance(info, dict) and info.get("state") == "RUNNING"
+
+    def ensure_running(self) -> bool:
+        """Start the supervisor unless it is running; True when it was (re)started."""
+        with self._lock:
+            if self.alive():
+                return False
+            self._stop_process()
+            for d in (self.dir, self.state_dir, self.cache_dir):
+                d.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.dir, 0o700)
+            self.apisock.unlink(missing_ok=True)
+            cmd = [*self.config.nydusd, "serve", "--apisock", str(self.apisock), "--id", "nydus-py-shared",
+                   "--state-dir", str(self.state_dir), "--cache-dir", str(self.cache_dir),
+                   "--log-file", str(self.log_file), "--log-level", self.config.log_level]
+            log.info("starting shared nydusd: %s", " ".join(cmd))
+            err_path = self.dir / "nydusd.err"
+            try:
+                with open(err_path, "ab") as err:
+                    self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                                  start_new_session=True, env=nydusd_env(self.config))
+            except OSError as e:
+                raise RemoteError(f"cannot run nydusd {cmd[0]}: {e.strerror}") from None
+            self.pid_file.write_text(f"{self._proc.pid}\n")
+            deadline = time.monotonic() + self.config.daemon_timeout
+            while time.monotonic() < deadline:
+                if self._proc.poll() is not None:
+                    tail = err_path.read_text(errors="replace").strip().splitlines()[-1:]
+                    raise RemoteError(f"shared nydusd exited {self._proc.returncode}: {tail[0] if tail else ''}")
+                if self.apisock.exists() and self.alive():
+                    log.info("shared nydusd pid %d serving %s", self._proc.pid, self.apisock)
+                    return True
+                time.sleep(0.05)
+            self._stop_process()
+            raise RemoteError(f"shared nydusd not ready within {self.config.daemon_timeout}s (log: {self.log_file})")
+
+    def mounts(self) -> dict[str, dict]:
+        """mountpoint → the supervisor's view of it ({} when it is not running)."""
+        if not self._process_alive():
+            return {}
+        try:
+            status, items = self.call("GET", "/api/v1/mount", timeout=5)
+        except OSError:
+            return {}
+        return {m["mountpoint"]: m for m in items} if status == 200 and isinstance(items, list) else {}
+
+    def mount(self, mountpoint: str, body: dict) -> dict:
+        """POST the mount; the body carries the config (maybe with registry auth): it goes over
+        the 0600 socket only and is never logged."""
+        try:
+            status, info = self.call("POST", f"/api/v1/mount?mountpoint={quote(mountpoint)}", body,
+                                     timeout=self.config.daemon_timeout + 5)
+        except OSError as e:
+            raise RemoteError(f"shared nydusd API {self.apisock}: {e}") from None
+        if status != 200 or not isinstance(info, dict):
+            msg = info.get("message") if isinstance(info, dict) else info
+            raise RemoteError(f"shared nydusd could not mount {mountpoint}: {msg}")
+        return info
+
+    def umount(self, mountpoint: str) -> None:
+        if not self._process_alive():
+            return
+        try:
+            status, info = self.call("DELETE", f"/api/v1/mount?mountpoint={quote(mountpoint)}", timeout=30)
+        except OSError as e:
+            log.warning("shared nydusd: unmount of %s failed: %s", mountpoint, e)
+            return
+        if status not in (204, 404):
+            log.warning("shared nydusd: unmount of %s answered %s: %s", mountpoint, status, info)
+
+    def stop(self) -> None:
+        """Unmount everything and exit (PUT /api/v1/daemon/exit), SIGKILL after a timeout."""
+        with self._lock:
+            if self._process_alive():
+                try:
+                    self.call("PUT", "/api/v1/daemon/exit", timeout=5)
+                except OSError:
+                    pass
+            self._stop_process(grace=25.0)
+            self.pid_file.unlink(missing_ok=True)
+            self.apisock.unlink(missing_ok=True)
+
+    def _stop_process(self, grace: float = 10.0) -> None:
+        pid = self.pid()
+        if pid_alive(pid, str(self.apisock)):
+            _terminate(pid, str(self.apisock), grace)
+        if self._proc is not None:
+            try:
+                self._proc.wait(1)
+            except subprocess.TimeoutExpired:
+                pass
+            self._proc = None
+
+
+def nydusd_env(config: RemoteConfig) -> dict[str, str]:
+    """nydusd's environment: ours (IMAGE_PULL_AUTH, DOCKER_CONFIG, HOME pass through), and
+    with --docker-config DIR/config.json, DOCKER_CONFIG=DIR so a daemon that resolves
+    credentials itself (identity tokens) reads the same file."""
+    env = dict(os.environ)
+    if config.docker_config and Path(config.docker_config).name == "config.json":
+        env["DOCKER_CONFIG"] = str(Path(config.docker_config).absolute().parent)
+    return env
+
+
 class DaemonManager:
-    """Starts, re-attaches to and stops the nydusd of each image."""
+    """Starts, re-attaches to, recovers and stops the nydusd serving each image.
+
+    `config.daemon_mode` picks how a *new* image is served: "dedicated" (one `nydusd mount
+    --daemon` per image) or "shared" (one mount in the shared supervisor). An image keeps
+    the mode it was started in (ImageRecord.state["mode"]), so changing the option never
+    disturbs the daemons of running containers."""
 
     def __init__(self, config: RemoteConfig, store: Store, resolver: Resolver):
         self.config = config
         self.store = store
         self.resolver = resolver
+        self.shared = SharedDaemon(config)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._monitor: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     def _lock(self, image_id: str) -> threading.Lock:
         with self._locks_guard:
@@ -290,6 +453,10 @@ class DaemonManager:
 
     def mountpoint(self, image_id: str) -> Path:
         return self.config.root / "mnt" / image_id
+
+    @staticmethod
+    def mode_of(rec: ImageRecord) -> str:
+        return rec.state.get("mode", DEDICATED)
 
     # -- bring up ---------------------------------------------------------------------------
     def ensure(self, layer: RemoteLayer) -> Path:
@@ -311,28 +478,42 @@ class DaemonManager:
         if not boot.exists():
             self._fetch_bootstrap(layer, boot)
         ref = layer.ref
-        client = self.resolver.client(ref)
-        backend = {"host": ref.api_host, "repo": ref.repository, "scheme": client.config.scheme}
+        rec = ImageRecord(id=image_id, ref=str(ref), manifest_digest=layer.manifest_digest,
+                          bootstrap_digest=layer.digest, mountpoint=str(self.mountpoint(image_id)), pid=0,
+                          state={"bootstrap": str(boot), "config": str(d / "nydusd.json"),
+                                 "mode": self.config.daemon_mode,
+                                 "registry": {"host": ref.host, "api_host": ref.api_host,
+                                              "repo": ref.repository,
+                                              "scheme": self.resolver.scheme(ref.api_host)}})
+        self.store.put_image(rec)
+        return rec
+
+    def _config_doc(self, rec: ImageRecord) -> dict:
+        """nydusd's config for the image, with credentials resolved now (a rotated password
+        in the docker config is picked up by the next daemon start)."""
+        reg = rec.state["registry"]
+        backend: dict = {"host": reg["api_host"], "repo": reg["repo"], "scheme": reg["scheme"]}
         if self.config.skip_verify:
             backend["skip_verify"] = True
-        creds = client.config.credentials
-        if creds is not None and creds.has_basic():
-            import base64
+        creds = resolve_credentials(reg["host"], docker_config=self.config.docker_config)
+        if creds is not None and creds.has_basic:
             backend["auth"] = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
-        cfg = {"device": {"backend": {"type": "registry", "config": backend},
-                          "cache": {"type": "blobcache", "config": {"work_dir": str(d / "cache")}}},
-               "mode": "direct", "digest_validate": True}
-        cfg_path = d / "nydusd.json"
+        if creds is not None and creds.registry_token:
+            backend["registry_token"] = creds.registry_token
+        work = self.shared.cache_dir if self.mode_of(rec) == SHARED else self.image_dir(rec.id) / "cache"
+        return {"device": {"backend": {"type": "registry", "config": backend},
+                           "cache": {"type": "blobcache", "config": {"work_dir": str(work)}}},
+                "mode": "direct", "digest_validate": True}
+
+    def _write_config(self, rec: ImageRecord) -> None:
+        if "registry" not in rec.state:        # a record from before configs were rewritten
+            return
+        cfg_path = Path(rec.state["config"])
         tmp = cfg_path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)   # may hold credentials
         with os.fdopen(fd, "w") as f:
-            json.dump(cfg, f, indent=2)
+            json.dump(self._config_doc(rec), f, indent=2)
         os.replace(tmp, cfg_path)
-        rec = ImageRecord(id=image_id, ref=str(ref), manifest_digest=layer.manifest_digest,
-                          bootstrap_digest=layer.digest, mountpoint=str(self.mountpoint(image_id)), pid=0,
-                          state={"bootstrap": str(boot), "config": str(cfg_path)})
-        self.store.put_image(rec)
-        return rec
 
     def _fetch_bootstrap(self, layer: RemoteLayer, dest: Path) -> None:
         client = self.resolver.client(layer.ref)
@@ -368,13 +549,17 @@ class DaemonManager:
         self._stop_process(rec)
         unmount(mnt)
         mnt.mkdir(parents=True, exist_ok=True)
+        if self.mode_of(rec) == SHARED:
+            return self._start_shared(rec)
+        self._write_config(rec)
         pid_file = self.image_dir(rec.id) / "nydusd.pid"
         pid_file.unlink(missing_ok=True)
         cmd = self._command(rec)
         log.info("starting nydusd for %s: %s", rec.ref, " ".join(cmd))
         try:
             p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                               timeout=self.config.daemon_timeout, start_new_session=True)
+                               timeout=self.config.daemon_timeout, start_new_session=True,
+                               env=nydusd_env(self.config))
         except subprocess.TimeoutExpired:
             raise RemoteError(f"{rec.ref}: nydusd did not report ready within {self.config.daemon_timeout}s "
                               f"(log: {self.image_dir(rec.id) / 'nydusd.log'})") from None
@@ -386,15 +571,31 @@ class DaemonManager:
         pid = _read_pid(pid_file)
         if not is_live_mount(mnt):
             raise RemoteError(f"{rec.ref}: nydusd exited 0 but {mnt} is not mounted")
-        rec = ImageRecord(rec.id, rec.ref, rec.manifest_digest, rec.bootstrap_digest, rec.mountpoint, pid, rec.state)
+        rec = replace(rec, pid=pid)
         self.store.put_image(rec)
         log.info("nydusd pid %d serves %s at %s", pid, rec.ref, mnt)
         return rec
 
+    def _start_shared(self, rec: ImageRecord) -> ImageRecord:
+        self.shared.ensure_running()
+        body = {"bootstrap": rec.state["bootstrap"], "config": self._config_doc(rec)}
+        log.info("mounting %s at %s in the shared nydusd", rec.ref, rec.mountpoint)
+        info = self.shared.mount(rec.mountpoint, body)
+        if not is_live_mount(rec.mountpoint):
+            raise RemoteError(f"{rec.ref}: the shared nydusd reported the mount but {rec.mountpoint} is not mounted")
+        rec = replace(rec, pid=int(info.get("pid") or 0))
+        self.store.put_image(rec)
+        log.info("shared nydusd (pid %d, mount child %d) serves %s at %s", self.shared.pid(), rec.pid,
+                 rec.ref, rec.mountpoint)
+        return rec
+
     def _healthy(self, rec: ImageRecord) -> bool:
+        if self.mode_of(rec) == SHARED:
+            m = self.shared.mounts().get(os.path.realpath(rec.mountpoint))
+            return m is not None and m.get("state") == "RUNNING" and is_live_mount(rec.mountpoint)
         return pid_alive(rec.pid, rec.mountpoint) and is_live_mount(rec.mountpoint)
 
-    # -- restart ----------------------------------------------------------------------------
+    # -- restart and recovery -----------------------------------------------------------------
     def reattach_all(self) -> None:
         """After a snapshotter (re)start: keep healthy daemons, restart broken ones, stop
         those no snapshot uses."""
@@ -403,17 +604,67 @@ class DaemonManager:
                 if self.store.image_users(rec.id) == 0:
                     self.release(rec.id)
                 elif self._healthy(rec):
-                    log.info("re-attached to nydusd pid %d for %s at %s", rec.pid, rec.ref, rec.mountpoint)
+                    who = f"shared nydusd pid {self.shared.pid()}" if self.mode_of(rec) == SHARED else f"nydusd pid {rec.pid}"
+                    log.info("re-attached to %s for %s at %s", who, rec.ref, rec.mountpoint)
                 else:
-                    log.warning("nydusd for %s (pid %d) is gone or its mount is dead; restarting", rec.ref, rec.pid)
+                    log.warning("nydusd for %s (%s, pid %d) is gone or its mount is dead; restarting",
+                                rec.ref, self.mode_of(rec), rec.pid)
                     with self._lock(rec.id):
                         self._start(rec)
             except NydusError as e:
                 log.error("image %s: %s", rec.ref, e)
+        self._stop_idle_shared()
+
+    def recover(self) -> int:
+        """One round of the liveness monitor: restart the daemon (in shared mode: the
+        supervisor, then every mount) of each image in use whose mount is not healthy.
+        Mounts the supervisor is restarting itself are left to it. Returns how many were
+        restarted."""
+        restarted = 0
+        shared_mounts = self.shared.mounts()
+        for rec in self.store.images():
+            if self._stopping.is_set():
+                break
+            if self.mode_of(rec) == SHARED:
+                m = shared_mounts.get(os.path.realpath(rec.mountpoint))
+                if m is not None and m.get("state") in ("STARTING", "RESTARTING"):
+                    continue
+            with self._lock(rec.id):
+                cur = self.store.get_image(rec.id)
+                if cur is None or self.store.image_users(cur.id) == 0 or self._healthy(cur):
+                    continue
+                log.warning("nydusd for %s (%s) is gone or its mount is dead; restarting", cur.ref,
+                            self.mode_of(cur))
+                try:
+                    self._start(cur)
+                    restarted += 1
+                except NydusError as e:
+                    log.error("image %s: restart failed: %s", cur.ref, e)
+        return restarted
+
+    def start_monitor(self, interval: float) -> None:
+        if interval <= 0 or self._monitor is not None:
+            return
+
+        def loop() -> None:
+            while not self._stopping.wait(interval):
+                try:
+                    self.recover()
+                except Exception:
+                    log.exception("daemon monitor")
+        self._monitor = threading.Thread(target=loop, name="nydusd-monitor", daemon=True)
+        self._monitor.start()
+
+    def close(self) -> None:
+        """Stop the monitor; the daemons keep running (they serve running containers)."""
+        self._stopping.set()
+        if self._monitor is not None:
+            self._monitor.join(30)
 
     # -- tear down --------------------------------------------------------------------------
     def release(self, image_id: str) -> None:
-        """Stop the image's nydusd, unmount, forget it and delete its files."""
+        """Stop the image's nydusd (or its mount in the shared one), unmount, forget it and
+        delete its files (and, shared, the cached blobs no other mount uses)."""
         with self._lock(image_id):
             rec = self.store.get_image(image_id)
             if rec is None:
@@ -427,23 +678,102 @@ class DaemonManager:
             shutil.rmtree(self.image_dir(image_id), ignore_errors=True)
             self.store.delete_image(image_id)
             log.info("released image %s (%s)", rec.ref, image_id)
+        if self.mode_of(rec) == SHARED:
+            self._stop_idle_shared()
+
+    def _stop_idle_shared(self) -> None:
+        """Drop cached blobs no mount uses; stop the supervisor when no image needs it."""
+        with self.shared._lock:
+            if any(self.mode_of(r) == SHARED for r in self.store.images()):
+                self.gc_shared_cache()
+                return
+            if self.shared.pid() or self.shared._proc is not None:
+                log.info("no image uses the shared nydusd any more; stopping it")
+                self.shared.stop()
+            shutil.rmtree(self.shared.state_dir, ignore_errors=True)
+            shutil.rmtree(self.shared.cache_dir, ignore_errors=True)
+
+    def gc_shared_cache(self) -> None:
+        if not self.shared.cache_dir.is_dir():
+            return
+        from nydus_py.cache.gc import collect
+        report = collect(self.shared.cache_dir, 0)
+        if report.removed_blobs:
+            log.info("shared cache: removed %d unused blobs (%d bytes)", report.removed_blobs, report.removed_bytes)
+
+    def cleanup(self) -> None:
+        """Containerd's Cleanup: free every daemon, mount and directory no snapshot needs:
+        images without users; image/mountpoint directories and stray mounts with no record
+        (a crash between steps); shared-daemon mounts of unknown images; unused cache."""
+        for rec in self.store.images():
+            if self.store.image_users(rec.id) == 0:
+                self.release(rec.id)
+        known = {r.id for r in self.store.images()}
+        known_mps = {os.path.realpath(r.mountpoint) for r in self.store.images()}
+        for mp in self.shared.mounts():
+            if mp not in known_mps:
+                log.info("cleanup: unmounting %s from the shared nydusd (no image record)", mp)
+                self.shared.umount(mp)
+        for sub in ("images", "mnt"):        # stray daemons first, then their mountpoints
+            base = self.config.root / sub
+            if not base.is_dir():
+                continue
+            for d in base.iterdir():
+                if d.name in known:
+                    continue
+                log.info("cleanup: removing %s (no image record)", d)
+                with self._lock(d.name):
+                    if self.store.get_image(d.name) is not None:     # appeared meanwhile (a pull)
+                        continue
+                    self._remove_stray(sub, d)
+        self._stop_idle_shared()
+
+    def _remove_stray(self, sub: str, d: Path) -> None:
+        if sub == "mnt":
+            try:
+                unmount(d)
+                os.rmdir(d)
+            except (OSError, NydusError) as e:
+                log.warning("cleanup: %s: %s", d, e)
+        else:
+            self._kill_stray(d)
+            shutil.rmtree(d, ignore_errors=True)
+
+    def _kill_stray(self, image_dir: Path) -> None:
+        """A dedicated nydusd whose record is gone still has its pid file in the image dir."""
+        mp = str(self.mountpoint(image_dir.name))
+        try:
+            pid = int((image_dir / "nydusd.pid").read_text().strip())
+        except (OSError, ValueError):
+            return
+        if pid_alive(pid, mp):
+            _terminate(pid, mp, 10.0)
+        unmount(mp)
 
     def _stop_process(self, rec: ImageRecord, timeout: float = 10.0) -> None:
-        if not pid_alive(rec.pid, rec.mountpoint):
+        if self.mode_of(rec) == SHARED:
+            self.shared.umount(os.path.realpath(rec.mountpoint))
             return
-        try:
-            os.kill(rec.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and pid_alive(rec.pid, rec.mountpoint):
-            time.sleep(0.05)
         if pid_alive(rec.pid, rec.mountpoint):
-            log.warning("nydusd pid %d ignored SIGTERM for %.0fs; killing it", rec.pid, timeout)
-            try:
-                os.kill(rec.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _terminate(rec.pid, rec.mountpoint, timeout)
+
+
+def _terminate(pid: int, marker: str, timeout: float) -> None:
+    """SIGTERM, then SIGKILL after `timeout`; only while `pid` still runs with `marker` on its
+    command line (never a recycled pid)."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and pid_alive(pid, marker):
+        time.sleep(0.05)
+    if pid_alive(pid, marker):
+        log.warning("nydusd pid %d ignored SIGTERM for %.0fs; killing it", pid, timeout)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _read_pid(path: Path) -> int:
@@ -455,5 +785,6 @@ def _read_pid(path: Path) -> int:
     raise RemoteError(f"nydusd wrote no pid to {path}")
 
 
-__all__ = ["RemoteConfig", "RemoteLayer", "Resolver", "DaemonManager", "RemoteError", "layer_kind",
+__all__ = ["RemoteConfig", "RemoteLayer", "Resolver", "DaemonManager", "SharedDaemon", "RemoteError",
+           "layer_kind", "DEDICATED", "SHARED", "DAEMON_MODES",
            "is_mounted", "is_live_mount", "unmount", "pid_alive"]

@@ -7,6 +7,7 @@ INVALID_ARGUMENT, UNAVAILABLE for transient backend trouble, UNKNOWN otherwise).
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 from concurrent import futures
@@ -31,8 +32,8 @@ def _code(e: Exception) -> grpc.StatusCode:
         return grpc.StatusCode.NOT_FOUND
     if isinstance(e, SnapshotExists):
         return grpc.StatusCode.ALREADY_EXISTS
-    if isinstance(e, SnapshotPrecondition):
-        return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(e, SnapshotPrecondition):       # errdefs: ErrInvalidArgument vs ErrFailedPrecondition
+        return grpc.StatusCode.INVALID_ARGUMENT if e.errno == errno.EINVAL else grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(e, (ConfigError, InputError)):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(e, BackendError) and not e.permanent:
@@ -105,7 +106,7 @@ class SnapshotsService(snapshots_pb2_grpc.SnapshotsServicer):
         return snapshots_pb2.UpdateSnapshotResponse(info=_info(s))
 
     def List(self, request, context) -> Iterator[snapshots_pb2.ListSnapshotsResponse]:
-        matchers = [parse_filter(f) for f in request.filters]
+        matchers = _call("List", context, lambda: [parse_filter(f) for f in request.filters])
         snaps = _call("List", context, self.sn.list)
         batch: list[snapshots_pb2.Info] = []
         for s in snaps:
@@ -129,24 +130,48 @@ class SnapshotsService(snapshots_pb2_grpc.SnapshotsServicer):
 
 # ---------------------------------------------------------------------------- List filters
 
-_TERM = re.compile(r'''\s*(labels\.(?:"(?:[^"\\]|\\.)*"|[A-Za-z0-9_./-]+)|name|parent|kind)\s*(==|!=)\s*
-                       ("(?:[^"\\]|\\.)*"|[^,]*)\s*(?:,|$)''', re.X)
+_FIELD = r'''(?:labels\.(?:"(?:[^"\\]|\\.)*"|[A-Za-z0-9_./-]+)|name|parent|kind)'''
+_TERM = re.compile(r'''\s*(%s)\s*(?:(==|!=|~=)\s*("(?:[^"\\]|\\.)*"|/(?:[^/\\]|\\.)*/|[^,|]*))?\s*(,|\|\||$)'''
+                   % _FIELD, re.X)
 
 
 def parse_filter(text: str):
-    """containerd's filter syntax, the subset snapshot clients use: comma-separated (AND)
-    `field==value` / `field!=value` over name, parent, kind and labels."KEY". Anything we do
-    not understand matches everything (containerd re-checks what Walk returns)."""
-    terms = []
+    """containerd's filter syntax (containerd/filters) over the fields containerd's
+    snapshot adaptor knows: `name`, `parent`, `kind` and `labels.KEY` / `labels."KEY"`.
+    Terms are joined by `,` (AND); `||` separates alternatives (OR). Operators: `==`, `!=`,
+    `~=` (regexp, Go RE2 syntax read as Python's); a field alone tests presence. A filter
+    we cannot parse is an INVALID_ARGUMENT error (FilterError), as in containerd: matching
+    everything would hand a client snapshots it did not ask for."""
+    alternatives: list[list[tuple[str, str | None, object]]] = [[]]
     pos = 0
+    text = text.strip()
+    if not text:
+        return lambda s: True
     while pos < len(text):
         m = _TERM.match(text, pos)
         if not m or m.end() == pos:
-            log.debug("filter %r not understood; matching all", text)
-            return lambda s: True
-        field, op, value = m.group(1), m.group(2), _unquote(m.group(3).strip())
-        terms.append((field, op, value))
+            raise FilterError(f"filter {text!r}: cannot parse at offset {pos}")
+        field, op, raw, sep = m.group(1), m.group(2), m.group(3), m.group(4)
+        if op is None:
+            value: object = None
+        else:
+            raw = (raw or "").strip()
+            if op == "~=":
+                pattern = raw[1:-1] if len(raw) >= 2 and raw[0] == raw[-1] == "/" else _unquote(raw)
+                try:
+                    value = re.compile(pattern)
+                except re.error as e:
+                    raise FilterError(f"filter {text!r}: bad regexp {pattern!r}: {e}") from None
+            else:
+                value = _unquote(raw)
+        alternatives[-1].append((field, op, value))
         pos = m.end()
+        if sep == "||":
+            alternatives.append([])
+        elif sep == "," and pos >= len(text):
+            raise FilterError(f"filter {text!r}: ends with ','")
+    if not alternatives[-1]:
+        raise FilterError(f"filter {text!r}: ends with '||'")
 
     def get(s: Snapshot, field: str) -> str | None:
         if field == "name":
@@ -157,13 +182,22 @@ def parse_filter(text: str):
             return KIND_NAMES.get(s.kind, "unknown")
         return s.labels.get(_unquote(field[len("labels."):]))
 
+    def term(s: Snapshot, field: str, op: str | None, value) -> bool:
+        got = get(s, field)
+        if op is None:
+            return got not in (None, "")
+        if op == "~=":
+            return got is not None and value.search(got) is not None
+        return (got == value) == (op == "==")
+
     def match(s: Snapshot) -> bool:
-        for field, op, value in terms:
-            got = get(s, field)
-            if (got == value) != (op == "=="):
-                return False
-        return True
+        return any(all(term(s, *t) for t in alt) for alt in alternatives)
     return match
+
+
+class FilterError(SnapshotPrecondition):
+    """A List filter we cannot parse (gRPC INVALID_ARGUMENT)."""
+    errno = errno.EINVAL
 
 
 def _unquote(v: str) -> str:

@@ -120,6 +120,10 @@ class Store:
             self._db.close()
 
     # -- helpers ----------------------------------------------------------------------------
+    def locked(self):
+        """Hold the store's lock (no transaction) across several reads and a file operation."""
+        return self._lock
+
     def _tx(self):
         return _Tx(self)
 
