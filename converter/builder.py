@@ -23,7 +23,7 @@ from converter.tree import Inode, Tree
 from nydus_py import __version__
 from nydus_py.errors import ConfigError, LayerError
 from nydus_py.format import compression
-from nydus_py.format.bootstrap import BootstrapWriter
+from nydus_py.format.bootstrap import BlobInfo, Bootstrap, BootstrapWriter, ChunkSpec
 
 MIN_CHUNK, MAX_CHUNK = 0x1000, 0x1000000  # 4 KiB .. 16 MiB, powers of two (as nydus)
 
@@ -63,6 +63,9 @@ class BuildStats:
     chunks_stored: int = 0
     stored_uncompressed: int = 0
     stored_compressed: int = 0
+    dict_chunks_used: int = 0     # chunk references resolved to a chunk-dictionary chunk
+    dict_blobs: int = 0           # blobs in the chunk dictionary
+    dict_blobs_kept: int = 0      # of those, blobs the image references (the rest are dropped)
 
 
 @dataclass
@@ -71,6 +74,7 @@ class BuildResult:
     blobs: list[BuiltBlob]
     stats: BuildStats
     prefetch_files: int = 0
+    dict_blobs: list[BlobInfo] = field(default_factory=list)  # chunk-dictionary blobs referenced
 
 
 ProgressFn = Callable[[str, int], None]   # (event, amount): "bytes" read, "layer" done
@@ -120,6 +124,35 @@ class Builder:
         self.blobs: list[BuiltBlob] = []
         self.prefetch = PrefetchMatcher(options.prefetch_patterns)
         self._prefetch_inodes: set[int] = set()
+        self._dict_chunks = 0          # chunk ids [0, _dict_chunks) are the dictionary's
+
+    # -- chunk dictionary -----------------------------------------------------------------------
+    def add_chunk_dict(self, dictionary: Bootstrap, what: str) -> None:
+        """Registers every blob and chunk of an earlier image's bootstrap, so that a chunk it
+        already stores is referenced, not stored again. Before the first layer; once."""
+        if self.writer.blobs or self.stats.layers:
+            raise ValueError("add_chunk_dict must come before the first layer")
+        if dictionary.chunk_size != self.opt.chunk_size:
+            raise ConfigError(f"--chunk-dict {what}: chunk size {dictionary.chunk_size:#x} differs from "
+                              f"--chunk-size {self.opt.chunk_size:#x} (no chunk could match)")
+        if dictionary.digester != self.writer.digester:
+            raise ConfigError(f"--chunk-dict {what}: digester {dictionary.digester!r} is not "
+                              f"{self.writer.digester!r}")
+        for b, info in enumerate(dictionary.blobs):
+            specs = []
+            for cid in dictionary.blob_chunks(b):
+                c = dictionary.chunk(cid)
+                specs.append(ChunkSpec(c.digest, c.comp_offset, c.comp_size, c.offset, c.size, c.compressed))
+            start = self.writer.chunk_count
+            # every chunk of the blob, in blob order: the chunk index inside a blob keys the
+            # daemon's cache file, so it must be the same in every image naming the blob
+            self.writer.add_blob(blob_id=info.id, compressor=info.compressor,
+                                 compressed_size=info.compressed_size,
+                                 uncompressed_size=info.uncompressed_size, chunks=specs)
+            for i, spec in enumerate(specs):
+                self.index.add_existing(spec.digest, start + i)
+        self._dict_chunks = self.writer.chunk_count
+        self.stats.dict_blobs = len(dictionary.blobs)
 
     # -- per layer ----------------------------------------------------------------------------
     def add_layer(self, entries, layer_index: int, source_layer: str, what: str) -> BuiltBlob | None:
@@ -134,6 +167,8 @@ class Builder:
             inode, prefetch = target
             self.stats.chunks_seen += 1
             cid = self.index.get(digest)
+            if cid is not None and cid < self._dict_chunks:
+                self.stats.dict_chunks_used += 1
             if cid is None:
                 cid = base + blob.add(digest, size, stored, compressed, prefetch=prefetch)
                 self.index.add_new(digest, cid)
@@ -186,9 +221,10 @@ class Builder:
     # -- final layout -------------------------------------------------------------------------
     def finish(self) -> BuildResult:
         w = self.writer
+        mapping = self._drop_unused_dict_blobs()
         ino_of: dict[int, int] = {}
         root = self.tree.root
-        ino_of[id(root)] = self._add_inode(root)
+        ino_of[id(root)] = self._add_inode(root, mapping)
         queue = deque([root])
         prefetch_inos = []
         while queue:
@@ -197,23 +233,54 @@ class Builder:
                 child = d.children[name]
                 ino = ino_of.get(id(child))
                 if ino is None:
-                    ino = ino_of[id(child)] = self._add_inode(child)
+                    ino = ino_of[id(child)] = self._add_inode(child, mapping)
                     if id(child) in self._prefetch_inodes:
                         prefetch_inos.append(ino)
                     if child.children is not None:
                         queue.append(child)
                 w.add_dirent(ino_of[id(d)], name, ino)
         w.prefetch = prefetch_inos
-        return BuildResult(w.to_bytes(), self.blobs, self.stats, len(prefetch_inos))
+        dict_blobs = w.blobs[:self.stats.dict_blobs_kept]
+        return BuildResult(w.to_bytes(), self.blobs, self.stats, len(prefetch_inos), dict_blobs)
 
-    def _add_inode(self, node: Inode) -> int:
+    def _drop_unused_dict_blobs(self) -> list[int] | None:
+        """Drops the dictionary blobs no file of the final tree references; returns the chunk
+        id mapping (None: ids unchanged). Dictionary blobs come first in the blob table, so the
+        kept ones stay first, in dictionary order, and the image's own blobs follow."""
+        n = self._dict_chunks
+        if not n:
+            return None
+        used = bytearray(n)
+        for node in self._files():
+            for cid in node.chunks:
+                if cid < n:
+                    used[cid] = 1
+        ndict = self.stats.dict_blobs
+        drop = {b for b, info in enumerate(self.writer.blobs[:ndict])
+                if not any(used[info.chunk_start:info.chunk_start + info.chunk_count])}
+        self.stats.dict_blobs_kept = ndict - len(drop)
+        return self.writer.drop_blobs(drop)
+
+    def _files(self):
+        """Every regular file of the final tree (a hardlinked one as often as it is linked)."""
+        stack = [self.tree.root]
+        while stack:
+            d = stack.pop()
+            for child in d.children.values():
+                if child.children is not None:
+                    stack.append(child)
+                elif child.chunks:
+                    yield child
+
+    def _add_inode(self, node: Inode, mapping: list[int] | None = None) -> int:
         mode = tarlayer.st_mode(node.kind, node.mode)
         rdev = os.makedev(*node.rdev) if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else 0
         return self.writer.add_inode(
             mode=mode, uid=node.uid, gid=node.gid, mtime_ns=node.mtime_ns,
             size=node.size if stat.S_ISREG(mode) else 0, rdev=rdev, xattrs=node.xattrs,
             symlink=node.target if stat.S_ISLNK(mode) else None,
-            chunk_ids=node.chunks if stat.S_ISREG(mode) else None)
+            chunk_ids=(node.chunks if mapping is None else [mapping[c] for c in node.chunks])
+            if stat.S_ISREG(mode) else None)
 
 
 def _final_ids(fin: FinishedBlob, base: int) -> dict[int, int]:

@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="where the data blobs go: with the image (default) or to S3")
     c.add_argument("--backend-config", help="the backend's JSON config (nydusd's backend.config)")
     c.add_argument("--backend-config-file", help="a file holding the backend's JSON config")
+    c.add_argument("--chunk-dict", metavar="SRC",
+                   help="an earlier nydus-py image whose chunks are referenced, not stored again: "
+                        "oci:DIR[:TAG] or HOST/REPO:TAG (nydusify's bootstrap:registry:REF and "
+                        "bootstrap:oci:DIR[:TAG] work too)")
+    c.add_argument("--chunk-dict-insecure", action="store_true",
+                   help="talk plain HTTP to the chunk dictionary's registry")
     c.add_argument("--merge-platform", action="store_true",
                    help="push an index holding the source and the converted manifest under the target tag")
     _registry_args(c)
@@ -111,10 +117,18 @@ def cmd_convert(args) -> int:
                            max_layer_size=args.max_layer_size,
                            prefetch_patterns=_read_patterns(args.prefetch_patterns))
     source, target = parse_source(args.source), parse_source(args.target)
+    registry = _registry_options(args)
+    blob_store = _blob_store(args)
+    chunk_dict = None
+    if args.chunk_dict:
+        from converter.chunk_dict import open_chunk_dict
+        chunk_dict = open_chunk_dict(args.chunk_dict, registry, insecure=args.chunk_dict_insecure)
+    elif args.chunk_dict_insecure:
+        raise ConfigError("--chunk-dict-insecure goes with --chunk-dict")
     with Progress(enabled=not args.quiet) as progress:
         res = convert(source, target, options, platform=args.platform, progress=progress.update,
-                      on_image=progress.start, registry=_registry_options(args),
-                      merge_platform=args.merge_platform, blob_store=_blob_store(args))
+                      on_image=progress.start, registry=registry,
+                      merge_platform=args.merge_platform, blob_store=blob_store, chunk_dict=chunk_dict)
     s = res.build.stats
     stored = sum(b.size for b in res.build.blobs)
     print(f"converted {args.source} -> {args.target}: manifest {res.manifest.digest}", file=sys.stderr)
@@ -122,6 +136,11 @@ def cmd_convert(args) -> int:
           f"{s.chunks_stored}/{s.chunks_seen} chunks stored after dedup; blobs {stored} bytes "
           f"(source layers {res.source_compressed}); bootstrap {len(res.build.bootstrap)} bytes; "
           f"{res.seconds:.2f}s", file=sys.stderr)
+    if chunk_dict is not None:
+        kept = res.build.dict_blobs
+        print(f"  chunk dict {args.chunk_dict}: {s.dict_chunks_used} chunks referenced from it, "
+              f"{len(kept)}/{s.dict_blobs} of its blobs used ({sum(b.compressed_size for b in kept)} "
+              f"bytes referenced)", file=sys.stderr)
     if res.pushed_digest:
         print(f"  pushed {args.target} ({res.pushed_digest})", file=sys.stderr)
     return 0

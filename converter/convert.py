@@ -9,10 +9,11 @@ from pathlib import Path
 
 from converter import layer as tarlayer
 from converter.builder import Builder, BuildOptions, BuildResult, ProgressFn
+from converter.chunk_dict import ChunkDict
 from converter.source import SourceImage, SourceRef, open_source
 from converter.source_registry import RegistryOptions
 from converter.target import Staging, write_image
-from nydus_py.errors import ConfigError
+from nydus_py.errors import BlobNotFoundError, ConfigError
 from nydus_py.oci.layout import Descriptor
 from nydus_py.oci.reference import parse as parse_reference
 
@@ -37,11 +38,17 @@ class ConvertResult:
 def convert(source: SourceRef, target: SourceRef, options: BuildOptions, *,
             platform: str | None = None, progress: ProgressFn | None = None,
             on_image=None, registry: RegistryOptions | None = None,
-            merge_platform: bool = False, blob_store: BlobStore | None = None) -> ConvertResult:
+            merge_platform: bool = False, blob_store: BlobStore | None = None,
+            chunk_dict: ChunkDict | None = None) -> ConvertResult:
+    """`chunk_dict`: an earlier image (converter/chunk_dict.py) whose chunks are referenced, not
+    stored again; the dictionary blobs the result references become layers of the target."""
     if target.transport not in ("oci", "docker"):
         raise ConfigError(f"target {target}: use oci:DIR[:TAG] or a registry reference HOST/REPO:TAG")
     if merge_platform and target.transport != "docker":
         raise ConfigError("--merge-platform needs a registry target")
+    if chunk_dict is not None and blob_store is not None:
+        raise ConfigError(f"--chunk-dict with --backend-type {blob_store.type} is not supported "
+                          f"(the dictionary's blobs would have to be in {blob_store.type} too)")
     registry = registry or RegistryOptions()
     t0 = time.monotonic()
     with open_source(source, platform, registry=registry) as image:
@@ -49,33 +56,46 @@ def convert(source: SourceRef, target: SourceRef, options: BuildOptions, *,
             on_image(image)
         if target.transport == "oci":
             manifest, result = _build_into(image, Path(target.path), target.reference, options,
-                                           progress, blob_store)
+                                           progress, blob_store, chunk_dict, copy_dict_blobs=True)
             return ConvertResult(manifest, result, _total(image), time.monotonic() - t0)
         ref = parse_reference(target.path)
         with tempfile.TemporaryDirectory(prefix="nydusify-out-", dir=registry.work_dir) as tmp:
-            manifest, result = _build_into(image, Path(tmp) / "oci", None, options, progress, blob_store)
+            manifest, result = _build_into(image, Path(tmp) / "oci", None, options, progress, blob_store,
+                                           chunk_dict, copy_dict_blobs=False)
             from converter.push import push_converted
+            external = _dict_blob_sources(chunk_dict, result, ref, Path(tmp)) if chunk_dict else None
             with registry.client(ref) as client:
                 pushed = push_converted(Path(tmp) / "oci", manifest, ref, client, source_image=image,
                                         merge_platform=merge_platform, concurrency=registry.concurrency,
-                                        progress=progress)
+                                        progress=progress, external=external)
         return ConvertResult(manifest, result, _total(image), time.monotonic() - t0, pushed)
 
 
 def _build_into(image: SourceImage, target_dir: Path, tag: str | None, options: BuildOptions,
-                progress: ProgressFn | None, blob_store: BlobStore | None = None
+                progress: ProgressFn | None, blob_store: BlobStore | None = None,
+                chunk_dict: ChunkDict | None = None, *, copy_dict_blobs: bool = True
                 ) -> tuple[Descriptor, BuildResult]:
     with Staging(target_dir) as staging:
         builder = Builder(options, staging.work_dir, progress)
+        if chunk_dict is not None:
+            builder.add_chunk_dict(chunk_dict.bootstrap, chunk_dict.name)
         for layer in image.layers:
             # iter_entries reads the stream to EOF, so the digest and diff_id checks have fired
             # (or raised) by the time add_layer returns.
             stream = image.open_layer_tar(layer, max_uncompressed=options.max_layer_size)
-            builder.add_layer(tarlayer.iter_entries(stream, layer.what), layer.index, layer.digest,
+            builder.add_layer(tarlayer.iter_entries(stream, layer.what, max_size=options.max_layer_size),
+                              layer.index, layer.digest,
                               layer.what)
             if progress:
                 progress("layer", 1)
         result = builder.finish()
+        if copy_dict_blobs:
+            for info in result.dict_blobs:
+                # a target layout that already holds the blob (e.g. the dictionary's own
+                # layout, another tag) keeps it at commit; otherwise copy it in, verified
+                if not staging.target_has_blob(info.id):
+                    tmp = chunk_dict.fetch_blob(info, staging.work_dir)
+                    staging.layout.adopt_file(tmp, info.id, info.compressed_size, "")
         if blob_store is not None:
             for blob in result.blobs:
                 blob_store.backend.put_blob(blob.digest, blob.path)
@@ -86,6 +106,26 @@ def _build_into(image: SourceImage, target_dir: Path, tag: str | None, options: 
                                external_blobs=blob_store.type if blob_store is not None else None)
         staging.commit(manifest, tag)
     return manifest, result
+
+
+def _dict_blob_sources(chunk_dict: ChunkDict, result: BuildResult, target, tmp: Path) -> dict:
+    """digest → ExternalBlob for the dictionary blobs the image references: a cross-repository
+    mount when the dictionary lives in the target's registry, else an upload from the
+    dictionary's layout file or (only if the target lacks it) a download from its registry."""
+    from converter.push import ExternalBlob
+    out = {}
+    for info in result.dict_blobs:
+        path = chunk_dict.local_path(info)
+        if path is not None:
+            if not path.is_file():
+                raise BlobNotFoundError(f"--chunk-dict {chunk_dict.name}: blob {info.id} is missing from "
+                                        f"{chunk_dict.layout_dir}")
+            out[info.id] = ExternalBlob(path)
+            continue
+        same = chunk_dict.reference.api_host == target.api_host
+        out[info.id] = ExternalBlob(lambda info=info: chunk_dict.fetch_blob(info, tmp),
+                                    mount_from=(chunk_dict.reference.repository,) if same else ())
+    return out
 
 
 def _total(image: SourceImage) -> int:

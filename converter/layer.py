@@ -71,6 +71,10 @@ IO_SIZE = 1 << 20
 MAX_META = 1 << 20              # one PAX header / GNU long name / sparse map (Go uses 1 MiB too)
 MAX_META_PER_ENTRY = 8 << 20    # all extended headers stacked before one entry
 MAX_SPARSE = 1 << 18            # sparse map entries per file
+INT64_MAX = (1 << 63) - 1       # numbers beyond int64 are header errors (as Go's archive/tar)
+NAME_MAX, PATH_MAX = 255, 4096                         # a name component; a symlink target + NUL
+XATTR_NAME_MAX, XATTR_SIZE_MAX = 255, 1 << 16          # Linux limits (setxattr fails beyond)
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.", b"system.")
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _ZERO = bytes(BLOCK)
@@ -335,11 +339,15 @@ def _num(field: bytes) -> int:
     if field and field[0] & 0x80:
         bits = 8 * len(field) - 1
         v = int.from_bytes(field, "big") & ((1 << bits) - 1)
-        return v - (1 << bits) if v >> (bits - 1) else v
-    s = field.strip(b" \0")
-    if not _NUM_RE.fullmatch(s):
-        raise _Bad(f"invalid numeric field {field!r}")
-    return int(s, 8) if s else 0
+        v = v - (1 << bits) if v >> (bits - 1) else v
+    else:
+        s = field.strip(b" \0")
+        if not _NUM_RE.fullmatch(s):
+            raise _Bad(f"invalid numeric field {field!r}")
+        v = int(s, 8) if s else 0
+    if not -INT64_MAX - 1 <= v <= INT64_MAX:
+        raise _Bad(f"numeric field out of range {field!r}")
+    return v
 
 
 def _cstr(field: bytes) -> bytes:
@@ -347,7 +355,7 @@ def _cstr(field: bytes) -> bytes:
 
 
 def _dec(value: bytes, key: str) -> int:
-    if not _DEC_RE.fullmatch(value):
+    if not _DEC_RE.fullmatch(value) or int(value) > INT64_MAX:
         raise _Bad(f"bad PAX {key} {value[:40]!r}")
     return int(value)
 
@@ -359,6 +367,8 @@ def parse_pax_time(value: bytes) -> int:
     if not m:
         raise _Bad(f"bad PAX time {value[:40]!r}")
     ns = int(m.group(2)) * 1_000_000_000 + int(((m.group(3) or b"") + b"000000000")[:9])
+    if ns > INT64_MAX:   # nanoseconds must fit int64 (years 1678..2262): the bootstrap and FUSE
+        raise _Bad(f"PAX time out of range {value[:40]!r}")
     return -ns if m.group(1) else ns
 
 
@@ -378,6 +388,8 @@ def parse_pax(data: bytes, records: list[tuple[bytes, bytes]]) -> None:
         key, eq, value = data[sp + 1:end - 1].partition(b"=")
         if not eq or not key:
             raise _Bad("malformed PAX record (no key=value)")
+        if b"\0" in key:
+            raise _Bad("malformed PAX record (NUL in the keyword)")   # as Go's archive/tar
         records.append((key, value))
         pos = end
 
@@ -396,14 +408,18 @@ def normalize(name: bytes) -> tuple[bytes, ...]:
             if not parts:
                 raise ValueError("escapes the image root")
             parts.pop()
+        elif len(c) > NAME_MAX:
+            raise ValueError(f"has a name component longer than {NAME_MAX} bytes")
         else:
             parts.append(c)
     return tuple(parts)
 
 
-def iter_entries(stream, what: str) -> Iterator[TarEntry]:
-    """TarEntry objects of an uncompressed tar stream; `what` names the layer in errors."""
-    return _TarReader(stream, what).entries()
+def iter_entries(stream, what: str, *, max_size: int = 64 << 30) -> Iterator[TarEntry]:
+    """TarEntry objects of an uncompressed tar stream; `what` names the layer in errors.
+    `max_size` bounds the layer's bytes with sparse files expanded (their holes cost no stream
+    bytes, so open_layer_stream's limit alone does not stop a sparse bomb)."""
+    return _TarReader(stream, what, max_size).entries()
 
 
 class _Input:
@@ -537,9 +553,10 @@ def _parse_header(blk: bytes) -> _Header:
 
 
 class _TarReader:
-    def __init__(self, stream, what: str):
+    def __init__(self, stream, what: str, max_size: int = 64 << 30):
         self._in = _Input(stream)
         self._what = what
+        self._max, self._holes = max_size, 0
         self._last: str | None = None   # the previous entry, to say where a bad header is
 
     def _err(self, msg: str, name: bytes | None = None) -> LayerError:
@@ -663,24 +680,10 @@ class _TarReader:
             entry.path = normalize(name)
         except ValueError as e:
             raise LayerError(f"{self._what}: entry '{show(name)}' {e}") from None
-        spans, real = self._sparse_map(h, pax, records, data)
-        if kind is EntryKind.REG:
-            entry.size = stored if spans is None else real
-            entry._data = data if spans is None else _Sparse(data, spans, real)
-        elif kind in (EntryKind.CHR, EntryKind.BLK):
-            entry.devmajor, entry.devminor = h.devmajor, h.devminor
-        elif kind in (EntryKind.HARDLINK, EntryKind.SYMLINK):
-            entry.linkname = pax.get(b"linkpath") or h.linkname
-            if not entry.linkname or b"\0" in entry.linkname:
-                raise _Bad(f"{kind.value} with an empty or NUL-containing target")
-            if kind is EntryKind.HARDLINK:
-                try:
-                    entry.link_path = normalize(entry.linkname)
-                except ValueError as e:
-                    raise _Bad(f"hardlink target '{show(entry.linkname)}' {e}") from None
-        entry.xattrs = _xattrs(records)
+        spans, real = self._sparse_map(h, pax, records, data)   # (old GNU: consumes extension blocks)
         last = entry.path[-1] if entry.path else b""
         if last.startswith(b".wh."):
+            # a whiteout is its name: its typeflag, link target, owner... mean nothing (umoci)
             if last == b".wh..wh..opq":
                 entry.kind, entry.path = EntryKind.OPAQUE, entry.path[:-1]
             elif last.startswith(b".wh..wh."):
@@ -689,7 +692,35 @@ class _TarReader:
                 raise _Bad("invalid whiteout name")
             else:
                 entry.kind, entry.path = EntryKind.WHITEOUT, entry.path[:-1] + (last[4:],)
-            entry._data, entry.size = None, 0
+            return entry, data, stored
+        if not -INT64_MAX - 1 <= entry.mtime_ns <= INT64_MAX:
+            raise _Bad("mtime out of range")
+        if kind is EntryKind.REG:
+            entry.size = stored if spans is None else real
+            if spans is not None:
+                self._holes += real - data.left
+            if entry.size > self._max or self._in.offset + self._holes > self._max:
+                raise LayerError(f"{self._what}: entry '{show(name)}': more than {self._max} bytes "
+                                 f"(layer size limit; with sparse files expanded)")
+            entry._data = data if spans is None else _Sparse(data, spans, real)
+        elif kind in (EntryKind.CHR, EntryKind.BLK):
+            entry.devmajor, entry.devminor = h.devmajor, h.devminor
+        elif kind in (EntryKind.HARDLINK, EntryKind.SYMLINK):
+            entry.linkname = pax.get(b"linkpath") or h.linkname
+            if not entry.linkname or b"\0" in entry.linkname:
+                raise _Bad(f"{kind.value} with an empty or NUL-containing target")
+            if len(entry.linkname) >= PATH_MAX:
+                raise _Bad(f"{kind.value} target longer than {PATH_MAX - 1} bytes")
+            if kind is EntryKind.HARDLINK:
+                try:
+                    entry.link_path = normalize(entry.linkname)
+                except ValueError as e:
+                    raise _Bad(f"hardlink target '{show(entry.linkname)}' {e}") from None
+        if kind is not EntryKind.HARDLINK:   # a hardlink has no metadata of its own (umoci)
+            entry.xattrs = _xattrs(records)
+            if kind not in (EntryKind.REG, EntryKind.DIR) and any(n.startswith(b"user.") for n in entry.xattrs):
+                raise _Bad(f"user.* xattr on a {kind.value} (Linux allows them only on files and "
+                           f"directories)")
         return entry, data, stored
 
     def _sparse_map(self, h: _Header, pax: dict, records: list, data: _Data):
@@ -787,7 +818,12 @@ def _xattrs(records: list) -> dict[bytes, bytes]:
                 raise _Bad(f"bad base64 in PAX {show(key)}") from None
         else:
             continue
-        if not name:
-            raise _Bad("PAX xattr with an empty name")
+        if not name or b"\0" in name:
+            raise _Bad("PAX xattr with an empty or NUL-containing name")
+        if len(name) > XATTR_NAME_MAX or len(value) > XATTR_SIZE_MAX:
+            raise _Bad(f"xattr '{show(name[:60])}': name longer than {XATTR_NAME_MAX} or value larger "
+                       f"than {XATTR_SIZE_MAX} bytes (Linux limits)")
+        if not name.startswith(XATTR_NAMESPACES):
+            continue   # no such namespace: setxattr says ENOTSUP and umoci/containerd skip it
         out[name] = value
     return out

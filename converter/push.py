@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -23,19 +24,35 @@ from nydus_py.oci.registry import RegistryClient
 Progress = Callable[[str, int], None]
 
 
+@dataclass(frozen=True)
+class ExternalBlob:
+    """A layer of the manifest that is not in the local layout (a chunk-dictionary blob):
+    `src` is a file path, or a callable giving one, called only if the blob must be uploaded
+    (after HEAD said absent and no cross-repository mount from `mount_from` worked)."""
+    src: object
+    mount_from: tuple[str, ...] = ()
+
+
 def push_converted(layout_dir: Path, manifest: Descriptor, target: Reference, client: RegistryClient, *,
                    source_image=None, merge_platform: bool = False, concurrency: int = 3,
-                   progress: Progress | None = None) -> str:
-    """Returns the digest that the target tag now names."""
+                   progress: Progress | None = None, external: dict[str, ExternalBlob] | None = None) -> str:
+    """Returns the digest that the target tag now names. `external`: digest → where to get the
+    layers that are not in `layout_dir` (chunk-dictionary blobs)."""
     layout = OCILayout(layout_dir)
     doc = layout.read_json(manifest, "converted manifest")
     blobs = [Descriptor.from_json(d, "layer") for d in [doc["config"], *doc["layers"]]]
     progress = progress or (lambda event, n: None)
     repo = target.repository
 
+    external = external or {}
+
     def push_one(desc: Descriptor) -> str:
-        result = client.push_blob(repo, layout.blob_path(desc.digest), desc.digest, desc.size,
-                                  on_progress=None)
+        ext = external.get(desc.digest)
+        if ext is not None:
+            result = client.push_blob(repo, ext.src, desc.digest, desc.size, mount_from=ext.mount_from)
+        else:
+            result = client.push_blob(repo, layout.blob_path(desc.digest), desc.digest, desc.size,
+                                      on_progress=None)
         progress("pushed", desc.size)
         return result
 

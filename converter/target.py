@@ -16,8 +16,8 @@ from pathlib import Path
 from nydus_py import __version__
 from nydus_py.format.bootstrap import compress_layer
 from nydus_py.oci import mediatypes as mt
-from nydus_py.errors import ConfigError
-from nydus_py.oci.layout import Descriptor, OCILayoutWriter
+from nydus_py.errors import ConfigError, NydusError
+from nydus_py.oci.layout import Descriptor, OCILayout, OCILayoutWriter
 
 
 class Staging:
@@ -57,14 +57,27 @@ class Staging:
                 dest.adopt_file(p, d, p.stat().st_size, "")
         dest.tag(manifest, tag)
 
+    def target_has_blob(self, digest: str) -> bool:
+        """Whether the existing target layout already holds the blob (commit keeps it)."""
+        if not (self.target / "oci-layout").is_file():
+            return False
+        try:
+            return OCILayout(self.target).has_blob(digest)
+        except NydusError:
+            return False
+
 
 def write_image(layout: OCILayoutWriter, result, source, *, chunk_size: int, compressor: str,
                 extra_annotations: dict[str, str] | None = None, external_blobs: str | None = None
                 ) -> Descriptor:
     """Blobs + bootstrap layer + config + manifest into `layout`; returns the manifest descriptor.
     `external_blobs` (a backend type, e.g. "s3"): the data blobs were stored there instead, so
-    the manifest lists only the bootstrap (registries refuse manifests naming absent blobs)."""
-    layers: list[Descriptor] = []
+    the manifest lists only the bootstrap (registries refuse manifests naming absent blobs).
+    Chunk-dictionary blobs the image references (`result.dict_blobs`) come first, as layers
+    annotated `io.nydus-py.chunk-dict`; their files are the caller's business (copied into the
+    layout, or pushed to the registry), so that the image stays self-contained."""
+    from converter.chunk_dict import blob_descriptor
+    layers: list[Descriptor] = [blob_descriptor(b) for b in result.dict_blobs]
     for b in ([] if external_blobs else result.blobs):
         ann = {mt.ANNO_BLOB: "true", mt.ANNO_SOURCE_LAYER: b.source_layer,
                mt.ANNO_UNCOMPRESSED_SIZE: str(b.uncompressed_size), mt.ANNO_CHUNK_COUNT: str(b.chunk_count)}

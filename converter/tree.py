@@ -8,17 +8,23 @@ One `Inode` per file (slots; hardlinked paths share one object), directories hol
 | `.wh.X` (WHITEOUT of X)             | removes X as it exists in LOWER layers: an X this layer added  |
 |                                     | (before or after) stays; for a dir, its lower children go       |
 | `D/.wh..wh..opq` (OPAQUE)           | removes every lower-layer child of D, keeps this layer's        |
+| `L/.wh..wh..opq`, L a symlink       | LayerError (umoci empties the symlink's target directory)       |
 | whiteout of a missing path / under  | nothing (as umoci; a path may already be gone through another   |
 | a non-directory                     | whiteout)                                                       |
 | any type over a different type      | replaces it (a dir's subtree goes with it)                      |
 | DIR over an existing DIR            | new metadata (mode/owner/mtime/xattrs), children kept           |
 | HARDLINK                            | the name shares the target's Inode (this or a lower layer);    |
 |                                     | missing target or a directory → LayerError; a symlink is fine   |
-| missing parent directories          | created: 0755, root:root, mtime 0 (see below)                   |
+|                                     | (linked itself, not followed); a target that is the entry's own |
+|                                     | path or below it → LayerError (replacing the path removes it)   |
+| missing parent directories          | created: 0755, root:root, mtime 0 (see below); under a setgid   |
+|                                     | dir: 02755 and the parent's group (mkdir(2) semantics)          |
 | a parent component is a symlink     | LayerError (umoci follows it, scoped to the root; we refuse)    |
 | a parent component is another       | LayerError (umoci: MkdirAll fails with ENOTDIR, same outcome)   |
 | non-directory                       |                                                                 |
 | the root (`./`)                     | updates the root's metadata; any other type → LayerError       |
+| uid/gid > 2^32-2, device major >    | LayerError (no Linux filesystem holds them: chown/mknod fail or |
+| 4095 or minor > 2^20-1              | truncate; FUSE's rdev is 32-bit)                               |
 
 "This layer added" follows umoci's `upperPaths`: every path an entry of the current layer
 created, and all its ancestors. Implicit parents: umoci creates them with MkdirAll(0777)
@@ -36,6 +42,8 @@ from converter.layer import EntryKind, TarEntry, show
 from nydus_py.errors import LayerError
 
 _NO_DEV = (0, 0)
+MAX_ID = (1 << 32) - 2          # uid/gid are 32-bit, and 2^32-1 is chown's "leave unchanged"
+MAX_MAJOR, MAX_MINOR = (1 << 12) - 1, (1 << 20) - 1   # what mknod(2)'s 32-bit dev_t holds
 
 
 class Inode:
@@ -70,6 +78,15 @@ class Inode:
         return f"<Inode {self.kind.value} {self.mode:o} {self.uid}:{self.gid} layer={self.layer}>"
 
 
+def _implicit_dir(parent: Inode, layer_index: int) -> Inode:
+    """A missing parent directory: 0755 root:root mtime 0, except that under a setgid
+    directory it inherits the group and the setgid bit, as mkdir(2) gives it to umoci (and to
+    any unpacker that creates parents with mkdir)."""
+    if parent.mode & 0o2000:
+        return Inode(EntryKind.DIR, 0o2755, 0, parent.gid, layer=layer_index)
+    return Inode(EntryKind.DIR, 0o755, layer=layer_index)
+
+
 def _join(path: tuple[bytes, ...]) -> str:
     return "/".join(show(c) for c in path)
 
@@ -92,11 +109,14 @@ class Tree:
             self._whiteout(entry)
             return None
         if not path:
+            self._check_values(entry, layer_index)
             if kind is not EntryKind.DIR:
                 raise LayerError(f"{self._who(entry, layer_index)}: refusing to change the type of "
                                  f"the root directory to {kind.value}")
             self._set_meta(self.root, entry)
             return None
+        if kind is not EntryKind.HARDLINK:
+            self._check_values(entry, layer_index)
         parent = self._parent(entry, layer_index)
         name = path[-1]
         if kind is EntryKind.HARDLINK:
@@ -118,6 +138,17 @@ class Tree:
             return entry.describe()
         return f"layer {layer_index}: entry '{_join(entry.path) or '.'}'"
 
+    def _check_values(self, e: TarEntry, layer_index: int) -> None:
+        """Owner and device numbers a Linux filesystem can hold (umoci's chown/mknod fail or
+        silently truncate beyond them; the FUSE attr has a 32-bit rdev)."""
+        if not (0 <= e.uid <= MAX_ID and 0 <= e.gid <= MAX_ID):
+            raise LayerError(f"{self._who(e, layer_index)}: uid/gid {e.uid}/{e.gid} out of range "
+                             f"(0..{MAX_ID})")
+        if e.kind in (EntryKind.CHR, EntryKind.BLK) and not (
+                0 <= e.devmajor <= MAX_MAJOR and 0 <= e.devminor <= MAX_MINOR):
+            raise LayerError(f"{self._who(e, layer_index)}: device number {e.devmajor}:{e.devminor} "
+                             f"out of range (major 0..{MAX_MAJOR}, minor 0..{MAX_MINOR})")
+
     @staticmethod
     def _set_meta(node: Inode, e: TarEntry) -> None:
         node.mode, node.uid, node.gid, node.mtime_ns, node.xattrs = e.mode, e.uid, e.gid, e.mtime_ns, e.xattrs
@@ -136,7 +167,7 @@ class Tree:
         for i in range(len(path) - 1):
             child = node.children.get(path[i])
             if child is None:
-                child = node.children[path[i]] = Inode(EntryKind.DIR, 0o755, layer=layer_index)
+                child = node.children[path[i]] = _implicit_dir(node, layer_index)
             elif child.kind is not EntryKind.DIR:
                 raise LayerError(f"{self._who(entry, layer_index)}: parent '{_join(path[:i + 1])}' is "
                                  + ("a symlink (writing through a symlink is refused)"
@@ -160,8 +191,13 @@ class Tree:
         return node, (node.children.get(path[-1]) if path else node)
 
     def _link_target(self, entry: TarEntry, layer_index: int) -> Inode:
-        _, target = self._find(entry.link_path or (), entry, layer_index, "hardlink target")
-        where = f"{self._who(entry, layer_index)}: hardlink target '{_join(entry.link_path or ())}'"
+        link_path = entry.link_path or ()
+        _, target = self._find(link_path, entry, layer_index, "hardlink target")
+        where = f"{self._who(entry, layer_index)}: hardlink target '{_join(link_path)}'"
+        if link_path[:len(entry.path)] == entry.path:
+            # the entry first clobbers its own path (and what is under it), so the target is gone
+            # by the time it would be linked: umoci fails with ENOENT, we say why
+            raise LayerError(f"{where} is the entry itself or inside it")
         if target is None:
             raise LayerError(f"{where} does not exist")
         if target.kind is EntryKind.DIR:
@@ -174,6 +210,10 @@ class Tree:
         parent, node = self._find(path, entry, self._layer, role)
         if node is None:
             return
+        if entry.kind is EntryKind.OPAQUE and node.kind is EntryKind.SYMLINK:
+            # umoci resolves the marker's directory (SecureJoin) and empties the symlink's target
+            raise LayerError(f"{self._who(entry, self._layer)}: opaque directory '{_join(path)}' is a "
+                             f"symlink (writing through a symlink is refused)")
         if entry.kind is EntryKind.OPAQUE or path in self._upper:
             if node.kind is EntryKind.DIR:
                 self._purge(node, path)

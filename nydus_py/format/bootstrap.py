@@ -131,6 +131,36 @@ class BootstrapWriter:
         self._nchunks += len(chunks)
         return index
 
+    def drop_blobs(self, drop: set[int]) -> list[int] | None:
+        """Removes the blobs with these indices, with their chunks (used to drop chunk-dictionary
+        blobs that no file references). The remaining blobs and chunks keep their order; returns
+        old chunk id → new chunk id (-1 for a dropped chunk), or None when nothing was dropped.
+        Call it before any inode is added: inodes already added would keep the old ids."""
+        if not drop:
+            return None
+        if self._inodes:
+            raise ValueError("drop_blobs after add_inode")
+        old_chunks, old_digests = self._chunks, self._digests
+        mapping = [-1] * self._nchunks
+        blobs: list[BlobInfo] = []
+        chunks, digests = bytearray(), bytearray()
+        n = 0
+        for index, b in enumerate(self.blobs):
+            if index in drop:
+                continue
+            new_index = len(blobs)
+            blobs.append(BlobInfo(b.id, b.compressor, b.compressed_size, b.uncompressed_size,
+                                  n, b.chunk_count, b.source_layer))
+            for cid in range(b.chunk_start, b.chunk_start + b.chunk_count):
+                rec = bytearray(old_chunks[cid * CHUNK.size:(cid + 1) * CHUNK.size])
+                U32.pack_into(rec, 0, new_index)          # CHUNK.blob is the first field
+                chunks += rec
+                digests += old_digests[cid * DIGEST_SIZE:(cid + 1) * DIGEST_SIZE]
+                mapping[cid] = n
+                n += 1
+        self.blobs, self._chunks, self._digests, self._nchunks = blobs, chunks, digests, n
+        return mapping
+
     def add_inode(self, *, mode: int, uid: int, gid: int, mtime_ns: int, size: int = 0,
                   rdev: int = 0, xattrs: dict[bytes, bytes] | None = None,
                   symlink: bytes | None = None, chunk_ids: Sequence[int] | None = None) -> int:

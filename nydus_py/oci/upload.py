@@ -24,24 +24,32 @@ if TYPE_CHECKING:
 Progress = Callable[[int], None]
 
 
-def push_blob(client: "RegistryClient", repo: str, src: bytes | str | os.PathLike, digest: str, size: int,
-              *, mount_from: Iterable[str] = (), on_progress: Progress | None = None) -> str:
-    """Make `repo` have the blob; returns "exists", "mounted" or "uploaded"."""
+def push_blob(client: "RegistryClient", repo: str, src: bytes | str | os.PathLike | Callable, digest: str,
+              size: int, *, mount_from: Iterable[str] = (), on_progress: Progress | None = None) -> str:
+    """Make `repo` have the blob; returns "exists", "mounted" or "uploaded". `src` may be a
+    callable returning the bytes or a path: it is called only when the blob must really be
+    uploaded (not present, not mountable), e.g. to download it from another registry."""
     check_repository(repo)
     dg.parse(digest)
     mount_from = [check_repository(r) for r in mount_from if r != repo]
-    _check_source(src, size, digest)
+    lazy = callable(src)
+    if not lazy:
+        _check_source(src, size, digest)
     what = f"blob {client.config.host}/{repo}@{digest}"
     if client.head_blob(repo, digest) is not None:
         return "exists"
 
     def attempt() -> str:
+        nonlocal src, lazy
         location = None
         for source in mount_from:
             location = _try_mount(client, repo, source, digest, what)
             if location is None:
                 return "mounted"
             break            # 202: the registry opened an upload session instead; use it
+        if lazy:             # only now is the data really needed
+            src, lazy = src(), False
+            _check_source(src, size, digest)
         if location is None:
             location = _start_upload(client, repo, what)
         if size <= client.config.upload_chunk_size:
