@@ -141,22 +141,22 @@ def _open_oci(name: str, ref: str) -> ChunkDict:
 
 
 def _check_nydus_manifest_oci(ref: str) -> None:
-    from nydus_py.image_source import _manifest, parse_oci_ref
+    from nydus_py.image_source import layout_manifest, parse_oci_ref
     root, tag = parse_oci_ref(ref)
     if not root.is_dir():
         raise ImageFormatError(f"{ref}: no such directory {root}")
     layout = OCILayout(root)
-    _check_external(_manifest(layout, layout.resolve(tag), ref), ref)
+    _check_external(layout_manifest(layout, layout.resolve(tag), ref), ref)
 
 
 def _open_registry(name: str, r: Reference, options: RegistryOptions) -> ChunkDict:
-    from nydus_py.image_source import _converted_entry
+    from nydus_py.image_source import converted_entry
     what = str(r)
     with options.client(r) as c:
         data, media_type, digest = c.get_manifest(r.repository, r.ref)
         manifest = json_object(data, f"{what}: manifest {digest}")
         if media_type in mt.INDEX_TYPES:
-            entry = _converted_entry(manifest, what)
+            entry = converted_entry(manifest, what)
             data, _, digest = c.get_manifest(r.repository, entry.digest)
             manifest = json_object(data, f"{what}: manifest {digest}")
         layers = find_layers(manifest, what)

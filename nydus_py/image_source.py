@@ -64,7 +64,7 @@ def open_oci(ref: str, *, metrics: Metrics | None = None) -> OpenedImage:
     if not root.is_dir():
         raise ImageFormatError(f"{root}: no such directory (image {ref})")
     layout = OCILayout(root)
-    manifest = _manifest(layout, layout.resolve(tag), ref)
+    manifest = layout_manifest(layout, layout.resolve(tag), ref)
     layers = find_layers(manifest, ref)
     data = layout.read_blob(layers.bootstrap, f"{ref}: bootstrap layer", limit=MAX_BOOTSTRAP)
     try:
@@ -81,7 +81,7 @@ def open_oci(ref: str, *, metrics: Metrics | None = None) -> OpenedImage:
     return OpenedImage(bootstrap, _localfs(root, metrics=metrics), ref)
 
 
-def _manifest(layout: OCILayout, desc: Descriptor, ref: str) -> dict:
+def layout_manifest(layout: OCILayout, desc: Descriptor, ref: str) -> dict:
     """The image manifest for `desc`, descending one level into an index if need be."""
     if desc.media_type in mt.INDEX_TYPES:
         index = layout.read_json(desc, f"{ref}: index {desc.digest}")
@@ -135,7 +135,7 @@ def open_registry(ref: str, *, metrics: Metrics | None = None, plain_http: bool 
         data, media_type, digest = c.get_manifest(r.repository, r.ref or "latest")
         manifest = json_object(data, f"{ref}: manifest {digest}")
         if media_type in mt.INDEX_TYPES:
-            entry = _converted_entry(manifest, ref)
+            entry = converted_entry(manifest, ref)
             data, _, digest = c.get_manifest(r.repository, entry.digest)
             manifest = json_object(data, f"{ref}: manifest {digest}")
         layers = find_layers(manifest, ref)
@@ -153,7 +153,7 @@ def open_registry(ref: str, *, metrics: Metrics | None = None, plain_http: bool 
     return OpenedImage(bootstrap, make_backend(backend, metrics=metrics), str(r))
 
 
-def _converted_entry(index: dict, ref: str) -> Descriptor:
+def converted_entry(index: dict, ref: str) -> Descriptor:
     """In a merged index, the entry marked with our os.feature for this host's architecture."""
     import platform as _platform
     from nydus_py.oci.nydus_image import NYDUS_OS_FEATURE
