@@ -13,6 +13,13 @@ Tar formats read: v7, ustar (prefix), GNU (long names 'L'/'K', base-256 numbers,
 nanosecond mtime, SCHILY.xattr.*, LIBARCHIVE.xattr.*, GNU sparse 0.0/0.1/1.0). Global PAX
 headers ('g') are checked and ignored (Go's archive/tar returns them to the caller as an
 entry of their own; no image tool gives them meaning for a rootfs).
+Name precedence is Go's (hence umoci's): GNU.sparse.name, GNU long name ('L'), PAX path,
+the header; likewise GNU long link, PAX linkpath, the header. A second 'x' header before one
+entry replaces the first. Numbers beyond int64, times whose nanoseconds do not fit int64,
+name components over 255 bytes, symlink targets over 4095 bytes, NUL in a PAX keyword and
+xattrs over Linux's limits (name 255, value 64 KiB) are errors; xattrs outside the user/
+trusted/security/system namespaces are dropped (setxattr: ENOTSUP, which umoci skips); user.*
+xattrs on anything but a file or directory are errors (Linux refuses them, so does umoci).
 Unknown typeflags are regular files, as POSIX says ("shall be treated as a regular file");
 GNU 'V' (volume label) is skipped; 'M'/'N' (multi-volume, old long names) are refused.
 Header-only types (hardlink, symlink, char, block, dir, fifo) carry no data even when their
@@ -525,6 +532,8 @@ class _Header:
     devminor: int
     gnu: bool
     raw: bytes
+    long_name: bytes = b""    # from a GNU 'L' member
+    long_link: bytes = b""    # from a GNU 'K' member
 
 
 def _parse_header(blk: bytes) -> _Header:
@@ -624,8 +633,7 @@ class _TarReader:
                 raise self._err(str(e)) from None
             t = h.typeflag
             if t not in (b"x", b"g", b"L", b"K"):
-                for key, value in longs.items():
-                    setattr(h, key.decode(), value)
+                h.long_name, h.long_link = longs.get(b"L", b""), longs.get(b"K", b"")
                 return h, records
             if h.size > MAX_META or meta + h.size > MAX_META_PER_ENTRY:
                 raise self._err(f"extended header of {h.size} bytes exceeds the {MAX_META} byte limit")
@@ -635,11 +643,12 @@ class _TarReader:
                 raise self._err("truncated extended header")
             try:
                 if t == b"x":
+                    records.clear()       # a second 'x' replaces the first (Go's archive/tar)
                     parse_pax(data, records)
                 elif t == b"g":
                     parse_pax(data, [])
                 else:
-                    longs[b"name" if t == b"L" else b"linkname"] = _cstr(data)
+                    longs[t] = _cstr(data)
             except _Bad as e:
                 raise self._err(str(e)) from None
 
@@ -650,7 +659,9 @@ class _TarReader:
                 pax[key] = value
             else:
                 pax.pop(key, None)   # an empty value deletes (PAX); xattrs read `records`
-        name = pax.get(b"GNU.sparse.name") or pax.get(b"path") or h.name
+        # precedence as Go's archive/tar (so umoci, containerd): sparse name, GNU long name, PAX
+        # path, header name (an empty one never overrides)
+        name = pax.get(b"GNU.sparse.name") or h.long_name or pax.get(b"path") or h.name
         if not name:
             raise self._err("entry has an empty name")
         try:
@@ -706,7 +717,7 @@ class _TarReader:
         elif kind in (EntryKind.CHR, EntryKind.BLK):
             entry.devmajor, entry.devminor = h.devmajor, h.devminor
         elif kind in (EntryKind.HARDLINK, EntryKind.SYMLINK):
-            entry.linkname = pax.get(b"linkpath") or h.linkname
+            entry.linkname = h.long_link or pax.get(b"linkpath") or h.linkname
             if not entry.linkname or b"\0" in entry.linkname:
                 raise _Bad(f"{kind.value} with an empty or NUL-containing target")
             if len(entry.linkname) >= PATH_MAX:
