@@ -133,7 +133,9 @@ class NydusOperations(pyfuse3.Operations):
         pass
 
     async def flush(self, fh):
-        pass
+        # ENOSYS once: the kernel then stops sending FLUSH (a round trip on every close()) and
+        # close() returns 0 (fs/fuse/file.c sets fc->no_flush). Nothing to flush here anyway.
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @_guard
     async def getxattr(self, inode, name, ctx=None):
