@@ -8,6 +8,7 @@ ones are referenced. After the last layer the final tree is laid out as the boot
 from __future__ import annotations
 
 import fnmatch
+from array import array
 import os
 import stat
 from collections import deque
@@ -175,7 +176,7 @@ class Builder:
                 self.stats.chunks_stored += 1
                 self.stats.stored_uncompressed += size
                 self.stats.stored_compressed += len(stored)
-            inode.chunks[k] = cid
+            inode.chunks.append(cid)  # results arrive in submission order: k == len(chunks)
 
         pipeline.on_done = on_done
         cs = self.opt.chunk_size
@@ -189,7 +190,9 @@ class Builder:
                 prefetch = bool(self.prefetch) and self.prefetch.match(entry.path)
                 if prefetch:
                     self._prefetch_inodes.add(id(inode))
-                inode.chunks = [0] * (-(-entry.size // cs))
+                # grown as chunks complete (u32 array: 4 bytes a chunk), so a huge declared size
+                # costs nothing until its data actually arrives
+                inode.chunks = array("I")
                 touched.append(inode)
                 try:
                     for k, piece in enumerate(read_exact_pieces(entry.read, entry.size, cs)):

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import stat
 import struct
+import sys
+from array import array
 from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple, Sequence
 
@@ -169,7 +171,7 @@ class BootstrapWriter:
             data = symlink or b""
             size = len(data)
         elif stat.S_ISREG(mode):
-            data = list(chunk_ids or ())
+            data = array("I", chunk_ids or ())
             expect = -(-size // self.chunk_size)
             if len(data) != expect:
                 raise ValueError(f"inode {ino}: {len(data)} chunks for size {size}, expected {expect}")
@@ -221,7 +223,7 @@ class BootstrapWriter:
                 ndirents += count
             elif stat.S_ISREG(mode):
                 start, count = nrefs, len(data)
-                refs += struct.pack(f"<{count}I", *data)
+                refs += _le_u32(data)
                 nrefs += count
             elif stat.S_ISLNK(mode):
                 start, count = put(data), len(data)
@@ -245,6 +247,14 @@ class BootstrapWriter:
             "prefetch": struct.pack(f"<{len(self.prefetch)}I", *self.prefetch),
         }
         return msgpack.packb(doc, use_bin_type=True)
+
+
+def _le_u32(a: array) -> bytes:
+    if sys.byteorder == "little":
+        return a.tobytes()
+    b = array("I", a)
+    b.byteswap()
+    return b.tobytes()
 
 
 def compress_layer(msgpack_bytes: bytes) -> bytes:
