@@ -1,0 +1,1 @@
+"""nydus-py benchmark harness (see perf/README.md). Entry point: perf/bench.py via perf/run."""
