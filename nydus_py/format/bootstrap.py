@@ -302,6 +302,7 @@ class Bootstrap:
         self._xattrs = _bin(doc, "xattrs", XATTR)
         self._strings = _bin(doc, "strings")
         self.inode_count = len(self._inodes) // INODE.size
+        self.xattr_count = len(self._xattrs) // XATTR.size
         self.chunk_count = len(self._chunks) // CHUNK.size
         if len(self._digests) != self.chunk_count * DIGEST_SIZE:
             raise FormatError("bootstrap: digest column does not match chunk table")

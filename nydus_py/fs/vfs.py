@@ -148,14 +148,24 @@ class Vfs:
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         self._attr(ino)
-        value = self.bootstrap.xattrs(ino).get(name) if self.xattrs else None
+        self._check_xattr_support()
+        value = self.bootstrap.xattrs(ino).get(name)
         if value is None:
             raise FsError(errno.ENODATA)
         return value
 
     def listxattr(self, ino: int) -> list[bytes]:
         self._attr(ino)
-        return list(self.bootstrap.xattrs(ino)) if self.xattrs else []
+        self._check_xattr_support()
+        return list(self.bootstrap.xattrs(ino))
+
+    def _check_xattr_support(self) -> None:
+        """An image without a single xattr (or enable_xattr off) answers ENOSYS: the kernel then
+        remembers that this mount has no xattrs and answers EOPNOTSUPP itself, instead of a
+        round trip per file (`ls -l` asks for two xattrs of every file it lists; FUSE never
+        caches the answers). That is what a filesystem without xattr support says anyway."""
+        if not self.xattrs or self.bootstrap.xattr_count == 0:
+            raise FsError(errno.ENOSYS)
 
     def statfs(self) -> StatFs:
         if self._total_size is None:

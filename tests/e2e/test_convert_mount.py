@@ -3,6 +3,7 @@ the tree must equal umoci's unpack of the same image, and data must come lazily.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -160,3 +161,16 @@ def _manifest(layout: Path, tag: str) -> dict:
     idx = json.loads((layout / "index.json").read_bytes())
     d = next(m for m in idx["manifests"] if m["annotations"]["org.opencontainers.image.ref.name"] == tag)
     return json.loads((layout / "blobs/sha256" / d["digest"].split(":")[1]).read_bytes())
+
+
+def test_image_without_xattrs_reports_no_xattr_support(tmp_path):
+    layer = Layer()
+    layer.file("plain", b"no xattrs anywhere\n")
+    Image([layer]).write_oci(tmp_path / "src", "nx")
+    nydusify("convert", "--source", f"oci:{tmp_path}/src:nx", "--target", f"oci:{tmp_path}/dst:nx")
+    with Mount(f"oci:{tmp_path}/dst:nx", tmp_path / "mnt", tmp_path / "cache") as mnt:
+        for _ in range(2):  # the first answer (ENOSYS) is remembered by the kernel
+            with pytest.raises(OSError) as e:
+                os.listxattr(mnt / "plain")
+            assert e.value.errno == errno.EOPNOTSUPP
+        assert (mnt / "plain").read_bytes() == b"no xattrs anywhere\n"

@@ -193,3 +193,13 @@ def test_read_error_becomes_eio_and_logs_the_path(vfs, caplog):
     async def other():
         return await vfs.read(path(vfs, "text"), 0, 8)
     assert trio.run(other) == b"abcdefgh"
+
+
+def test_image_without_any_xattr_answers_enosys_so_the_kernel_stops_asking(rich):
+    from tests.fixtures.nydus_build import build
+    plain = Bootstrap.from_bytes(build({"a": b"x"}).bootstrap)
+    v = Vfs(plain, object())
+    assert errno_of(v.listxattr, ROOT_INO) == errno.ENOSYS
+    assert errno_of(v.getxattr, ROOT_INO, b"user.x") == errno.ENOSYS
+    hidden = Vfs(Bootstrap.from_bytes(rich.bootstrap), object(), xattrs=False)
+    assert errno_of(hidden.listxattr, ROOT_INO) == errno.ENOSYS
