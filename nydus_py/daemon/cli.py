@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--suid", action="store_true",
                    help="honour setuid/setgid bits of image binaries (root only; default nosuid)")
     m.add_argument("--apisock", metavar="SOCK", help="serve the HTTP API on this unix socket")
+    m.add_argument("--readahead-kb", type=int, default=1024, metavar="KB",
+                   help="kernel readahead for the mount (default 1024; 0 keeps the kernel's)")
     m.add_argument("--id", dest="daemon_id", default="", help="daemon id reported by the API")
     m.add_argument("--cache-max-size", metavar="SIZE",
                    help="cache size limit (bytes or K/M/G/T); LRU eviction above it")
@@ -133,6 +135,7 @@ def _request(args) -> MountRequest:
             raise ConfigError(f"--prefetch-files {args.prefetch_files}: {e.strerror}") from None
     return MountRequest(mountpoint=args.mountpoint, image=args.image, bootstrap=args.bootstrap,
                         plain_http=args.plain_http, skip_verify=args.insecure,
+                        readahead_kb=args.readahead_kb,
                         blob_dir=args.blob_dir, cache_dir=args.cache_dir, config=cfg,
                         allow_other=args.allow_other, suid=args.suid,
                         apisock=os.path.abspath(args.apisock) if args.apisock else None,

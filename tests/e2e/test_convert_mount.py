@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -174,3 +175,16 @@ def test_image_without_xattrs_reports_no_xattr_support(tmp_path):
                 os.listxattr(mnt / "plain")
             assert e.value.errno == errno.EOPNOTSUPP
         assert (mnt / "plain").read_bytes() == b"no xattrs anywhere\n"
+
+
+def test_mount_raises_the_kernel_readahead_window(tmp_path):
+    whiteout_image().write_oci(tmp_path / "src", "ra")
+    nydusify("convert", "--source", f"oci:{tmp_path}/src:ra", "--target", f"oci:{tmp_path}/dst:ra")
+    with Mount(f"oci:{tmp_path}/dst:ra", tmp_path / "mnt", tmp_path / "cache") as mnt:
+        dev = subprocess.run(["mountpoint", "-d", str(mnt)], capture_output=True, text=True).stdout.strip()
+        ra = Path(f"/sys/class/bdi/{dev}/read_ahead_kb")
+        for _ in range(50):   # set by the daemon just after the FUSE INIT handshake
+            if ra.read_text().strip() == "1024":
+                break
+            time.sleep(0.05)
+        assert ra.read_text().strip() == "1024"
