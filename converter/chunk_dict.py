@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from converter.source_registry import RegistryOptions
-from nydus_py.errors import ConfigError, FormatError, ImageFormatError, NydusError
-from nydus_py.format.bootstrap import MAX_BOOTSTRAP, BlobInfo, Bootstrap
+from nydus_py.errors import ConfigError, ImageFormatError, NydusError
+from nydus_py.format.bootstrap import BlobInfo, Bootstrap
 from nydus_py.oci import mediatypes as mt
-from nydus_py.oci.layout import Descriptor, OCILayout, json_object
+from nydus_py.oci.layout import Descriptor, OCILayout
 from nydus_py.oci.nydus_image import find_layers
 from nydus_py.oci.reference import Reference, parse as parse_reference
 
@@ -150,25 +150,10 @@ def _check_nydus_manifest_oci(ref: str) -> None:
 
 
 def _open_registry(name: str, r: Reference, options: RegistryOptions) -> ChunkDict:
-    from nydus_py.image_source import converted_entry
+    from nydus_py.image_source import fetch_registry_image
     what = str(r)
     with options.client(r) as c:
-        data, media_type, digest = c.get_manifest(r.repository, r.ref)
-        manifest = json_object(data, f"{what}: manifest {digest}")
-        if media_type in mt.INDEX_TYPES:
-            entry = converted_entry(manifest, what)
-            data, _, digest = c.get_manifest(r.repository, entry.digest)
-            manifest = json_object(data, f"{what}: manifest {digest}")
-        layers = find_layers(manifest, what)
-        _check_external(manifest, what)
-        if layers.bootstrap.size > MAX_BOOTSTRAP:
-            raise ImageFormatError(f"{what}: bootstrap layer of {layers.bootstrap.size} bytes is too large")
-        with c.get_blob(r.repository, layers.bootstrap.digest, layers.bootstrap.size) as body:
-            layer = body.read()
-    try:
-        bootstrap = Bootstrap.from_bytes(layer)
-    except FormatError as e:
-        raise FormatError(f"{what}: {e}") from None
+        _, layers, bootstrap = fetch_registry_image(c, r, what)
     listed = {d.digest for d in layers.blobs}
     for blob in bootstrap.blobs:
         if blob.id not in listed:

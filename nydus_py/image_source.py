@@ -23,7 +23,7 @@ from nydus_py.errors import BlobNotFoundError, ConfigError, FormatError, ImageFo
 from nydus_py.format.bootstrap import MAX_BOOTSTRAP, Bootstrap
 from nydus_py.oci import mediatypes as mt
 from nydus_py.oci.layout import Descriptor, OCILayout, json_object
-from nydus_py.oci.nydus_image import find_layers
+from nydus_py.oci.nydus_image import NydusLayers, find_layers
 from nydus_py.metrics import Metrics
 from nydus_py.storage.config import BackendConfig, LocalFsConfig
 from nydus_py.storage.factory import make_backend
@@ -132,25 +132,32 @@ def open_registry(ref: str, *, metrics: Metrics | None = None, plain_http: bool 
     r = parse_reference(ref)
     scheme = "http" if plain_http else "https"
     with RegistryClient(config=RegistryConfig.for_reference(r, scheme=scheme, skip_verify=skip_verify)) as c:
-        data, media_type, digest = c.get_manifest(r.repository, r.ref or "latest")
-        manifest = json_object(data, f"{ref}: manifest {digest}")
-        if media_type in mt.INDEX_TYPES:
-            entry = converted_entry(manifest, ref)
-            data, _, digest = c.get_manifest(r.repository, entry.digest)
-            manifest = json_object(data, f"{ref}: manifest {digest}")
-        layers = find_layers(manifest, ref)
-        if layers.bootstrap.size > MAX_BOOTSTRAP:
-            raise ImageFormatError(f"{ref}: bootstrap layer of {layers.bootstrap.size} bytes is too large")
-        with c.get_blob(r.repository, layers.bootstrap.digest, layers.bootstrap.size) as body:
-            layer = body.read()
-    try:
-        bootstrap = Bootstrap.from_bytes(layer)
-    except FormatError as e:
-        raise FormatError(f"{ref}: {e}") from None
+        _, _, bootstrap = fetch_registry_image(c, r, ref)
     if backend is None:
         backend = BackendConfig(type="registry", registry=RegistryBackendConfig(
             host=r.api_host, repo=r.repository, scheme=scheme, skip_verify=skip_verify))
     return OpenedImage(bootstrap, make_backend(backend, metrics=metrics), str(r))
+
+
+def fetch_registry_image(client, r, what: str) -> tuple[dict, NydusLayers, Bootstrap]:
+    """(manifest, layers, bootstrap) of a converted image in a registry: the manifest (or the
+    converted entry of a merged index) and the bootstrap layer, fetched and verified."""
+    data, media_type, digest = client.get_manifest(r.repository, r.ref or "latest")
+    manifest = json_object(data, f"{what}: manifest {digest}")
+    if media_type in mt.INDEX_TYPES:
+        entry = converted_entry(manifest, what)
+        data, _, digest = client.get_manifest(r.repository, entry.digest)
+        manifest = json_object(data, f"{what}: manifest {digest}")
+    layers = find_layers(manifest, what)
+    if layers.bootstrap.size > MAX_BOOTSTRAP:
+        raise ImageFormatError(f"{what}: bootstrap layer of {layers.bootstrap.size} bytes is too large")
+    with client.get_blob(r.repository, layers.bootstrap.digest, layers.bootstrap.size) as body:
+        layer = body.read()
+    try:
+        bootstrap = Bootstrap.from_bytes(layer)
+    except FormatError as e:
+        raise FormatError(f"{what}: {e}") from None
+    return manifest, layers, bootstrap
 
 
 def converted_entry(index: dict, ref: str) -> Descriptor:

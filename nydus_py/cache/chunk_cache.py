@@ -63,9 +63,7 @@ import fcntl
 import itertools
 import logging
 import os
-import struct
 import threading
-import time
 from array import array
 from pathlib import Path
 from typing import Callable, Sequence
@@ -73,6 +71,8 @@ from typing import Callable, Sequence
 import xxhash
 
 from nydus_py.cache import gc as gc_mod
+# the on-disk layout is defined once, in gc.py, which reads the same files
+from nydus_py.cache.gc import HEADER, META_MAGIC, META_VERSION, READY, RECORD
 from nydus_py.errors import CacheError
 from nydus_py.format.bootstrap import BlobInfo, Chunk
 from nydus_py.metrics import Metrics
@@ -80,11 +80,6 @@ from nydus_py.storage.backend import blob_hex
 
 log = logging.getLogger(__name__)
 
-META_MAGIC = b"NYPYBCM\x00"
-META_VERSION = 1
-HEADER = struct.Struct("<8sHHIQ32s8x")
-RECORD = struct.Struct("<BxxxIQ")
-READY = 1
 _NOT_READY = bytes(RECORD.size)
 
 

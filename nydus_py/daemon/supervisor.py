@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import trio
 
 from nydus_py.daemon import api as api_mod
-from nydus_py.daemon.api import ApiError, Request, Response, error_response, json_response
+from nydus_py.daemon.api import ApiError, Request, Response, json_response
 from nydus_py.errors import ConfigError
 
 log = logging.getLogger(__name__)

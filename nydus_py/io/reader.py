@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
 from typing import Sequence
 
 import trio

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import quote
 
-from nydus_py.errors import ConfigError, ImageFormatError, NydusError
+from nydus_py.errors import ConfigError, NydusError
 from nydus_py.oci import mediatypes as mt
 from nydus_py.oci.auth import resolve_credentials
 from nydus_py.oci.layout import json_object
