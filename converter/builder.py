@@ -33,6 +33,7 @@ MIN_CHUNK, MAX_CHUNK = 0x1000, 0x1000000  # 4 KiB .. 16 MiB, powers of two (as n
 class BuildOptions:
     chunk_size: int = 1 << 20
     compressor: str = "zstd"
+    compression_level: int | None = None    # zstd only; None = 3 (speed over size)
     max_layer_size: int = 64 << 30          # uncompressed bytes per layer (bomb limit)
     workers: int = max(2, os.cpu_count() or 2)
     prefetch_patterns: tuple[str, ...] = ()
@@ -42,6 +43,7 @@ class BuildOptions:
         if cs < MIN_CHUNK or cs > MAX_CHUNK or cs & (cs - 1):
             raise ConfigError(f"--chunk-size {cs:#x}: must be a power of two between 0x1000 and 0x1000000")
         compression.check_codec(self.compressor)
+        compression.check_level(self.compressor, self.compression_level)
 
 
 @dataclass
@@ -160,7 +162,8 @@ class Builder:
         """`entries` yields TarEntry objects of one layer (already decompressed and verified)."""
         base = self.writer.chunk_count
         blob = BlobWriter(self.work_dir, self.opt.compressor)
-        pipeline = ChunkPipeline(self.opt.compressor, self.opt.workers, depth=2 * self.opt.workers + 2)
+        pipeline = ChunkPipeline(self.opt.compressor, self.opt.workers, depth=2 * self.opt.workers + 2,
+                                 level=self.opt.compression_level)
         touched: list[Inode] = []
 
         def on_done(result, target, k):

@@ -13,10 +13,18 @@ CODECS = ("zstd", "lz4", "none")
 _local = threading.local()  # zstd contexts are not thread-safe; one per thread is cheap
 
 
-def _zc() -> zstandard.ZstdCompressor:
-    c = getattr(_local, "zc", None)
+DEFAULT_ZSTD_LEVEL = 3
+ZSTD_LEVELS = range(1, 23)
+
+
+def _zc(level: int) -> zstandard.ZstdCompressor:
+    cache = getattr(_local, "zc", None)
+    if cache is None:
+        cache = _local.zc = {}
+    c = cache.get(level)
     if c is None:
-        c = _local.zc = zstandard.ZstdCompressor(level=3, write_content_size=True, write_checksum=False)
+        c = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True,
+                                                     write_checksum=False)
     return c
 
 
@@ -33,12 +41,20 @@ def check_codec(name: str) -> str:
     return name
 
 
-def compress(codec: str, data: bytes) -> bytes | None:
+def check_level(codec: str, level: int | None) -> int | None:
+    if level is None:
+        return None
+    if codec != "zstd" or level not in ZSTD_LEVELS:
+        raise ConfigError(f"--compression-level {level}: only zstd has levels (1..22)")
+    return level
+
+
+def compress(codec: str, data: bytes, level: int | None = None) -> bytes | None:
     """Compressed bytes, or None when compression does not make the chunk smaller."""
     if codec == "none":
         return None
     if codec == "zstd":
-        out = _zc().compress(data)
+        out = _zc(level or DEFAULT_ZSTD_LEVEL).compress(data)
     elif codec == "lz4":
         out = lz4.block.compress(data, store_size=False)
     else:

@@ -128,3 +128,12 @@ def test_progress_bar_on_a_terminal_only(tmp_path):
     assert proc.wait(timeout=60) == 0
     os.close(master)
     assert b"converting layer" in out
+
+
+def test_compression_level_only_for_zstd_and_in_range(tmp_path):
+    whiteout_image().write_oci(tmp_path / "src", "l")
+    for bad in (("--compression-level", "23"), ("--compressor", "lz4", "--compression-level", "5")):
+        r = run_convert(f"oci:{tmp_path}/src:l", f"oci:{tmp_path}/dst:l", *bad)
+        assert_clean_failure(r, tmp_path, "--compression-level")
+    ok = run_convert(f"oci:{tmp_path}/src:l", f"oci:{tmp_path}/dst:l", "--compression-level", "19")
+    assert ok.returncode == 0, ok.stderr

@@ -85,3 +85,12 @@ def test_compressed_layer_form_loads_and_garbage_zstd_is_format_error():
     assert Bootstrap.from_bytes(layer).inode_count == 5
     with pytest.raises(FormatError, match="zstd"):
         Bootstrap.from_bytes(layer[:10])
+
+
+def test_higher_zstd_level_is_smaller_and_decodes_the_same():
+    import os as _os
+    from nydus_py.format import compression
+    data = b"".join(_os.urandom(16) * 64 + bytes(range(256)) * 4 for _ in range(256))
+    fast, small = compression.compress("zstd", data), compression.compress("zstd", data, 19)
+    assert len(small) <= len(fast)
+    assert compression.decompress("zstd", small, len(data), "t") == data
