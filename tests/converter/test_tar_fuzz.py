@@ -56,12 +56,13 @@ class SyncPipeline:
     """converter.chunker.ChunkPipeline without the thread pool (thread start-up would be most
     of a fuzz case's time); same results, same order."""
 
-    def __init__(self, codec: str, workers: int, depth: int):
+    def __init__(self, codec: str, workers: int, depth: int, level: int | None = None):
         self._codec = codec
+        self._level = level
         self.on_done = None
 
     def submit(self, data: bytes, target, k: int) -> None:
-        self.on_done(chunker._digest_and_compress(self._codec, data), target, k)
+        self.on_done(chunker._digest_and_compress(self._codec, self._level, data), target, k)
 
     def drain(self) -> None:
         pass
