@@ -54,10 +54,12 @@ class Mount:
     """A daemonized nydusd mount; `ready_s` is the wall time from exec to mount-ready."""
 
     def __init__(self, mountpoint: Path, work: Path, *, image: str | None = None,
-                 registry: tuple[str, str, str] | None = None, cache_dir: Path | None = None):
+                 registry: tuple[str, str, str] | None = None, cache_dir: Path | None = None,
+                 extra: tuple = ()):
         self.mp, self.work = Path(mountpoint), Path(work)
         self.image, self.registry = image, registry     # registry: (host, repo, tag)
         self.cache_dir = cache_dir
+        self.extra = tuple(extra)
         self.pid: int | None = None
         self.ready_s = 0.0
         self.bootstrap_s = 0.0
@@ -71,6 +73,7 @@ class Mount:
                 "--log-level", "warn"]
         if self.cache_dir:
             argv += ["--cache-dir", self.cache_dir]
+        argv += list(self.extra)
         t0 = time.perf_counter()
         if self.image:
             argv += ["--image", self.image]

@@ -29,7 +29,9 @@ def tables(res: dict) -> tuple[str, list[tuple[str, str, bool | None]]]:
         for n in c["nets"]:
             med = n["median"]
             ny = med.get("nydus", {}).get("seconds")
-            for k, name in (("nydus", "nydus-py (lazy mount + chroot)"), ("skopeo_umoci", "skopeo copy + umoci unpack"),
+            for k, name in (("nydus", "nydus-py (lazy mount + chroot)"),
+                            ("nydus_prefetch", "nydus-py, image converted with a recorded prefetch list"),
+                            ("skopeo_umoci", "skopeo copy + umoci unpack"),
                             ("containerd", "ctr image pull + ctr run")):
                 if k not in med:
                     continue
@@ -152,7 +154,8 @@ def charts(res: dict, outdir: Path, prefix: str) -> list[Path]:
     c = sc.get("cold_start")
     if c and "error" not in c:
         fig, ax = plt.subplots(figsize=(7, 3.5))
-        methods = [("nydus", "nydus-py"), ("skopeo_umoci", "skopeo+umoci"), ("containerd", "containerd")]
+        methods = [("nydus", "nydus-py"), ("nydus_prefetch", "nydus-py + prefetch list"),
+                   ("skopeo_umoci", "skopeo+umoci"), ("containerd", "containerd")]
         w = 0.8 / len(methods)
         for i, (k, name) in enumerate(methods):
             xs = [j + i * w for j in range(len(c["nets"]))]
