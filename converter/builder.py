@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from converter import layer as tarlayer
+from converter import tar as tarlayer
 from converter.blob_writer import BlobWriter, FinishedBlob
 from converter.chunker import ChunkPipeline, read_exact_pieces
 from converter.dedup import ChunkIndex, remap_ids

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from converter.compare import compare_trees
-from converter.source import parse_source
+from converter.sources import parse_source
 from nydus_py.errors import ConfigError, InputError
 
 MOUNT_TIMEOUT = 60.0

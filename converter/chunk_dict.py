@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from converter.source_registry import RegistryOptions
+from converter.sources import RegistryOptions
 from nydus_py.errors import ConfigError, ImageFormatError, NydusError
 from nydus_py.format.bootstrap import BlobInfo, Bootstrap
 from nydus_py.oci import mediatypes as mt

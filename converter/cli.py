@@ -70,7 +70,7 @@ def _registry_args(p: argparse.ArgumentParser) -> None:
 
 
 def _registry_options(args):
-    from converter.source_registry import RegistryOptions
+    from converter.sources import RegistryOptions
     return RegistryOptions(plain_http=args.plain_http, skip_verify=args.insecure, ca_file=args.ca_file,
                            work_dir=args.work_dir)
 
@@ -112,7 +112,7 @@ def _blob_store(args):
 def cmd_convert(args) -> int:
     from converter.convert import convert
     from converter.progress import Progress
-    from converter.source import parse_platform, parse_source
+    from converter.sources import parse_platform, parse_source
 
     parse_platform(args.platform)  # a bad --platform is an error before any download
     options = BuildOptions(chunk_size=args.chunk_size, compressor=args.compressor,

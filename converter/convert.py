@@ -7,11 +7,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from converter import layer as tarlayer
+from converter import tar as tarlayer
 from converter.builder import Builder, BuildOptions, BuildResult, ProgressFn
 from converter.chunk_dict import ChunkDict
-from converter.source import SourceImage, SourceRef, open_source
-from converter.source_registry import RegistryOptions
+from converter.sources import RegistryOptions, SourceImage, SourceRef, open_source
 from converter.target import Staging, write_image
 from nydus_py.errors import BlobNotFoundError, ConfigError
 from nydus_py.oci.layout import Descriptor

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
+from converter.sources import SourceImage
 from nydus_py.oci import mediatypes as mt
 from nydus_py.oci.layout import Descriptor, OCILayout, canonical_json
 from nydus_py.oci.nydus_image import NYDUS_OS_FEATURE
@@ -34,7 +35,7 @@ class ExternalBlob:
 
 
 def push_converted(layout_dir: Path, manifest: Descriptor, target: Reference, client: RegistryClient, *,
-                   source_image=None, merge_platform: bool = False, concurrency: int = 3,
+                   source_image: SourceImage | None = None, merge_platform: bool = False, concurrency: int = 3,
                    progress: Progress | None = None, external: dict[str, ExternalBlob] | None = None) -> str:
     """Returns the digest that the target tag now names. `external`: digest → where to get the
     layers that are not in `layout_dir` (chunk-dictionary blobs)."""
@@ -56,17 +57,20 @@ def push_converted(layout_dir: Path, manifest: Descriptor, target: Reference, cl
         progress("pushed", desc.size)
         return result
 
+    # a source without a manifest blob of its own (docker-archive) cannot be part of an index
+    merge = (source_image if merge_platform and source_image is not None
+             and source_image.manifest_desc is not None and source_image.manifest_bytes is not None else None)
     with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="push") as pool:
         list(pool.map(push_one, blobs))
-        if merge_platform and source_image is not None:
-            _push_source(source_image, target, client, pool)
+        if merge is not None:
+            _push_source(merge, target, client, pool)
     ref = target.tag or target.digest or "latest"
     manifest_bytes = layout.read_blob(manifest, "converted manifest")
-    if not merge_platform or source_image is None or source_image.manifest_desc is None:
+    if merge is None or merge.manifest_desc is None:
         return client.put_manifest(repo, ref, manifest_bytes, manifest.media_type)
     pushed = client.put_manifest(repo, manifest.digest, manifest_bytes, manifest.media_type)
-    platform = _platform_of(source_image.config)
-    src = source_image.manifest_desc
+    platform = _platform_of(merge.config)
+    src = merge.manifest_desc
     index = {
         "schemaVersion": 2,
         "mediaType": mt.OCI_INDEX,
@@ -86,12 +90,13 @@ def _platform_of(config: dict) -> dict:
     return p
 
 
-def _push_source(image, target: Reference, client: RegistryClient, pool: ThreadPoolExecutor) -> None:
+def _push_source(image: SourceImage, target: Reference, client: RegistryClient, pool: ThreadPoolExecutor) -> None:
     """Makes the source manifest and its blobs exist in the target repository."""
     repo = target.repository
-    descs = [Descriptor.from_json(image.manifest["config"], "config")] + [l.descriptor for l in image.layers]
-    same_registry = getattr(image, "client", None) is not None and image.client.config.host == client.config.host
-    mount_from = [image.ref.repository] if same_registry else []
+    descs = [Descriptor.from_json(image.manifest["config"], "config")] + [
+        Descriptor(l.media_type, l.digest, l.size) if l.descriptor is None else l.descriptor for l in image.layers]
+    origin = image.origin
+    mount_from = [origin.repository] if origin is not None and origin.host == client.config.host else []
 
     def copy(desc: Descriptor) -> None:
         if client.head_blob(repo, desc.digest) is not None:
@@ -107,4 +112,5 @@ def _push_source(image, target: Reference, client: RegistryClient, pool: ThreadP
             client.push_blob(repo, path, desc.digest, desc.size, mount_from=mount_from)
 
     list(pool.map(copy, descs))
+    assert image.manifest_desc is not None and image.manifest_bytes is not None   # checked by the caller
     client.put_manifest(repo, image.manifest_desc.digest, image.manifest_bytes, image.manifest_desc.media_type)

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from converter.layer import EntryKind, TarEntry, show
+from converter.tar import EntryKind, TarEntry, show
 from nydus_py.errors import LayerError
 
 _NO_DEV = (0, 0)

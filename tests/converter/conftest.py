@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import tarfile
 
-from converter.layer import iter_entries
+from converter.tar import iter_entries
 
 BLOCK = 512
 

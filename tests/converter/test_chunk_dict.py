@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from converter import layer as tarlayer
+from converter import tar as tarlayer
 from converter.builder import Builder, BuildOptions, BuildResult
 from converter.chunk_dict import ChunkDictRef, blob_descriptor, parse_chunk_dict
 from nydus_py.errors import ConfigError

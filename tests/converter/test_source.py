@@ -1,4 +1,4 @@
-"""converter.source: references, OCI layouts (indexes, platforms), docker-archive tarballs."""
+"""converter.sources: references, OCI layouts (indexes, platforms), docker-archive tarballs."""
 
 from __future__ import annotations
 
@@ -12,10 +12,21 @@ import tarfile
 import pytest
 import zstandard
 
-from converter import source
-from converter.layer import iter_entries
-from converter.source import LayerInfo, SourceRef, open_source, parse_source, verify_diff_id
-from nydus_py.errors import BlobNotFoundError, ConfigError, DigestMismatchError, ImageFormatError
+from converter.sources import (
+    LayerInfo,
+    SourceRef,
+    open_source,
+    parse_source,
+    verify_diff_id,
+)
+from converter.sources import resolve as source_resolve
+from converter.tar import iter_entries
+from nydus_py.errors import (
+    BlobNotFoundError,
+    ConfigError,
+    DigestMismatchError,
+    ImageFormatError,
+)
 from nydus_py.oci import digest as dg
 from nydus_py.oci import mediatypes as mt
 from nydus_py.oci.layout import OCILayoutWriter
@@ -153,7 +164,7 @@ def _multi(w, media_type=mt.OCI_INDEX):
 @pytest.mark.parametrize("machine,expect", [("x86_64", 0), ("aarch64", 1), ("armv7l", 2), ("armv6l", 3)])
 def test_index_picks_the_host_platform(layout, monkeypatch, machine, expect):
     descs = _multi(layout)
-    monkeypatch.setattr(source._platform, "machine", lambda: machine)
+    monkeypatch.setattr(source_resolve._platform, "machine", lambda: machine)
     img = open_source(parse_source(f"oci:{layout.root}:multi"))
     assert img.manifest_desc.digest == descs[expect].digest
 

@@ -33,8 +33,8 @@ import zstandard
 from converter import builder as builder_mod
 from converter import chunker
 from converter.builder import Builder, BuildOptions
-from converter.layer import open_layer_stream
-from converter import layer as tarlayer
+from converter.decompress import open_layer_stream
+from converter import tar as tarlayer
 from nydus_py.errors import NydusError
 from nydus_py.oci import mediatypes as mt
 from tests.converter.conftest import END, header, member, pax, pax_record

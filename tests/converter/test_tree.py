@@ -8,7 +8,7 @@ import tracemalloc
 
 import pytest
 
-from converter.layer import EntryKind, TarEntry, iter_entries
+from converter.tar import EntryKind, TarEntry, iter_entries
 from converter.tree import Inode, Tree
 from nydus_py.errors import LayerError
 from tests.converter.conftest import END, member, pax

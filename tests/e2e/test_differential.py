@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from converter.compare import compare_trees
-from converter.layer import EntryKind, TarEntry
+from converter.tar import EntryKind, TarEntry
 from converter.tree import Tree
 from nydus_py.errors import LayerError
 from tests.fixtures.imagegen import CAP_NET_BIND_SERVICE, T0_NS, Content, Image, Layer

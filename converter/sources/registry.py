@@ -1,4 +1,4 @@
-"""Registry sources: `HOST/REPO:TAG` (or `@sha256:…`, Docker Hub short names).
+"""`[docker://]HOST/REPO[:TAG|@DIGEST]`: a registry (Docker Hub short names too).
 
 Layers are downloaded concurrently into a private temp dir while earlier layers are being
 converted (the merge itself must go in layer order); each download is verified against its
@@ -13,13 +13,22 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
-from converter.source import LayerInfo, SourceImage, SourceRef, resolve_image
+from converter.sources.base import (
+    ImageBase,
+    LayerInfo,
+    RegistryOrigin,
+    SourceImage,
+    SourceRef,
+)
+from converter.sources.resolve import resolve_image
 from nydus_py.errors import ImageFormatError
 from nydus_py.oci import digest as dg
 from nydus_py.oci import mediatypes as mt
 from nydus_py.oci.layout import MAX_JSON, Descriptor
-from nydus_py.oci.reference import Reference, parse as parse_reference
+from nydus_py.oci.reference import Reference
+from nydus_py.oci.reference import parse as parse_reference
 from nydus_py.oci.registry import RegistryClient, RegistryConfig
 
 
@@ -37,11 +46,12 @@ class RegistryOptions:
             ca_file=self.ca_file))
 
 
-class RegistryImage(SourceImage):
+class RegistryImage(ImageBase):
     def __init__(self, client: RegistryClient, ref: Reference, options: RegistryOptions, **kw):
         super().__init__(**kw)
         self.client = client
         self.ref = ref
+        self.origin = RegistryOrigin(client.config.host, ref.repository)
         self._tmp = Path(tempfile.mkdtemp(prefix="nydusify-layers-", dir=options.work_dir))
         self._pool = ThreadPoolExecutor(max_workers=max(1, options.concurrency), thread_name_prefix="pull")
         self._cancel = threading.Event()
@@ -57,7 +67,7 @@ class RegistryImage(SourceImage):
                 out.write(buf)
         return path
 
-    def open_layer(self, layer: LayerInfo):
+    def open_layer(self, layer: LayerInfo) -> IO[bytes]:
         path = self._downloads[layer.index].result()
         return open(path, "rb")   # already verified against layer.digest while downloading
 

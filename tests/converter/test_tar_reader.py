@@ -1,4 +1,4 @@
-"""converter.layer: decompression and the tar reader, including hostile and malformed input."""
+"""converter.decompress and converter.tar: decompression and the tar reader, including hostile and malformed input."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import zlib
 import pytest
 import zstandard
 
-from converter.layer import EntryKind, iter_entries, normalize, open_layer_stream, parse_pax_time, st_mode
+from converter.decompress import open_layer_stream
+from converter.tar import EntryKind, iter_entries, normalize, parse_pax_time, st_mode
 from nydus_py.errors import DigestMismatchError, LayerError
 from nydus_py.oci import digest as dg
 from nydus_py.oci import mediatypes as mt
