@@ -2,8 +2,8 @@
 
 Modules: `entry` (TarEntry, EntryKind), `headers` (header blocks, PAX records, xattr records),
 `paths` (the path policy below), `reader` (the entry stream). converter/decompress.py gives
-the uncompressed stream. `iter_entries()` reads that stream one `TarEntry` at a time. Names, link targets and xattr
-values stay `bytes` end to end. Memory is bounded whatever the layer: data is read in the
+the uncompressed stream. `iter_entries()` reads that stream one `TarEntry` at a time. Names,
+link targets and xattr values stay `bytes` end to end. Memory is bounded whatever the layer: data is read in the
 consumer's pieces, skipped data is read in 1 MiB pieces, and every header that is buffered
 (PAX, GNU long names, sparse maps) has a hard limit.
 
@@ -12,15 +12,21 @@ Tar formats read: v7, ustar (prefix), GNU (long names 'L'/'K', base-256 numbers,
 nanosecond mtime, SCHILY.xattr.*, LIBARCHIVE.xattr.*, GNU sparse 0.0/0.1/1.0). Global PAX
 headers ('g') are checked and ignored (Go's archive/tar returns them to the caller as an
 entry of their own; no image tool gives them meaning for a rootfs).
+A ustar prefix is read as Go reads it: 155 bytes, 131 in star headers (trailer "tar"), and in a
+GNU header whose atime/ctime fields are not numbers (Go < 1.8 wrote a prefix there).
 Name precedence is Go's (hence umoci's): GNU.sparse.name, GNU long name ('L'), PAX path,
 the header; likewise GNU long link, PAX linkpath, the header. A second 'x' header before one
-entry replaces the first. Numbers beyond int64, times whose nanoseconds do not fit int64,
+entry replaces the first. Numbers beyond int64, times whose seconds do not fit int64 (their
+nanoseconds need not: years before 1678 and after 2262 are kept exact),
 name components over 255 bytes, symlink targets over 4095 bytes, NUL in a PAX keyword and
 xattrs over Linux's limits (name 255, value 64 KiB) are errors; xattrs outside the user/
-trusted/security/system namespaces are dropped (setxattr: ENOTSUP, which umoci skips); user.*
+trusted/security/system namespaces are dropped (setxattr: ENOTSUP, which umoci skips), so are
+trusted.overlay.* (overlayfs' own metadata, which must not come from an image); user.*
 xattrs on anything but a file or directory are errors (Linux refuses them, so does umoci).
-Unknown typeflags are regular files, as POSIX says ("shall be treated as a regular file");
-GNU 'V' (volume label) is skipped; 'M'/'N' (multi-volume, old long names) are refused.
+Unknown typeflags are regular files, as POSIX says ("shall be treated as a regular file"),
+except the vendor range 'A'..'Z' (Solaris 'X' extended headers, ACL records...): those are
+refused, as by containerd and umoci, rather than planted as stray files. GNU 'V' (volume
+label) is skipped; 'M'/'N' (multi-volume, old long names) are refused.
 Header-only types (hardlink, symlink, char, block, dir, fifo) carry no data even when their
 size field is non-zero: like Go's archive/tar (so umoci, containerd), the next header follows.
 

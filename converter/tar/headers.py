@@ -20,8 +20,10 @@ BLOCK = 512
 INT64_MAX = (1 << 63) - 1       # numbers beyond int64 are header errors (as Go's archive/tar)
 XATTR_NAME_MAX, XATTR_SIZE_MAX = 255, 1 << 16          # Linux limits (setxattr fails beyond)
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.", b"system.")
+OVERLAY_XATTRS = b"trusted.overlay."
 ZERO_BLOCK = bytes(BLOCK)
 _NUM_RE = re.compile(rb"[0-7]*")
+_OCTAL_RE = re.compile(rb"[0-7]+")
 _DEC_RE = re.compile(rb"[0-9]{1,40}")
 _TIME_RE = re.compile(rb"(-?)([0-9]{1,30})(?:\.([0-9]{0,100}))?")
 HEADER_ONLY = {EntryKind.HARDLINK, EntryKind.SYMLINK, EntryKind.CHR, EntryKind.BLK,
@@ -67,9 +69,12 @@ def parse_pax_time(value: bytes) -> int:
     m = _TIME_RE.fullmatch(value)
     if not m:
         raise HeaderError(f"bad PAX time {value[:40]!r}")
-    ns = int(m.group(2)) * 1_000_000_000 + int(((m.group(3) or b"") + b"000000000")[:9])
-    if ns > INT64_MAX:   # nanoseconds must fit int64 (years 1678..2262): the bootstrap and FUSE
+    sec = int(m.group(2))
+    if sec > INT64_MAX:   # seconds must fit int64, as in Go's parsePAXTime (so umoci, containerd)
         raise HeaderError(f"PAX time out of range {value[:40]!r}")
+    # nanoseconds are a Python int: times beyond int64 nanoseconds (before 1678, after 2262) are
+    # fine, the bootstrap keeps seconds and nanoseconds apart
+    ns = sec * 1_000_000_000 + int(((m.group(3) or b"") + b"000000000")[:9])
     return -ns if m.group(1) else ns
 
 
@@ -127,10 +132,19 @@ def parse_header(blk: bytes) -> Header:
             raise HeaderError("bad header checksum (corrupt or not a tar header)")
     magic = blk[257:265]
     name = cstr(blk[0:100])
+    prefix = b""
     if magic[:6] == b"ustar\0":
-        prefix = cstr(blk[345:500])
-        if prefix:
-            name = prefix + b"/" + name
+        # star (Schily) keeps atime/ctime after a shorter prefix and says so in its trailer
+        prefix = cstr(blk[345:476]) if blk[508:512] == b"tar\0" else cstr(blk[345:500])
+    elif magic == b"ustar  \0" and not (_go_numeric_ok(blk[345:357]) and _go_numeric_ok(blk[357:369])):
+        # Go before 1.8 wrote a ustar prefix into GNU headers, over the atime/ctime fields; Go's
+        # reader (hence containerd, umoci) takes the prefix back when those fields are not numbers
+        # and the prefix is ASCII, and so do we, so that such an entry lands where they put it
+        candidate = cstr(blk[345:500])
+        if candidate.isascii():
+            prefix = candidate
+    if prefix:
+        name = prefix + b"/" + name
     h = Header(name=name, mode=num(blk[100:108]), uid=num(blk[108:116]), gid=num(blk[116:124]),
                 size=num(blk[124:136]), mtime=num(blk[136:148]), typeflag=blk[156:157],
                 linkname=cstr(blk[157:257]), devmajor=num(blk[329:337]), devminor=num(blk[337:345]),
@@ -138,6 +152,21 @@ def parse_header(blk: bytes) -> Header:
     if h.size < 0 or h.uid < 0 or h.gid < 0 or h.devmajor < 0 or h.devminor < 0:
         raise HeaderError("negative size, owner or device number")
     return h
+
+def _go_numeric_ok(field: bytes) -> bool:
+    """Whether Go's tar reader parses a GNU atime/ctime field without error (an unused field
+    starts with NUL and is not parsed)."""
+    if not field or field[0] == 0:
+        return True
+    if field[0] & 0x80:
+        try:
+            num(field)
+        except HeaderError:
+            return False
+        return True
+    digits = field.strip(b" \0").split(b"\0", 1)[0]
+    return bool(_OCTAL_RE.fullmatch(digits)) and int(digits, 8) < 1 << 64
+
 
 def old_gnu_spans(area: bytes) -> list[tuple[int, int]]:
     spans = []
@@ -178,6 +207,8 @@ def pax_xattrs(records: list) -> dict[bytes, bytes]:
                        f"than {XATTR_SIZE_MAX} bytes (Linux limits)")
         if not name.startswith(XATTR_NAMESPACES):
             continue   # no such namespace: setxattr says ENOTSUP and umoci/containerd skip it
+        if name.startswith(OVERLAY_XATTRS):
+            continue   # overlayfs' own metadata: an image must not steer the overlay mounted above it
         out[name] = value
     return out
 

@@ -14,7 +14,6 @@ from converter.tar.entry import EntryKind, TarEntry, show
 from converter.tar.headers import (
     BLOCK,
     HEADER_ONLY,
-    INT64_MAX,
     TYPEFLAGS,
     ZERO_BLOCK,
     Header,
@@ -248,6 +247,12 @@ class _TarReader:
         t = h.typeflag
         if t in (b"M", b"N"):
             raise HeaderError(f"unsupported GNU typeflag {t.decode()!r}")
+        if t not in TYPEFLAGS and t not in (b"V",) and b"A" <= t <= b"Z":
+            # POSIX reserves 'A'..'Z' for vendor extensions, nearly all of them headers about the
+            # next entry (Solaris 'X' is a PAX header, 'A' an ACL, star's 'I' an inode record):
+            # read as a regular file (POSIX's rule for unknown types) they become stray files
+            raise HeaderError(f"typeflag {t.decode()!r} is a vendor extension (Solaris 'X' extended "
+                              f"header, ACL...) that is not supported; containerd and umoci refuse it too")
         kind = TYPEFLAGS.get(t, EntryKind.REG)  # unknown typeflags: regular files (POSIX)
         if t == b"\0" and name.endswith(b"/"):
             kind = EntryKind.DIR  # v7 directory
@@ -279,8 +284,6 @@ class _TarReader:
             else:
                 entry.kind, entry.path = EntryKind.WHITEOUT, entry.path[:-1] + (last[4:],)
             return entry, data, stored
-        if not -INT64_MAX - 1 <= entry.mtime_ns <= INT64_MAX:
-            raise HeaderError("mtime out of range")
         if kind is EntryKind.REG:
             entry.size = stored if spans is None else real
             if spans is not None:

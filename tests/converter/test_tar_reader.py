@@ -125,6 +125,35 @@ def test_non_utf8_pax_path_and_gnu_long_names():
     assert l.kind is EntryKind.HARDLINK and l.link_path == f.path and l.path == (b"x", b"z" * 150)
 
 
+def test_pre_go18_gnu_header_with_a_prefix_is_named_as_go_names_it():
+    """Go before 1.8 wrote a ustar prefix into GNU headers, over atime/ctime; Go's reader (so
+    containerd, umoci) puts the entry at prefix/name when those fields do not parse."""
+    long_dir = b"usr/share/" + b"d" * 120
+    tar = member(b"file", b"x", magic=b"ustar  \0", prefix=long_dir) + END
+    e, _ = one(tar)
+    assert e.path == tuple(long_dir.split(b"/")) + (b"file",)
+
+
+def test_gnu_header_with_numeric_atime_ctime_has_no_prefix():
+    # a real GNU header: atime and ctime are octal numbers, not a path
+    tar = member(b"file", b"x", magic=b"ustar  \0", prefix=b"00000000001\x0000000000002\0") + END
+    e, _ = one(tar)
+    assert e.path == (b"file",)
+
+
+def test_pre_go18_prefix_that_is_not_ascii_is_ignored():
+    tar = member(b"file", b"x", magic=b"ustar  \0", prefix=b"caf\xc3\xa9/dir") + END
+    e, _ = one(tar)
+    assert e.path == (b"file",)
+
+
+def test_star_header_prefix_stops_before_its_times():
+    # the 131-byte prefix is full (no NUL), the atime that follows must not join it
+    tar = member(b"file", b"x", prefix=b"p" * 131, patch={476: b"00000000001\0", 508: b"tar\0"}) + END
+    e, _ = one(tar)
+    assert e.path == (b"p" * 131, b"file")
+
+
 def test_ustar_prefix_joins_name():
     e, _ = one(member(b"file", b"", prefix=b"some/deep/dir") + END)
     assert e.path == (b"some", b"deep", b"dir", b"file")
@@ -147,6 +176,24 @@ def test_v7_directory_with_trailing_slash():
 ])
 def test_pax_time_is_nanosecond_exact(text, ns):
     assert parse_pax_time(text) == ns
+
+
+@pytest.mark.parametrize("text, ns", [
+    (b"10000000000.5", 10_000_000_000 * 10**9 + 500_000_000),          # year 2286
+    (b"9223372036854775807", (2**63 - 1) * 10**9),                     # the largest Go accepts
+    (b"-10000000000.25", -(10_000_000_000 * 10**9 + 250_000_000)),    # year 1653
+])
+def test_pax_times_beyond_int64_nanoseconds_are_kept_exact(text, ns):
+    """Seconds must fit int64 (Go's parsePAXTime); nanoseconds need not (years < 1678, > 2262)."""
+    assert parse_pax_time(text) == ns
+    e, _ = one(pax([(b"mtime", text)]) + member(b"f", b"x") + END)
+    assert e.mtime_ns == ns
+
+
+def test_header_mtime_beyond_int64_nanoseconds_is_kept():
+    sec = 20_000_000_000            # year 2603, base-256 in the 12-byte field
+    e, _ = one(member(b"f", b"x", mtime=sec) + END)
+    assert e.mtime_ns == sec * 10**9
 
 
 def test_pax_mtime_uid_gid_size_override_header():
@@ -172,6 +219,15 @@ def test_pax_empty_value_deletes_and_global_header_ignored():
            + pax([(b"path", b"from-pax"), (b"path", b"")]) + member(b"from-header", b"") + END)
     e, _ = one(tar)
     assert e.path == (b"from-header",)
+
+
+def test_overlayfs_xattrs_are_dropped():
+    """trusted.overlay.* is overlayfs' own metadata (opaque, redirect, metacopy...): an image
+    that carries it could steer the overlay mounted above the image."""
+    tar = pax([(b"SCHILY.xattr.trusted.overlay.opaque", b"y"), (b"SCHILY.xattr.trusted.overlay.redirect", b"/x"),
+               (b"SCHILY.xattr.trusted.overlayish", b"kept"), (b"SCHILY.xattr.user.overlay.opaque", b"y")])
+    e, _ = one(tar + member(b"d/", type=b"5") + END)
+    assert e.xattrs == {b"trusted.overlayish": b"kept", b"user.overlay.opaque": b"y"}
 
 
 def test_tarfile_pax_roundtrip_xattrs_and_ids():
@@ -201,7 +257,7 @@ def test_base256_size():
 def test_contiguous_unknown_volume_dumpdir_and_hardlink_size():
     tar = (member(b"V-label", b"", type=b"V")
            + member(b"contig", b"abc", type=b"7")
-           + member(b"weird", b"xyz", type=b"Z")
+           + member(b"weird", b"xyz", type=b"8")     # unknown, not a vendor type: a file (POSIX)
            + member(b"dumped/", b"a\0b\0\0", type=b"D")
            + header(b"hl", type=b"1", linkname=b"contig", size=1000)   # no data follows (as Go)
            + member(b"after", b"ok") + END)
@@ -209,6 +265,16 @@ def test_contiguous_unknown_volume_dumpdir_and_hardlink_size():
     assert got == [((b"contig",), EntryKind.REG, b"abc"), ((b"weird",), EntryKind.REG, b"xyz"),
                    ((b"dumped",), EntryKind.DIR, b""), ((b"hl",), EntryKind.HARDLINK, b""),
                    ((b"after",), EntryKind.REG, b"ok")]
+
+
+@pytest.mark.parametrize("typeflag", [b"X", b"A", b"I", b"Z"])
+def test_vendor_typeflags_are_refused_not_stray_files(typeflag):
+    """Solaris writes its extended header as 'X' (the records of 'x'); read as a regular file
+    (POSIX's rule for unknown types) it became a stray file in the image. Go's reader returns it
+    as an unknown type, which containerd and umoci refuse: so do we, with the entry named."""
+    records = b"30 SCHILY.xattr.user.k=value\n"
+    tar = member(b"./PaxHeaders.1/f", records, type=typeflag) + member(b"f", b"data") + END
+    layer_error(tar, "entry './PaxHeaders.1/f'", f"typeflag '{typeflag.decode()}' is a vendor extension")
 
 
 def test_whiteouts_opaque_and_aufs_metadata():
