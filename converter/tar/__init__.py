@@ -54,10 +54,11 @@ Path policy (umoci: oci/layer/tar_extract.go UnpackEntry, CleanPath, SecureJoin)
 | `d/.wh..wh.plnk` (AUFS meta)   | whiteout of `d/.wh.plnk` (no-op)       | skipped                        |
 | `d/.wh.`, `d/.wh..`            | whiteout of `d` itself (!)             | LayerError                     |
 
-Parent components that are symlinks or files are the tree's business (converter/tree.py).
-We prefer a clear error to re-rooting: an image whose layer tries to escape its root was
-produced by a broken or hostile tool, and a conversion pipeline should say so rather than
-produce a different image than the one the user thinks they have.
+Parent components that are symlinks (resolved inside the root, as umoci and containerd do) or
+files are the tree's business (converter/tree.py). For names that escape with `..` we prefer
+a clear error to re-rooting: an image whose layer names paths outside its root was produced by
+a broken or hostile tool, and a conversion pipeline should say so rather than produce a
+different image than the one the user thinks they have.
 """
 
 from converter.tar.entry import EntryKind, TarEntry, show, st_mode

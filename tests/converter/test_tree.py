@@ -132,9 +132,17 @@ def test_whiteout_of_missing_path_or_under_a_file_is_a_no_op():
     assert names(t) == ["f"]
 
 
-def test_whiteout_through_a_symlink_is_refused():
-    with pytest.raises(LayerError, match="goes through symlink 'l'"):
-        build([E("real/x"), E("l", K.SYMLINK, linkname=b"real")], [E("l/x", K.WHITEOUT)])
+def test_whiteout_through_a_symlink_removes_where_it_leads():
+    """`lib/.wh.libx.so` with lib -> usr/lib (merged /usr) removes usr/lib/libx.so (umoci,
+    containerd); before, the whole image was refused."""
+    t = build([E("usr/lib/libx.so"), E("usr/lib/liby.so"), E("lib", K.SYMLINK, linkname=b"usr/lib")],
+              [E("lib/libx.so", K.WHITEOUT)])
+    assert names(t) == ["lib", "usr", "usr/lib", "usr/lib/liby.so"]
+
+
+def test_opaque_marker_through_a_symlink_empties_its_target():
+    t = build([E("real/x"), E("link", K.SYMLINK, linkname=b"/real")], [E("real/new"), E("link", K.OPAQUE)])
+    assert names(t) == ["link", "real", "real/new"]
 
 
 def test_opaque_removes_lower_children_keeps_same_layer_ones():
@@ -187,12 +195,117 @@ def test_hardlink_errors_name_layer_and_entry():
 
 # -- hostile paths -------------------------------------------------------------------------------
 
-def test_writing_through_a_symlink_is_refused():
-    with pytest.raises(LayerError) as ei:
-        build([E("etc", K.SYMLINK, linkname=b"/tmp")],
-              [E("etc/passwd", layer_name="layer 1 (sha256:feed)")])
-    assert str(ei.value) == ("layer 1 (sha256:feed): entry 'etc/passwd': parent 'etc' is a symlink "
-                             "(writing through a symlink is refused)")
+def test_entry_below_a_symlinked_dir_lands_where_it_leads():
+    """Merged-/usr bases: lib -> usr/lib, then a layer writes lib/libx.so."""
+    t = build([E("usr/lib", K.DIR), E("lib", K.SYMLINK, linkname=b"usr/lib")],
+              [E("lib/libx.so", size=3), E("lib/sub/deeper", size=1)])
+    assert names(t) == ["lib", "usr", "usr/lib", "usr/lib/libx.so", "usr/lib/sub", "usr/lib/sub/deeper"]
+    assert t.lookup(P("lib")).kind is K.SYMLINK
+
+
+@pytest.mark.parametrize("target, lands", [
+    (b"/tmp", "tmp/passwd"),                       # absolute: from the image root
+    (b"../../../../tmp", "tmp/passwd"),             # `..` never climbs above the root
+    (b"/../../x/../tmp/./", "tmp/passwd"),
+    (b"a/../b", "b/passwd"),
+    (b".", "passwd"),
+    (b"/", "passwd"),
+    (b"nowhere/at/all", "nowhere/at/all/passwd"),  # dangling: the dirs are created (MkdirAll)
+])
+def test_symlink_targets_are_clamped_to_the_root(target, lands):
+    t = build([E("etc", K.SYMLINK, linkname=target)], [E("etc/passwd")])
+    assert t.lookup(P(lands)) is not None and t.lookup(P("etc")).kind is K.SYMLINK
+    for p, n in t.walk():
+        assert n.kind is not K.SYMLINK or p == P("etc")
+
+
+def test_symlink_chains_are_followed_and_loops_refused():
+    t = build([E("real", K.DIR), E("a", K.SYMLINK, linkname=b"b"), E("b", K.SYMLINK, linkname=b"/c/../real"),
+               E("c", K.SYMLINK, linkname=b"real")], [E("a/f")])
+    assert t.lookup(P("real/f")) is not None
+    with pytest.raises(LayerError, match="entry 'loop/f': more than 40 symlinks on the way to 'loop'"):
+        build([E("loop", K.SYMLINK, linkname=b"loop")], [E("loop/f")])
+    chain = [E(f"s{i}", K.SYMLINK, linkname=f"s{i + 1}".encode()) for i in range(40)] + [E("s40", K.DIR)]
+    assert build(chain, [E("s0/f")]).lookup(P("s40/f")) is not None           # 40 links: allowed
+    with pytest.raises(LayerError, match="more than 40 symlinks"):
+        build([E("s", K.SYMLINK, linkname=b"s0")] + chain, [E("s/f")])
+
+
+def test_a_symlink_leading_to_a_file_is_not_a_directory():
+    with pytest.raises(LayerError, match=r"entry 'l/x': parent 'f' \(where 'l' leads\) is a reg"):
+        build([E("f"), E("l", K.SYMLINK, linkname=b"f")], [E("l/x")])
+
+
+def test_hardlink_target_through_a_symlinked_dir():
+    t = build([E("usr/lib/libx.so", size=1), E("lib", K.SYMLINK, linkname=b"usr/lib")],
+              [E("libx-link", K.HARDLINK, link_path=P("lib/libx.so"))])
+    assert t.lookup(P("libx-link")) is t.lookup(P("usr/lib/libx.so"))
+
+
+def test_same_layer_paths_are_tracked_where_they_land():
+    """umoci's upperPaths are symlink-expanded: a whiteout of a path this layer wrote through a
+    symlink keeps it."""
+    t = build([E("usr/lib/old"), E("lib", K.SYMLINK, linkname=b"usr/lib")],
+              [E("lib/new"), E("usr/lib/new", K.WHITEOUT), E("usr/lib", K.OPAQUE)])
+    assert names(t) == ["lib", "usr", "usr/lib", "usr/lib/new"]
+
+
+# -- metadata as Linux keeps it ------------------------------------------------------------------
+
+def test_symlinks_report_mode_0777_whatever_the_header_says():
+    t = build([E("s", K.SYMLINK, linkname=b"x", mode=0o644)])
+    assert t.lookup(P("s")).mode == 0o777
+
+
+ACL = b"system.posix_acl_access"
+
+
+def acl_value(*entries: tuple[int, int, int], version: int = 2) -> bytes:
+    import struct
+    return struct.pack("<I", version) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+UNDEF = 0xFFFFFFFF
+
+
+def test_access_acl_sets_the_group_bits_to_its_mask():
+    value = acl_value((0x01, 7, UNDEF), (0x02, 5, 1000), (0x04, 5, UNDEF), (0x10, 1, UNDEF), (0x20, 4, UNDEF))
+    t = build([E("f", mode=0o4777, xattrs={ACL: value, b"user.x": b"1"}),
+               E("d", K.DIR, mode=0o2700, xattrs={ACL: value})])
+    f = t.lookup(P("f"))
+    assert f.mode == 0o4714 and f.xattrs == {ACL: value, b"user.x": b"1"}
+    assert t.lookup(P("d")).mode == 0o2714
+
+
+def test_access_acl_equivalent_to_the_mode_is_not_stored_and_ids_are_canonical():
+    plain = acl_value((0x01, 6, 0), (0x04, 4, 0), (0x20, 0, 0))
+    t = build([E("f", mode=0o777, xattrs={ACL: plain})])
+    assert t.lookup(P("f")).mode == 0o640 and t.lookup(P("f")).xattrs == {}
+    named = acl_value((0x01, 6, 0), (0x04, 4, 0), (0x08, 4, 42), (0x10, 6, 0), (0x20, 0, 0))
+    t = build([E("f", xattrs={ACL: named})])
+    assert t.lookup(P("f")).xattrs[ACL] == acl_value((0x01, 6, UNDEF), (0x04, 4, UNDEF), (0x08, 4, 42),
+                                                      (0x10, 6, UNDEF), (0x20, 0, UNDEF))
+
+
+def test_access_acl_on_a_symlink_or_of_another_version_is_dropped():
+    value = acl_value((0x01, 7, UNDEF), (0x04, 5, UNDEF), (0x10, 1, UNDEF), (0x20, 4, UNDEF))
+    t = build([E("s", K.SYMLINK, linkname=b"x", xattrs={ACL: value}),
+               E("f", mode=0o600, xattrs={ACL: acl_value((0x01, 7, UNDEF), version=1)})])
+    assert t.lookup(P("s")).xattrs == {} and t.lookup(P("s")).mode == 0o777
+    assert t.lookup(P("f")).xattrs == {} and t.lookup(P("f")).mode == 0o600
+
+
+@pytest.mark.parametrize("value", [
+    b"\2\0\0",                                                            # short
+    acl_value((0x01, 7, UNDEF), (0x04, 5, UNDEF)) + b"x",                   # ragged
+    acl_value((0x04, 5, UNDEF), (0x01, 7, UNDEF), (0x20, 0, UNDEF)),        # out of order
+    acl_value((0x01, 7, UNDEF), (0x02, 7, 5), (0x04, 5, UNDEF), (0x20, 0, UNDEF)),   # named, no mask
+    acl_value((0x01, 0o17, UNDEF), (0x04, 5, UNDEF), (0x20, 0, UNDEF)),     # perm beyond rwx
+    acl_value((0x01, 7, UNDEF), (0x04, 5, UNDEF)),                          # no other
+])
+def test_invalid_access_acl_is_refused_naming_the_entry(value):
+    with pytest.raises(LayerError, match="entry 'f': invalid POSIX ACL in xattr system.posix_acl_access"):
+        build([E("f", xattrs={ACL: value})])
 
 
 def test_non_directory_parent_is_refused():

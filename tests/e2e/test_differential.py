@@ -11,8 +11,9 @@ same-layer children), type replacements across layers, implicit parents, root-di
 odd names (spaces, newlines, non-UTF-8, `.wh.` inside a name, components > 100 bytes, paths
 > 255 bytes), PAX vs GNU headers, ustar prefix or not, gzip/zstd/uncompressed layers.
 
-Inputs stay inside what both umoci and our documented policy accept (no `..`, nothing written
-through a symlink, hardlinks only to existing non-directories): the generator tracks the
+Inputs stay inside what both umoci and our documented policy accept (no `..` in names,
+hardlinks only to existing non-directories; entries below symlinks are in, resolved inside the
+root as umoci and containerd resolve them): the generator tracks the
 merged tree with converter.tree.Tree while it generates, and drops an entry the tree refuses.
 Only the mtimes umoci set to "now" (implicit parents and their ancestors) are ignored.
 
@@ -21,6 +22,7 @@ NYDUS_FUZZ_SEEDS=N (default 12) seeds 0..N-1; NYDUS_FUZZ_SEED_BASE=B starts at B
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import subprocess
@@ -33,7 +35,8 @@ from converter.compare import compare_trees
 from converter.tar import EntryKind, TarEntry
 from converter.tree import Tree
 from nydus_py.errors import LayerError
-from tests.fixtures.imagegen import CAP_NET_BIND_SERVICE, T0_NS, Content, Image, Layer
+from tests.fixtures.imagegen import (CAP_NET_BIND_SERVICE, T0_NS, Content, Image, Layer, _checksum,
+                                     hostile_layer, pax_record, raw_header)
 from tests.fixtures.umoci import umoci_reference
 
 pytestmark = pytest.mark.e2e
@@ -49,7 +52,9 @@ NAMES = [b"a", b"b", b"c", b"dir x", b"nl\nname", b"\xff\xfe-raw", "\u00e9t\u00e
 FILE_MODES = [0o644, 0o644, 0o600, 0o755, 0o000, 0o4755, 0o2755, 0o6711, 0o1644, 0o7777, 0o444]
 DIR_MODES = [0o755, 0o755, 0o700, 0o000, 0o4755, 0o2775, 0o1777, 0o7777, 0o711, 0o500]
 IDS = [0, 0, 0, 1, 1000, 65534, 70000, 3_000_000, 2**31 - 1, 2**32 - 2]
-SYMLINK_TARGETS = [b"a", b"../a", b"/etc/passwd", b"nowhere/at/all", b".", b"..", b"/", b"t" * 150,
+# (not /etc/passwd: entries written through a link to it would make it a directory, which
+# breaks umoci's config.json step after the unpack)
+SYMLINK_TARGETS = [b"a", b"../a", b"/etc/shadow", b"nowhere/at/all", b".", b"..", b"/", b"t" * 150,
                    b"dir x/", b"\xff\xfe-raw"]
 
 
@@ -57,8 +62,8 @@ SYMLINK_TARGETS = [b"a", b"../a", b"/etc/passwd", b"nowhere/at/all", b".", b".."
 
 class Gen:
     """One random image. `tree` follows what the layers produced so far mean, so that the
-    generator picks existing paths for hardlinks/whiteouts/rewrites and never writes through a
-    symlink or under a non-directory (inputs our policy rejects are not the subject here)."""
+    generator picks existing paths for hardlinks/whiteouts/rewrites and never writes under a
+    non-directory (inputs our policy rejects are not the subject here)."""
 
     def __init__(self, seed: int):
         self.rng = random.Random(seed)
@@ -271,10 +276,21 @@ class Gen:
     def op_root(self):
         self.op_dir(())
 
+    def op_through_symlink(self):
+        """An entry, whiteout or opaque marker below a symlink: applied where it leads, inside
+        the root (absolute targets from the root, `..` stopping there, chains followed)."""
+        links = self.paths(lambda n: n.kind is K.SYMLINK)
+        if not links:
+            return self.op_symlink()
+        link = self.rng.choice(links)
+        child = link + (self.rng.choice(NAMES),)
+        self.rng.choice([self.op_file, self.op_dir, self.op_symlink, self.op_whiteout, self.op_special,
+                         lambda p: self.op_opaque(link)])(child)
+
     OPS = [("op_file", 30), ("op_dir", 15), ("op_symlink", 8), ("op_hardlink", 10), ("op_special", 5),
            ("op_whiteout", 10), ("op_opaque", 3), ("op_readd", 5), ("op_opaque_with_children", 4),
            ("op_twice", 4), ("op_deep", 2), ("op_root", 1), ("op_whiteout_dir_keep_child", 4),
-           ("op_link_then_rewrite", 4)]
+           ("op_link_then_rewrite", 4), ("op_through_symlink", 5)]
 
     def image(self) -> Image:
         names, weights = zip(*self.OPS)
@@ -521,17 +537,153 @@ def test_regression_negative_base256_mtime_in_gnu_headers(tmp_path, umoci):
     _check(tmp_path, a)
 
 
-def test_regression_opaque_marker_through_a_symlink_is_refused(tmp_path):
-    """`link/.wh..wh..opq` with link -> real: umoci empties real/; we silently did nothing
-    (a different tree). Writing through a symlink is refused, so is this."""
+def test_regression_opaque_marker_through_a_symlink_empties_its_target(tmp_path, umoci):
+    """`link/.wh..wh..opq` with link -> real: umoci empties real/ (keeping what this layer
+    wrote there); we first did nothing, then refused the image."""
     a, b = Layer(), Layer()
     a.dir("real")
     a.file("real/x", b"x")
     a.symlink("link", "real")
+    b.file("real/new", b"this layer's")
     b.opaque("link")
+    _check(tmp_path, a, b)
+
+
+# issue 13: fidelity found against other unpackers ------------------------------------------------
+
+def test_merged_usr_entries_and_whiteouts_through_symlinked_dirs(tmp_path, umoci):
+    """A merged-/usr base (lib -> usr/lib, bin -> usr/bin) and a layer that writes and whites
+    out through those links: applied where they lead, as umoci and containerd do."""
+    base, upper, top = Layer(), Layer(fmt="gnu"), Layer()
+    base.dir("usr")
+    base.dir("usr/lib", mode=0o755, mtime_ns=T0_NS + 1)
+    base.dir("usr/bin")
+    base.file("usr/lib/libold.so", b"old")
+    base.file("usr/lib/libkeep.so", b"keep")
+    base.dir("usr/lib/plugins")
+    base.file("usr/lib/plugins/p1", b"p1")
+    base.symlink("lib", "usr/lib")
+    base.symlink("bin", "/usr/bin")                 # absolute: from the image root
+    base.symlink("lib64", "/lib")                   # a chain: lib64 -> /lib -> usr/lib
+    base.symlink("up", "../../../..")               # climbs to the root and no further
+    base.symlink("dangling", "not/yet")
+    upper.file("lib/libx.so", b"new library", mode=0o755)
+    upper.file("lib64/ld.so", b"loader")
+    upper.file("bin/tool", b"#!/bin/sh\n", mode=0o755)
+    upper.whiteout("lib/libold.so")
+    upper.file("up/etc/through-up", b"at the root")
+    upper.file("dangling/f", b"creates not/yet")
+    upper.dir("lib/newdir", mode=0o700)
+    upper.file("lib/newdir/f", b"f")
+    upper.hardlink("bin/keep-link", "lib/libkeep.so")
+    top.opaque("lib64/plugins")
+    top.file("lib/plugins/p2", b"p2")
+    _check(tmp_path, base, upper, top)
+
+
+@pytest.mark.parametrize("kind", ["symlink_write", "symlink_dir_escape"])
+def test_hostile_symlink_layers_stay_inside_the_root_where_umoci_puts_them(tmp_path, umoci, kind):
+    """`evil -> /tmp` then `evil/pwned`, and `up -> ../../..` then `up/tmp/pwned`: resolved
+    inside the image root (ROOT/tmp/...), exactly as umoci confines them; nothing outside."""
+    base = Layer()
+    base.file("etc/hostname", b"box\n")
+    _check(tmp_path, base, hostile_layer(kind))
+    assert not os.path.lexists("/tmp/pwned-through-symlink")
+    assert not os.path.lexists("/tmp/pwned-through-relative-symlink")
+
+
+def test_symlink_mode_is_0777_whatever_the_header_says(tmp_path, umoci):
+    a = Layer()
+    a.file("target", b"t")
+    a.symlink("s644", "target", mode=0o644)
+    a.symlink("s000", "target", mode=0o000)
+    a.symlink("s4755", "/nowhere", mode=0o4755)
+    _check(tmp_path, a)
+
+
+def _acl(*entries: tuple[int, int, int], version: int = 2) -> bytes:
+    import struct
+    return struct.pack("<I", version) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def test_posix_access_acl_sets_the_group_bits_to_the_mask(tmp_path, umoci):
+    """setxattr(system.posix_acl_access) makes the permission bits the ACL's (group = mask)
+    and keeps the ACL only when the mode cannot say it; umoci (as root) shows the kernel's
+    result. The FUSE mount must report the same mode and the same ACL bytes."""
+    u = 0xFFFFFFFF
+    named = _acl((0x01, 7, u), (0x02, 5, 1000), (0x04, 5, u), (0x08, 6, 42), (0x10, 1, u), (0x20, 4, u))
+    plain = _acl((0x01, 6, 0), (0x04, 4, 0), (0x20, 0, 0))
+    a = Layer()
+    a.file("f-named", b"x", mode=0o4777, xattrs={"system.posix_acl_access": named})
+    a.file("f-plain", b"y", mode=0o777, xattrs={"system.posix_acl_access": plain})
+    a.dir("d", mode=0o2700, xattrs={"system.posix_acl_access": named})
+    a.fifo("p", mode=0o600, xattrs={"system.posix_acl_access": named})
+    a.symlink("s", "f-named", xattrs={"system.posix_acl_access": named})
+    _check(tmp_path, a)
+
+
+def test_overlayfs_xattrs_are_dropped_as_umoci_drops_them(tmp_path, umoci):
+    """trusted.overlay.* must not come from an image (it would steer the overlay mounted above
+    it); umoci does not write them either."""
+    a = Layer()
+    a.dir("d", xattrs={"trusted.overlay.opaque": b"y", "trusted.other": b"1"})
+    a.file("d/f", b"x", xattrs={"trusted.overlay.redirect": b"/elsewhere", "user.k": b"v"})
+    _check(tmp_path, a)
+
+
+def test_pax_mtimes_before_1678_and_after_2262_are_kept(tmp_path, umoci):
+    """Beyond int64 nanoseconds: umoci's Lutimes goes through UnixNano (undefined there) and
+    containerd clamps to the epoch; the tar says the time, and the mount reports it exactly."""
+    late, early = (16_725_225_600 * 10**9 + 123_456_789), (-11_676_096_000 * 10**9 + 5)   # 2500, 1600
+    a = Layer()
+    a.file("late", b"x", mtime_ns=late)
+    a.file("early", b"y", mtime_ns=early)
+    a.dir("d", mtime_ns=late)
     src = tmp_path / "src"
-    Image([a, b]).write_oci(src, "t")
-    r = subprocess.run([str(VENV_BIN / "nydusify"), "convert", "--source", f"oci:{src}:t",
-                        "--target", f"oci:{tmp_path / 'dst'}:t", "--quiet"], capture_output=True, text=True)
-    assert r.returncode == 1 and r.stderr.count("\n") == 1
-    assert "opaque directory 'link' is a symlink" in r.stderr
+    Image([a]).write_oci(src, "t")
+    ref = umoci_reference(src, "t", tmp_path / "umoci")
+    with _converted_and_mounted(tmp_path, src, "t") as mnt:
+        assert [os.lstat(mnt / n).st_mtime_ns for n in ("late", "early", "d")] == [late, early, late]
+        diffs = compare_trees(ref.rootfs, mnt, ignore_mtime=ref.volatile_mtimes | {b"late", b"early", b"d"})
+        assert not diffs, diffs
+
+
+def test_pre_go18_gnu_prefix_names_the_entry_as_go_does(tmp_path, umoci):
+    """Go before 1.8 wrote a ustar prefix into GNU headers (over atime/ctime); Go's reader, so
+    umoci and containerd, puts such an entry at prefix/name."""
+    prefix = b"usr/share/doc/" + b"p" * 100
+    data = b"long path written by an old Go"
+    hdr = raw_header(name=b"file-after-the-prefix", typeflag=b"0", size=len(data), gnu=True, fix_checksum=False)
+    hdr[345:345 + len(prefix)] = prefix
+    _checksum(hdr)
+    a = Layer(fmt="gnu")
+    a.dir("usr")
+    a.raw(bytes(hdr) + data + bytes(-len(data) % 512))
+    _check(tmp_path, a)
+
+
+def test_solaris_x_extended_header_is_refused_like_umoci(tmp_path, umoci):
+    records = pax_record(b"SCHILY.xattr.user.k", b"v")
+    a = Layer()
+    a.file("before", b"ok")
+    a.raw(bytes(raw_header(name=b"./PaxHeaders.9/f", typeflag=b"X", size=len(records)))
+          + records + bytes(-len(records) % 512))
+    a.file("f", b"data")
+    _both_reject(tmp_path, a, match="typeflag 'X' is a vendor extension")
+
+
+@contextlib.contextmanager
+def _converted_and_mounted(tmp_path: Path, src: Path, tag: str):
+    dst, mnt = tmp_path / "dst", tmp_path / "mnt"
+    r = subprocess.run([str(VENV_BIN / "nydusify"), "convert", "--source", f"oci:{src}:{tag}",
+                        "--target", f"oci:{dst}:{tag}", "--quiet"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    mnt.mkdir()
+    m = subprocess.run([str(VENV_BIN / "nydusd"), "mount", "--image", f"oci:{dst}:{tag}", "--cache-dir",
+                        str(tmp_path / "cache"), "--daemon", str(mnt)], capture_output=True, text=True,
+                       timeout=60)
+    assert m.returncode == 0, m.stderr
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
