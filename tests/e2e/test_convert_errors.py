@@ -11,8 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.imagegen import (Image, Layer, bomb_layer, hostile_layer, tamper_config,
-                                     tamper_layer_blob, whiteout_image)
+from tests.fixtures.imagegen import (
+    Image,
+    Layer,
+    bomb_layer,
+    hostile_layer,
+    tamper_config,
+    tamper_layer_blob,
+    whiteout_image,
+)
 
 pytestmark = pytest.mark.e2e
 

@@ -35,8 +35,17 @@ from converter.compare import compare_trees
 from converter.tar import EntryKind, TarEntry
 from converter.tree import Tree
 from nydus_py.errors import LayerError
-from tests.fixtures.imagegen import (CAP_NET_BIND_SERVICE, T0_NS, Content, Image, Layer, _checksum,
-                                     hostile_layer, pax_record, raw_header)
+from tests.fixtures.imagegen import (
+    CAP_NET_BIND_SERVICE,
+    T0_NS,
+    Content,
+    Image,
+    Layer,
+    _checksum,
+    hostile_layer,
+    pax_record,
+    raw_header,
+)
 from tests.fixtures.umoci import umoci_reference
 
 pytestmark = pytest.mark.e2e
