@@ -14,10 +14,11 @@ log = logging.getLogger("nydusify")
 
 
 def _size(text: str) -> int:
+    from nydus_py.config import parse_size
     try:
-        return int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -105,7 +106,8 @@ def _blob_store(args):
     except ValueError as e:
         raise ConfigError(f"backend config: malformed JSON ({e})") from None
     from converter.convert import BlobStore
-    from nydus_py.storage.s3 import S3Backend, S3BackendConfig
+    from nydus_py.config.schema import S3BackendConfig
+    from nydus_py.storage.s3 import S3Backend
     return BlobStore("s3", S3Backend(S3BackendConfig.from_dict(conf, "backend-config")))
 
 

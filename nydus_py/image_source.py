@@ -25,7 +25,7 @@ from nydus_py.oci import mediatypes as mt
 from nydus_py.oci.layout import Descriptor, OCILayout, json_object
 from nydus_py.oci.nydus_image import NydusLayers, find_layers
 from nydus_py.metrics import Metrics
-from nydus_py.storage.config import BackendConfig, LocalFsConfig
+from nydus_py.config.schema import BackendConfig, LocalFsConfig
 from nydus_py.storage.factory import make_backend
 
 OCI_PREFIX = "oci:"
@@ -127,7 +127,7 @@ def open_registry(ref: str, *, metrics: Metrics | None = None, plain_http: bool 
                   skip_verify: bool = False, backend: BackendConfig | None = None) -> OpenedImage:
     from nydus_py.oci.reference import parse as parse_reference
     from nydus_py.oci.registry import RegistryClient, RegistryConfig
-    from nydus_py.storage.registry import RegistryBackendConfig
+    from nydus_py.config.schema import RegistryBackendConfig
 
     r = parse_reference(ref)
     scheme = "http" if plain_http else "https"

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from nydus_py.config.parse import parse_size  # noqa: F401  (re-exported: one size parser)
+
 log = logging.getLogger(__name__)
 
 META_MAGIC = b"NYPYBCM\x00"
@@ -166,20 +168,3 @@ def collect(work_dir: str | os.PathLike, max_size: int = 0, *, skip: Iterable[st
         log.info("cache %s: removed %d unused blobs (%d bytes on disk); %d bytes accounted now",
                  work_dir, len(report.removed_blobs), report.removed_bytes, total)
     return report
-
-
-def parse_size(text: str) -> int:
-    """"1073741824", "512M", "10G", "1.5GiB" → bytes (binary units)."""
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    mult = 1
-    for suffix, m in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30), ("T", 1 << 40)):
-        if t.endswith(suffix):
-            t, mult = t[:-1], m
-            break
-    try:
-        value = float(t) if "." in t else int(t)
-    except ValueError:
-        raise ValueError(f"not a size: {text!r} (use bytes or K/M/G/T)") from None
-    if value < 0:
-        raise ValueError(f"size must not be negative: {text!r}")
-    return int(value * mult)

@@ -19,7 +19,8 @@ import argparse
 import logging
 import os
 import sys
-from nydus_py.daemon import config as config_mod
+
+from nydus_py import config as config_mod
 from nydus_py.daemon.mount import MountRequest, mount
 from nydus_py.errors import ConfigError, NydusError
 
@@ -111,7 +112,7 @@ def _setup_logging(level: str, log_file: str | None) -> None:
 
 
 def _size(text: str | None, what: str) -> int | None:
-    from nydus_py.cache.gc import parse_size
+    from nydus_py.config import parse_size
     if text is None:
         return None
     try:

@@ -37,7 +37,7 @@ from typing import Callable
 import pyfuse3
 import trio
 
-from nydus_py.daemon.config import DaemonConfig
+from nydus_py.config.schema import DaemonConfig
 from nydus_py.errors import ConfigError, NydusError
 from nydus_py.fs.ops import NydusOperations
 from nydus_py.fs.vfs import Vfs

@@ -197,7 +197,7 @@ class Supervisor:
         else:
             raise ApiError(400, "BadRequest", "name an image: \"source\" or \"bootstrap\"")
         if body.get("config") is not None:
-            from nydus_py.daemon import config as config_mod
+            from nydus_py import config as config_mod
             try:
                 config_mod.parse(body["config"])
             except ConfigError as e:

@@ -40,63 +40,19 @@ import dataclasses
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable, TypeVar
-from urllib.parse import urlsplit
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
 
 import requests
 
-from nydus_py.errors import BackendError, ConfigError
+from nydus_py.config.parse import split_host
+from nydus_py.config.schema import MirrorConfig, ProxyConfig
+from nydus_py.errors import BackendError
 from nydus_py.oci.registry import RegistryClient, RegistryConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, kw_only=True)
-class MirrorConfig:
-    """One registry mirror (nydusd's `registry.mirrors[]`)."""
-
-    host: str                                   # "http://mirror:5000" (or "mirror:5000": origin's scheme)
-    ping_url: str = ""                          # default "<host>/v2"
-    headers: dict[str, str] = field(default_factory=dict)
-    health_check_interval: float = 5.0          # seconds between pings while unhealthy
-    failure_limit: int = 5                      # transient failures before the mirror is skipped
-
-    def __post_init__(self) -> None:
-        if self.health_check_interval <= 0 or self.failure_limit < 1:
-            raise ConfigError(f"mirror {self.host}: health_check_interval must be > 0 and failure_limit >= 1")
-        split_host(self.host, "https", f"mirror {self.host!r}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ProxyConfig:
-    """A Dragonfly-style HTTP proxy for blob reads (nydusd's `registry.proxy`)."""
-
-    url: str                                    # "http://127.0.0.1:65001"
-    ping_url: str = ""                          # e.g. "http://127.0.0.1:40901/server/ping"; "" = no checks
-    fallback: bool = True                       # go to the registry when the proxy fails
-    check_interval: float = 5.0                 # seconds between pings
-    use_http: bool = False                      # ask the proxy for http:// registry URLs (no CONNECT tunnel)
-
-    def __post_init__(self) -> None:
-        u = urlsplit(self.url)
-        if u.scheme not in ("http", "https") or not u.netloc:
-            raise ConfigError(f"proxy url {self.url!r}: expected http://host:port")
-        if self.check_interval <= 0:
-            raise ConfigError(f"proxy {self.url}: check_interval must be > 0")
-
-
-def split_host(value: str, default_scheme: str, what: str) -> tuple[str, str]:
-    """(scheme, host[:port]) of "http://host:port" or "host:port"."""
-    if "://" in value:
-        u = urlsplit(value)
-        if u.scheme not in ("http", "https") or not u.netloc or u.path not in ("", "/"):
-            raise ConfigError(f"{what}: expected http(s)://host[:port] without a path")
-        return u.scheme, u.netloc
-    if not value or "/" in value:
-        raise ConfigError(f"{what}: expected host[:port] or http(s)://host[:port]")
-    return default_scheme, value
 
 
 @dataclass

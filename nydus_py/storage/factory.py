@@ -2,37 +2,35 @@
 
     RetryingBackend(MeteredBackend(<concrete>))   retries outside, metrics per attempt inside
 
-New backend types add a branch in `_concrete` and nothing else (registry and s3 import their
-modules lazily, so a localfs daemon never loads requests routing or botocore).
+`BACKENDS` maps a backend type to the module and class implementing it, imported when a
+backend of that type is built (a localfs daemon never loads requests routing or botocore).
+A new backend type is one row here plus its config dataclass in nydus_py/config/schema.py.
 """
 
 from __future__ import annotations
 
-import os
+import importlib
 
+from nydus_py.config.schema import BackendConfig
 from nydus_py.errors import ConfigError
 from nydus_py.metrics import Metrics
 from nydus_py.storage.backend import BlobBackend
-from nydus_py.storage.config import BackendConfig
-from nydus_py.storage.localfs import LocalFsBackend
 from nydus_py.storage.wrappers import MeteredBackend, RetryingBackend
+
+#  type        module                         class
+BACKENDS: dict[str, tuple[str, str]] = {
+    "localfs": ("nydus_py.storage.localfs", "LocalFsBackend"),
+    "registry": ("nydus_py.storage.registry", "RegistryBackend"),
+    "s3": ("nydus_py.storage.s3", "S3Backend"),
+}
 
 
 def _concrete(config: BackendConfig) -> BlobBackend:
-    if config.type == "localfs":
-        if config.localfs is None:
-            raise ConfigError("backend.config: required for backend type 'localfs'")
-        # The primary dir must exist at startup; alt_dirs may be NAS mounts that come later.
-        if not os.path.isdir(config.localfs.dir):
-            raise ConfigError(f"backend.config.dir: {config.localfs.dir} is not a directory")
-        return LocalFsBackend(config.localfs.dir, config.localfs.alt_dirs)
-    if config.type == "registry" and config.registry is not None:
-        from nydus_py.storage.registry import RegistryBackend
-        return RegistryBackend(config.registry)
-    if config.type == "s3" and config.s3 is not None:
-        from nydus_py.storage.s3 import S3Backend
-        return S3Backend(config.s3)
-    raise ConfigError(f"backend.type: {config.type!r} is not supported yet")
+    row, settings = BACKENDS.get(config.type), config.settings
+    if row is None or settings is None:
+        raise ConfigError(f"backend.type: {config.type!r} is not supported by nydus-py")
+    module, cls = row
+    return getattr(importlib.import_module(module), cls).from_config(settings)
 
 
 def make_backend(config: BackendConfig, *, metrics: Metrics | None = None) -> BlobBackend:

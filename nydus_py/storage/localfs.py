@@ -15,10 +15,13 @@ import errno
 import os
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from nydus_py.errors import BackendError, BlobNotFoundError
+from nydus_py.errors import BackendError, BlobNotFoundError, ConfigError
 from nydus_py.storage.backend import blob_hex, check_range, range_error
+
+if TYPE_CHECKING:
+    from nydus_py.config.schema import LocalFsConfig
 
 # errnos where the same read may well succeed later (network filesystems, flaky disks).
 TRANSIENT_ERRNOS = frozenset({
@@ -44,6 +47,13 @@ def _os_error(blob_id: str, what: str, e: OSError) -> BackendError:
 
 class LocalFsBackend:
     """`BlobBackend` over local directories (see storage/backend.py for the contract)."""
+
+    @classmethod
+    def from_config(cls, config: "LocalFsConfig") -> "LocalFsBackend":
+        # The primary dir must exist at startup; alt_dirs may be NAS mounts that come later.
+        if not os.path.isdir(config.dir):
+            raise ConfigError(f"backend.config.dir: {config.dir} is not a directory")
+        return cls(config.dir, config.alt_dirs)
 
     def __init__(self, dir: str | os.PathLike, alt_dirs: Sequence[str | os.PathLike] = ()):
         self.roots = [Path(dir), *(Path(d) for d in alt_dirs)]

@@ -21,144 +21,50 @@ Bearer token as-is (nydusd's behaviour) together with whichever of those was fou
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
 from typing import Any
 
+from nydus_py.config.schema import RegistryBackendConfig
 from nydus_py.errors import BackendError, BlobNotFoundError, ConfigError
 from nydus_py.oci.auth import Credentials, resolve_credentials
-from nydus_py.oci.mirrors import MirrorConfig, ProxyConfig, RegistryRouter, split_host
-from nydus_py.oci.reference import check_repository
+from nydus_py.oci.mirrors import RegistryRouter
 from nydus_py.oci.registry import RegistryClient, RegistryConfig
 from nydus_py.storage.backend import blob_hex, check_range, range_error
-from nydus_py.storage.config import RETRY_FIELDS, check_fields, get_float, get_int, get_str
+from nydus_py.storage.tls import ca_bundle
 
 
-def get_bool(d: dict, key: str, where: str, default: bool) -> bool:
-    v = d.get(key, default)
-    if not isinstance(v, bool):
-        raise ConfigError(f"{where}.{key}: expected true or false")
-    return v
+def credentials(config: RegistryBackendConfig) -> Credentials | None:
+    creds = resolve_credentials(config.host, explicit=config.auth or None)
+    if config.registry_token:
+        base = creds or Credentials()
+        creds = Credentials(username=base.username, password=base.password,
+                            identity_token=base.identity_token, registry_token=config.registry_token)
+    return creds
 
 
-def get_opt_str(d: dict, key: str, where: str) -> str:
-    v = d.get(key, "")
-    if v is None:
-        return ""
-    if not isinstance(v, str):
-        raise ConfigError(f"{where}.{key}: expected a string")
-    return v
-
-
-def _sub(ctor, where: str, **kw):
-    """Build a dataclass whose __post_init__ may raise a ConfigError, prefixing `where`."""
-    try:
-        return ctor(**kw)
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-
-
-PROXY_FIELDS = ("url", "ping_url", "fallback", "check_interval", "use_http")
-
-
-def proxy_from_dict(d: Any, where: str) -> ProxyConfig:
-    check_fields(d, where, PROXY_FIELDS)
-    url = get_str(d, "url", where)
-    if "://" not in url:
-        raise ConfigError(f"{where}.url: expected http://host:port")
-    return _sub(ProxyConfig, where, url=get_str(d, "url", where), ping_url=get_opt_str(d, "ping_url", where),
-                fallback=get_bool(d, "fallback", where, True),
-                check_interval=get_float(d, "check_interval", where, 5.0, lo=0.001),
-                use_http=get_bool(d, "use_http", where, False))
-
-
-def mirror_from_dict(d: Any, where: str) -> MirrorConfig:
-    check_fields(d, where, ("host", "ping_url", "headers", "health_check_interval", "failure_limit"))
-    headers = d.get("headers", {})
-    if not isinstance(headers, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                for k, v in headers.items()):
-        raise ConfigError(f"{where}.headers: expected an object of string values")
-    host = get_str(d, "host", where)
-    split_host(host, "https", f"{where}.host")
-    return _sub(MirrorConfig, where, host=host, ping_url=get_opt_str(d, "ping_url", where),
-                headers=dict(headers),
-                health_check_interval=get_float(d, "health_check_interval", where, 5.0, lo=0.001),
-                failure_limit=get_int(d, "failure_limit", where, 5, lo=1))
-
-
-@dataclass(frozen=True, kw_only=True)
-class RegistryBackendConfig:
-    """`backend.config` of a registry backend; field names are nydusd's."""
-
-    host: str                                   # host[:port] of the registry API
-    repo: str                                   # repository holding the blobs, e.g. "library/app"
-    scheme: str = "https"
-    auth: str = field(default="", repr=False)   # base64 "user:pass"; "" = IMAGE_PULL_AUTH / docker config
-    registry_token: str = field(default="", repr=False)
-    skip_verify: bool = False
-    timeout: float = 5.0                        # seconds without a byte before a read fails
-    connect_timeout: float = 5.0
-    proxy: ProxyConfig | None = None
-    mirrors: list[MirrorConfig] = field(default_factory=list)
-
-    FIELDS = ("host", "repo", "scheme", "auth", "registry_token", "skip_verify", "timeout",
-              "connect_timeout", "proxy", "mirrors")
-
-    @classmethod
-    def from_dict(cls, d: Any, where: str = "backend.config") -> "RegistryBackendConfig":
-        check_fields(d, where, cls.FIELDS + RETRY_FIELDS)
-        scheme = get_str(d, "scheme", where, "https")
-        if scheme not in ("http", "https"):
-            raise ConfigError(f"{where}.scheme: expected 'http' or 'https', not {scheme!r}")
-        host = get_str(d, "host", where)
-        if "/" in host:
-            raise ConfigError(f"{where}.host: expected host[:port] without scheme or path")
-        repo = get_str(d, "repo", where)
-        try:
-            check_repository(repo)
-        except Exception as e:
-            raise ConfigError(f"{where}.repo: {e}") from None
-        auth = get_opt_str(d, "auth", where)
-        if auth:
-            Credentials.from_auth_string(auth, f"{where}.auth")     # fail now, not at first read
-        proxy = None
-        if d.get("proxy") is not None:      # nydusd: an empty `proxy.url` means no proxy
-            pd = check_fields(d["proxy"], f"{where}.proxy", PROXY_FIELDS)
-            if pd.get("url") != "":
-                proxy = proxy_from_dict(pd, f"{where}.proxy")
-        mirrors = d.get("mirrors", [])
-        if not isinstance(mirrors, list):
-            raise ConfigError(f"{where}.mirrors: expected a list")
-        return cls(host=host, repo=repo, scheme=scheme, auth=auth,
-                   registry_token=get_opt_str(d, "registry_token", where),
-                   skip_verify=get_bool(d, "skip_verify", where, False),
-                   timeout=get_float(d, "timeout", where, 5.0, lo=0.001),
-                   connect_timeout=get_float(d, "connect_timeout", where, 5.0, lo=0.001),
-                   proxy=proxy,
-                   mirrors=[mirror_from_dict(m, f"{where}.mirrors[{i}]") for i, m in enumerate(mirrors)])
-
-    def credentials(self) -> Credentials | None:
-        creds = resolve_credentials(self.host, explicit=self.auth or None)
-        if self.registry_token:
-            base = creds or Credentials()
-            creds = Credentials(username=base.username, password=base.password,
-                                identity_token=base.identity_token, registry_token=self.registry_token)
-        return creds
-
-    def client_config(self, **overrides) -> RegistryConfig:
-        kw: dict[str, Any] = dict(host=self.host, scheme=self.scheme, skip_verify=self.skip_verify,
-                                  timeout=self.timeout, connect_timeout=self.connect_timeout,
-                                  retry_limit=0, credentials=self.credentials())
-        kw.update(overrides)
-        return RegistryConfig(**kw)
+def make_client_config(config: RegistryBackendConfig, **overrides) -> RegistryConfig:
+    if not config.host or not config.repo:
+        missing = "host" if not config.host else "repo"
+        raise ConfigError(f"backend.config.{missing}: required (or mount by image reference, "
+                          f"which supplies it)")
+    kw: dict[str, Any] = {"host": config.host, "scheme": config.scheme, "skip_verify": config.skip_verify,
+                          "ca_file": ca_bundle(config.ca_cert_files), "timeout": config.timeout,
+                          "connect_timeout": config.connect_timeout, "retry_limit": 0,
+                          "credentials": credentials(config)}
+    kw.update(overrides)
+    return RegistryConfig(**kw)
 
 
 class RegistryBackend:
     """`BlobBackend` over one registry repository (see storage/backend.py for the contract)."""
 
+    @classmethod
+    def from_config(cls, config: RegistryBackendConfig) -> RegistryBackend:
+        return cls(config)
+
     def __init__(self, config: RegistryBackendConfig, *, client_config: RegistryConfig | None = None):
         self.config = config
         self.repo = config.repo
-        self.router = RegistryRouter(client_config or config.client_config(),
+        self.router = RegistryRouter(client_config or make_client_config(config),
                                      mirrors=config.mirrors, proxy=config.proxy)
         self._sizes: dict[str, int] = {}
         self._lock = threading.Lock()

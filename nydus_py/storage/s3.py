@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass, field
 from typing import Any
 
+from nydus_py.config.schema import S3BackendConfig
 from nydus_py.errors import AuthError, BackendError, BlobNotFoundError, ConfigError
 from nydus_py.storage.backend import blob_hex, check_range, range_error
-from nydus_py.storage.config import RETRY_FIELDS, check_fields, get_float, get_str
+from nydus_py.storage.tls import ca_bundle
 
 MULTIPART_THRESHOLD = 64 << 20        # put_blob: larger files go up in parts of this size
 AUTH_CODES = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken",
@@ -42,71 +42,13 @@ TRANSIENT_CODES = frozenset({"SlowDown", "RequestTimeout", "InternalError", "Ser
                              "Throttling", "ThrottlingException", "RequestTimeTooSkewed", "503", "500"})
 
 
-def _opt_str(d: dict, key: str, where: str, default: str = "") -> str:
-    v = d.get(key, default)
-    if v is None:
-        return default
-    if not isinstance(v, str):
-        raise ConfigError(f"{where}.{key}: expected a string")
-    return v
-
-
-@dataclass(frozen=True, kw_only=True)
-class S3BackendConfig:
-    """`backend.config` of an S3 backend; field names are nydusd's (plus `session_token`,
-    `force_path_style`)."""
-
-    bucket_name: str
-    region: str = ""                             # "" = from AWS_REGION / the AWS config file
-    endpoint: str = ""                           # host[:port]; "" = AWS's endpoint for the region
-    scheme: str = "https"
-    object_prefix: str = ""
-    access_key_id: str = ""
-    access_key_secret: str = field(default="", repr=False)
-    session_token: str = field(default="", repr=False)
-    force_path_style: bool = True                # nydusd always uses path-style URLs
-    skip_verify: bool = False
-    timeout: float = 5.0                         # seconds without a byte before a read fails
-    connect_timeout: float = 5.0
-
-    FIELDS = ("endpoint", "scheme", "region", "bucket_name", "object_prefix", "access_key_id",
-              "access_key_secret", "session_token", "force_path_style", "skip_verify", "timeout",
-              "connect_timeout")
-
-    @classmethod
-    def from_dict(cls, d: Any, where: str = "backend.config") -> "S3BackendConfig":
-        check_fields(d, where, cls.FIELDS + RETRY_FIELDS)
-        scheme = get_str(d, "scheme", where, "https")
-        if scheme not in ("http", "https"):
-            raise ConfigError(f"{where}.scheme: expected 'http' or 'https', not {scheme!r}")
-        endpoint = _opt_str(d, "endpoint", where)
-        if "://" in endpoint:        # accept "http://host:port" too; its scheme wins
-            scheme, _, endpoint = endpoint.partition("://")
-            if scheme not in ("http", "https"):
-                raise ConfigError(f"{where}.endpoint: unsupported scheme {scheme!r}")
-        if "/" in endpoint.rstrip("/"):
-            raise ConfigError(f"{where}.endpoint: expected host[:port] without a path")
-        key_id, secret = _opt_str(d, "access_key_id", where), _opt_str(d, "access_key_secret", where)
-        if bool(key_id) != bool(secret):
-            raise ConfigError(f"{where}.access_key_secret: access_key_id and access_key_secret go together")
-        bools = {}
-        for k, default in (("force_path_style", True), ("skip_verify", False)):
-            v = d.get(k, default)
-            if not isinstance(v, bool):
-                raise ConfigError(f"{where}.{k}: expected true or false")
-            bools[k] = v
-        return cls(bucket_name=get_str(d, "bucket_name", where), region=_opt_str(d, "region", where),
-                   endpoint=endpoint.rstrip("/"), scheme=scheme,
-                   object_prefix=_opt_str(d, "object_prefix", where),
-                   access_key_id=key_id, access_key_secret=secret,
-                   session_token=_opt_str(d, "session_token", where),
-                   timeout=get_float(d, "timeout", where, 5.0, lo=0.001),
-                   connect_timeout=get_float(d, "connect_timeout", where, 5.0, lo=0.001), **bools)
-
-
 class S3Backend:
     """`BlobBackend` over an S3 bucket (see storage/backend.py for the contract), plus
     `put_blob` for the converter."""
+
+    @classmethod
+    def from_config(cls, config: S3BackendConfig) -> S3Backend:
+        return cls(config)
 
     def __init__(self, config: S3BackendConfig, *, pool_size: int = 16):
         try:
@@ -121,7 +63,8 @@ class S3Backend:
             retries={"total_max_attempts": 1}, max_pool_connections=pool_size,
             s3={"addressing_style": "path" if config.force_path_style else "virtual"},
             signature_version="s3v4", user_agent_extra="nydus-py")
-        kw: dict[str, Any] = {"config": bc, "verify": not config.skip_verify}
+        kw: dict[str, Any] = {"config": bc,
+                              "verify": False if config.skip_verify else (ca_bundle(config.ca_cert_files) or True)}
         if config.region:
             kw["region_name"] = config.region
         if config.endpoint:

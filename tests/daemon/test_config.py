@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from nydus_py.daemon import config
+from nydus_py import config
 from nydus_py.errors import ConfigError
 
 NYDUSD_CONFIG = {
@@ -50,10 +50,11 @@ def test_unknown_fields_are_named_in_the_error(doc, field):
 
 
 @pytest.mark.parametrize("doc, where", [
-    ({"amplify_io": "1M"}, "amplify_io: expected an integer"),
+    ({"amplify_io": "lots"}, "amplify_io: not a size"),
+    ({"amplify_io": 1.5}, "amplify_io: expected an integer or a size"),
     ({"digest_validate": 1}, "digest_validate: expected true or false"),
     ({"fs_prefetch": []}, "fs_prefetch: expected a JSON object"),
-    ({"device": {"cache": {"type": "fscache"}}}, "device.cache.type"),
+    ({"device": {"cache": {"type": "tmpfs"}}}, "device.cache.type"),
     ({"mode": "weird"}, "mode"),
     ([], "config: expected a JSON object"),
 ])

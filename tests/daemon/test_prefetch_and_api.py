@@ -13,7 +13,7 @@ import trio.testing
 
 from nydus_py.cache.chunk_cache import ChunkCache
 from nydus_py.daemon import api
-from nydus_py.daemon.config import parse
+from nydus_py.config import parse
 from nydus_py.daemon.supervisor import merge_sum
 from nydus_py.errors import ConfigError
 from nydus_py.format.bootstrap import Bootstrap

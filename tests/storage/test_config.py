@@ -4,7 +4,7 @@ import pytest
 
 from nydus_py.errors import ConfigError
 from nydus_py.metrics import Metrics
-from nydus_py.storage.config import BackendConfig, LocalFsConfig
+from nydus_py.config.schema import BackendConfig, LocalFsConfig
 from nydus_py.storage.factory import make_backend
 from nydus_py.storage.wrappers import RetryingBackend
 
@@ -58,8 +58,13 @@ def test_make_backend_rejects_missing_dir(tmp_path):
         make_backend(BackendConfig(type="localfs", localfs=LocalFsConfig(dir=str(tmp_path / "nope"))))
 
 
-@pytest.mark.parametrize("t", ["oss"])
-def test_remote_backends_are_not_supported_yet(t):
-    c = BackendConfig.from_dict({"type": t, "config": {"host": "example.com"}})
-    with pytest.raises(ConfigError, match="not supported yet"):
-        make_backend(c)
+@pytest.mark.parametrize("t", ["oss", "localdisk", "http-proxy"])
+def test_nydus_backends_we_lack_are_refused_when_parsed(t):
+    # refused with the reason at parse time, not accepted and then failing at mount
+    with pytest.raises(ConfigError, match=rf"^backend\.type: '{t}' is not supported by nydus-py \("):
+        BackendConfig.from_dict({"type": t, "config": {"host": "example.com"}})
+
+
+def test_unknown_backend_type_suggests_the_close_one():
+    with pytest.raises(ConfigError, match="did you mean 'registry'"):
+        BackendConfig.from_dict({"type": "registy", "config": {}})

@@ -21,9 +21,10 @@ from nydus_py.metrics import Metrics
 from nydus_py.oci.auth import Credentials
 from nydus_py.oci.registry import RegistryClient, RegistryConfig
 from nydus_py.storage.backend import close_backend
-from nydus_py.storage.config import BackendConfig
+from nydus_py.config.schema import BackendConfig
 from nydus_py.storage.factory import make_backend
-from nydus_py.storage.registry import RegistryBackend, RegistryBackendConfig
+from nydus_py.config.schema import RegistryBackendConfig
+from nydus_py.storage.registry import RegistryBackend
 from tests.fixtures.registry import (USERS, Fault, FaultProxy, RegistryServer, basic_registry,  # noqa: F401
                                      free_port, registry, token_registry)
 
@@ -230,13 +231,13 @@ def test_config_from_nydusd_json_shape():
 
 
 @pytest.mark.parametrize("d,field", [
-    ({"repo": "a/b"}, "backend.config.host"),
+    ({"host": "h/x", "repo": "a/b"}, "backend.config.host"),
     ({"host": "h", "repo": "a/b", "hots": 1}, "backend.config.hots"),
     ({"host": "h", "repo": "a/b", "scheme": "ftp"}, "backend.config.scheme"),
     ({"host": "h", "repo": "a/b", "auth": "not base64!"}, "backend.config.auth"),
     ({"host": "h", "repo": "a/b", "skip_verify": "yes"}, "backend.config.skip_verify"),
     ({"host": "h", "repo": "a/b", "proxy": {"url": "http://p", "pingurl": "x"}}, "backend.config.proxy.pingurl"),
-    ({"host": "h", "repo": "a/b", "proxy": {"url": "p:1"}}, "backend.config.proxy.url"),
+    ({"host": "h", "repo": "a/b", "proxy": {"url": "ftp://p:1"}}, "backend.config.proxy.url"),
     ({"host": "h", "repo": "a/b", "mirrors": [{"host": "http://m", "failure_limit": 0}]},
      "backend.config.mirrors[0].failure_limit"),
     ({"host": "h", "repo": "a/b", "mirrors": [{"host": "http://m/path"}]}, "backend.config.mirrors[0].host"),
@@ -248,6 +249,20 @@ def test_bad_registry_config_names_the_field(d, field):
     with pytest.raises(ConfigError) as ei:
         BackendConfig.from_dict({"type": "registry", "config": d})
     assert str(ei.value).startswith(field + ":"), str(ei.value)
+
+
+def test_host_and_repo_may_come_from_the_image_but_are_needed_to_read():
+    # Nydus's sample nydusd-config.json has neither: the image reference supplies them
+    c = BackendConfig.from_dict({"type": "registry", "config": {"timeout": 5, "retry_limit": 2}})
+    assert c.registry.host == "" and c.retry_limit == 2
+    with pytest.raises(ConfigError, match=r"^backend\.config\.host: required"):
+        make_backend(c)
+
+
+def test_schemeless_proxy_url_is_plain_http_as_in_nydus_samples():
+    c = RegistryBackendConfig.from_dict({"host": "h", "repo": "a/b",
+                                         "proxy": {"url": "localhost:6789", "ping_url": "localhost:6789/ping"}})
+    assert c.proxy.url == "http://localhost:6789" and c.proxy.ping_url == "http://localhost:6789/ping"
 
 
 def test_empty_proxy_url_means_no_proxy():

@@ -12,9 +12,10 @@ from nydus_py.errors import AuthError, BackendError, BlobNotFoundError, ConfigEr
 from nydus_py.metrics import Metrics
 from nydus_py.storage import s3 as s3mod
 from nydus_py.storage.backend import close_backend
-from nydus_py.storage.config import BackendConfig
+from nydus_py.config.schema import BackendConfig
 from nydus_py.storage.factory import make_backend
-from nydus_py.storage.s3 import S3Backend, S3BackendConfig
+from nydus_py.config.schema import S3BackendConfig
+from nydus_py.storage.s3 import S3Backend
 from tests.fixtures.s3 import moto_s3  # noqa: F401  (fixture)
 
 # The conformance tests, collected again in this module against the `backend` fixture below.
