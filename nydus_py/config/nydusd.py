@@ -167,7 +167,9 @@ def _v2(obj: dict, where: str, warnings: list[str]) -> DaemonConfig:
     if "cache" in obj:
         cwhere = join(where, "cache")
         c = expect_object(obj["cache"], cwhere)
-        check_keys(c, V2_CACHE, cwhere, None, warnings)
+        misplaced = {k: "nydusd ignores it here too: it belongs in [cache.filecache]"
+                     for k in ("enable_encryption", "enable_convergent_encryption", "encryption_key")}
+        check_keys(c, V2_CACHE, cwhere, misplaced, warnings)   # Nydus's v2 sample puts them here
         for k in ("compressed", "validate", "prefetch"):
             if k in c:
                 warnings.append(f"{join(cwhere, k)}: not supported by nydus-py, ignored "

@@ -7,6 +7,15 @@
     nydusd serve --apisock SOCK [--cache-dir DIR] [--cache-max-size N]   (several mounts)
     nydusd cache gc --cache-dir DIR [--max-size N]
 
+Nydus's own form works too (docs/cli.md, "coming from Nydus"):
+
+    nydusd [fuse] --config C --mountpoint M --bootstrap B [--apisock S] [--id ID]
+        [--log-level L] [--log-file F] [--prefetch-files FILE]
+    nydusd [fuse] --localfs-dir DIR --mountpoint M --bootstrap B
+
+Its flags that have no meaning here (--writable, --sock, --shared-dir, ...) are refused with
+one line saying why, never accepted and ignored.
+
 Foreground by default (Ctrl-C or SIGTERM unmounts and exits 0). With `--daemon` the process
 forks before any thread or trio loop exists; the child mounts and reports "ready" or its
 error through a pipe, and the parent exits 0 once the mount is live, or prints the error and
@@ -98,6 +107,84 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Nydus's nydusd flags nydus-py has no equivalent of, and why (one line, non-zero exit)
+NYDUS_UNSUPPORTED = {
+    "--writable": "the image mount is read-only; a container's writable layer is overlayfs "
+                  "above it (the snapshotter does that)",
+    "--sock": "virtio-fs (vhost-user) is not implemented; nydus-py serves FUSE",
+    "--shared-dir": "passthroughfs is not implemented",
+    "--hybrid-mode": "passthroughfs is not implemented",
+    "--virtual-mountpoint": "each image is its own FUSE mount (no pseudo mounts below one)",
+    "--fuse-threads": "FUSE requests are served by one trio loop; chunk fetches use worker "
+                      "threads sized by fs_prefetch.threads_count",
+    "--thread-num": "see --fuse-threads",
+    "--failover-policy": "FUSE session takeover is not implemented yet",
+    "--upgrade": "FUSE session takeover is not implemented yet",
+    "--supervisor": "FUSE session takeover is not implemented yet",
+    "--log-rotation-size": "log rotation is logrotate's job (copytruncate)",
+    "--rlimit-nofile": "set it with ulimit/systemd LimitNOFILE",
+    "--dedup-db": "chunk deduplication happens at conversion (nydusify --chunk-dict)",
+    "--fscache": "EROFS over fscache is not implemented; nydus-py serves FUSE",
+    "--fscache-tag": "see --fscache",
+    "--fscache-threads": "see --fscache",
+}
+NYDUS_SUBCOMMANDS_UNSUPPORTED = {
+    "virtiofs": "virtio-fs (vhost-user) is not implemented; nydus-py serves FUSE",
+    "singleton": "EROFS over fscache is not implemented; use `nydusd serve` for several mounts",
+    "nbd": "block-device (NBD) export is not implemented",
+    "uffd": "userfaultfd export is not implemented",
+}
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def build_nydus_parser() -> argparse.ArgumentParser:
+    """Nydus's `nydusd [fuse] --config --mountpoint --bootstrap ...` (its dedicated FUSE server)."""
+    p = argparse.ArgumentParser(prog="nydusd", add_help=True,
+                                description="Nydus's nydusd command line (see `nydusd mount -h` "
+                                "for nydus-py's own form).")
+    p.add_argument("--config", "-C", metavar="FILE", help="nydusd config (v1 JSON or v2 TOML)")
+    p.add_argument("--mountpoint", "-M", metavar="DIR", help="where to mount the image")
+    p.add_argument("--bootstrap", "-B", metavar="FILE", help="the image's bootstrap")
+    p.add_argument("--localfs-dir", "-D", metavar="DIR",
+                   help="blob directory; enables the localfs backend (instead of --config)")
+    p.add_argument("--apisock", "-A", metavar="SOCK", help="HTTP API on this unix socket")
+    p.add_argument("--id", dest="daemon_id", default="", help="daemon id reported by the API")
+    p.add_argument("--log-level", "-l", default="info",
+                   choices=["trace", "debug", "info", "warn", "error"])
+    p.add_argument("--log-file", "-L", metavar="FILE")
+    p.add_argument("--prefetch-files", metavar="FILE",
+                   help="file listing paths to prefetch, one a line")
+    for flag in NYDUS_UNSUPPORTED:
+        p.add_argument(flag, nargs="?", const=True, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _nydus_form(argv: list[str]) -> argparse.Namespace:
+    """Nydus's argv → the namespace `nydusd mount` would have parsed."""
+    if argv and argv[0] in NYDUS_SUBCOMMANDS_UNSUPPORTED:
+        raise _Unsupported(f"nydusd {argv[0]}, because {NYDUS_SUBCOMMANDS_UNSUPPORTED[argv[0]]}")
+    if argv and argv[0] == "fuse":
+        argv = argv[1:]
+    args = build_nydus_parser().parse_args(argv)
+    for flag in NYDUS_UNSUPPORTED:
+        if getattr(args, flag[2:].replace("-", "_")) is not None:
+            raise _Unsupported(f"{flag}, because {NYDUS_UNSUPPORTED[flag]}")
+    if args.localfs_dir and args.config:
+        raise ConfigError("--localfs-dir and --config exclude each other (as in nydusd)")
+    if not args.mountpoint:
+        raise ConfigError("--mountpoint is required")
+    return argparse.Namespace(
+        command="mount", mountpoint=args.mountpoint, image=None, bootstrap=args.bootstrap,
+        blob_dir=args.localfs_dir, config=args.config, plain_http=False, insecure=False,
+        cache_dir=None, daemon=False, pid_file=None, log_file=args.log_file,
+        log_level=args.log_level, allow_other=False, suid=False, apisock=args.apisock,
+        readahead_kb=1024, daemon_id=args.daemon_id, cache_max_size=None,
+        prefetch_files=args.prefetch_files, no_prefetch=False, nydus_form=True)
+
+
 def _setup_logging(level: str, log_file: str | None) -> None:
     level = {"trace": "DEBUG", "warn": "WARNING"}.get(level, level.upper())
     handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
@@ -127,6 +214,14 @@ def _request(args) -> MountRequest:
     if args.blob_dir and not args.bootstrap:
         raise ConfigError("--blob-dir needs --bootstrap")
     cfg = config_mod.load(args.config) if args.config else config_mod.DaemonConfig()
+    for w in cfg.warnings:
+        print(f"nydusd: warning: {args.config}: {w}", file=sys.stderr, flush=True)
+    if not args.image and not args.bootstrap and cfg.metadata_path:
+        args.bootstrap = cfg.metadata_path      # a blob cache entry names its bootstrap
+    if getattr(args, "nydus_form", False) and not args.bootstrap:
+        raise _Unsupported("--mountpoint without --bootstrap (pseudo mounts added later through "
+                           "the API), because each image is its own FUSE mount here: run "
+                           "`nydusd serve --apisock S` and POST /api/v1/mount?mountpoint=DIR")
     prefetch_files: tuple[str, ...] = ()
     if args.prefetch_files:
         from nydus_py.io.prefetch import read_paths_file
@@ -179,14 +274,34 @@ def _serve(args) -> int:
     return 0
 
 
+OUR_COMMANDS = ("mount", "serve", "cache")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in OUR_COMMANDS and argv[0] not in ("-h", "--help", "--version"):
+        try:
+            args = _nydus_form(argv)
+        except _Unsupported as e:
+            print(f"nydusd: not supported by nydus-py: {e}", file=sys.stderr, flush=True)
+            return 2
+        except NydusError as e:
+            return _error(str(e))
+        return _run_mount(args)
     args = build_parser().parse_args(argv)
     if args.command == "cache":
         return _cache_gc(args)
     if args.command == "serve":
         return _serve(args)
+    return _run_mount(args)
+
+
+def _run_mount(args: argparse.Namespace) -> int:
     try:
         req = _request(args)
+    except _Unsupported as e:
+        print(f"nydusd: not supported by nydus-py: {e}", file=sys.stderr, flush=True)
+        return 2
     except NydusError as e:
         return _error(str(e))
     if args.daemon:
