@@ -14,7 +14,7 @@ from pathlib import Path
 
 from converter.compare import compare_trees
 from converter.sources import parse_source
-from nydus_py.errors import ConfigError, InputError
+from nydus_py.errors import ConfigError, InputError, NydusError
 
 MOUNT_TIMEOUT = 60.0
 
@@ -25,7 +25,8 @@ def _run(cmd: list[str], what: str) -> None:
         raise InputError(f"{what} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
 
 
-def reference_unpack(source: str, dest: Path, platform: str | None = None) -> tuple[Path, frozenset[bytes]]:
+def reference_unpack(source: str, dest: Path, platform: str | None = None, *,
+                     tls_verify: bool = True) -> tuple[Path, frozenset[bytes]]:
     """skopeo normalizes any source (docker-archive, index, zstd) into a gzip OCI layout that
     umoci 0.4 can read; umoci unpacks it. Returns the rootfs and the directories whose mtime
     umoci set to "now" (implicit parents), which a comparison must not hold against us."""
@@ -41,7 +42,11 @@ def reference_unpack(source: str, dest: Path, platform: str | None = None) -> tu
         if len(parts) > 2:
             cmd += ["--override-variant", parts[2]]
     src = f"oci:{ref.path}" + (f":{ref.reference}" if ref.reference else "") if ref.transport == "oci" else source
-    cmd += ["copy", "--quiet", "--dest-compress-format", "gzip", "--dest-compress", src, f"oci:{layout}:src"]
+    if ref.transport == "docker":
+        src = f"docker://{ref.path}"
+    copy_opts = [] if tls_verify or ref.transport != "docker" else ["--src-tls-verify=false"]
+    cmd += ["copy", "--quiet", *copy_opts, "--dest-compress-format", "gzip", "--dest-compress", src,
+            f"oci:{layout}:src"]
     _run(cmd, "skopeo copy of the source")
     start = time.time_ns() - 1_000_000_000
     _run(["umoci", "--log", "error", "unpack", "--image", f"{layout}:src", str(dest / "bundle")],
@@ -65,9 +70,11 @@ def volatile_mtimes(rootfs: Path, since_ns: int) -> frozenset[bytes]:
 class Mounted:
     """`nydusd mount` of a converted image as a child process, for the duration of a check."""
 
-    def __init__(self, target: str, mountpoint: Path, cache_dir: Path):
+    def __init__(self, target: str, mountpoint: Path, cache_dir: Path, *, plain_http: bool = False,
+                 insecure: bool = False):
         self.cmd = [sys.executable, "-m", "nydus_py.daemon.cli", "mount", "--image", target,
-                    "--cache-dir", str(cache_dir), str(mountpoint)]
+                    "--cache-dir", str(cache_dir), *(["--plain-http"] if plain_http else []),
+                    *(["--insecure"] if insecure else []), str(mountpoint)]
         self.mountpoint = mountpoint
         self.proc: subprocess.Popen | None = None
 
@@ -96,16 +103,65 @@ class Mounted:
             subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True)
 
 
-def check(source: str, target: str, *, platform: str | None = None, work_dir: str | None = None) -> list[str]:
+def check(source: str | None, target: str, *, platform: str | None = None, work_dir: str | None = None,
+          plain_http: bool = False, insecure: bool = False) -> list[str]:
+    """The differences between `source` unpacked the OCI way and `target` mounted; `source`
+    None: the image the target's manifest names as its `subject` (where the conversion put it)."""
     tref = parse_source(target)
-    if tref.transport != "oci":
-        raise ConfigError(f"check target {target}: only oci:DIR[:TAG] is supported")
+    if tref.transport not in ("oci", "docker"):
+        raise ConfigError(f"check target {target}: use oci:DIR[:TAG] or a registry reference")
+    if source is None:
+        source = subject_source(target, plain_http=plain_http, insecure=insecure)
+    image = target if tref.transport == "oci" else tref.path
     tmp = Path(tempfile.mkdtemp(prefix="nydusify-check-", dir=work_dir))
     try:
-        rootfs, volatile = reference_unpack(source, tmp, platform)
+        rootfs, volatile = reference_unpack(source, tmp, platform,
+                                            tls_verify=not (plain_http or insecure))
         mnt = tmp / "mnt"
         mnt.mkdir()
-        with Mounted(target, mnt, tmp / "cache") as mounted:
+        with Mounted(image, mnt, tmp / "cache", plain_http=plain_http, insecure=insecure) as mounted:
             return compare_trees(rootfs, mounted, ignore_mtime=volatile)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def subject_source(target: str, *, plain_http: bool = False, insecure: bool = False) -> str:
+    """The source of a converted image, from its manifest's `subject`: the same OCI layout (a
+    tag naming that manifest) or the same repository (by digest)."""
+    from nydus_py.oci.layout import OCILayout, json_object
+    tref = parse_source(target)
+    if tref.transport == "oci":
+        from nydus_py.image_source import layout_manifest
+        layout = OCILayout(Path(tref.path))
+        manifest = layout_manifest(layout, layout.resolve(tref.reference), target)
+        digest = _subject(manifest, target)
+        for e in layout.index().get("manifests") or []:
+            tag = (e.get("annotations") or {}).get("org.opencontainers.image.ref.name")
+            if isinstance(e, dict) and e.get("digest") == digest and tag:
+                return f"oci:{tref.path}:{tag}"
+        raise ConfigError(f"{target}: its source {digest} has no tag in {tref.path}; give --source")
+    from nydus_py.image_source import converted_entry
+    from nydus_py.oci import mediatypes as mt
+    from nydus_py.oci.reference import parse as parse_reference
+    from nydus_py.oci.registry import RegistryClient, RegistryConfig
+    r = parse_reference(tref.path)
+    config = RegistryConfig.for_reference(r, scheme="http" if plain_http else "https", skip_verify=insecure)
+    with RegistryClient(config=config) as client:
+        data, media_type, _ = client.get_manifest(r.repository, r.ref or "latest")
+        if media_type in mt.INDEX_TYPES:
+            entry = converted_entry(json_object(data, target), target)
+            data, _, _ = client.get_manifest(r.repository, entry.digest)
+        digest = _subject(json_object(data, target), target)
+        try:
+            client.get_manifest(r.repository, digest)
+        except NydusError:
+            raise ConfigError(f"{target}: its source {digest} is not in {r.host}/{r.repository}; "
+                              f"give --source") from None
+    return f"{r.host}/{r.repository}@{digest}"
+
+
+def _subject(manifest: dict, what: str) -> str:
+    subject = manifest.get("subject")
+    if not isinstance(subject, dict) or not isinstance(subject.get("digest"), str):
+        raise ConfigError(f"{what}: the manifest names no source (`subject`); give --source")
+    return subject["digest"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from converter import tar as tarlayer
@@ -26,21 +27,40 @@ class BlobStore:
 
 
 @dataclass
+class LayerReport:
+    """One source layer's conversion, for --output-json and the progress lines."""
+    index: int                     # from 0
+    count: int                     # layers in the image
+    source_digest: str
+    source_size: int               # compressed, as in the source manifest
+    blob_digest: str | None        # None: the layer held no file data (or all of it deduplicated)
+    blob_size: int
+    uncompressed_size: int         # of the chunks stored in the blob
+    chunks: int
+    seconds: float
+
+
+@dataclass
 class ConvertResult:
     manifest: Descriptor
     build: BuildResult
     source_compressed: int
     seconds: float
     pushed_digest: str | None = None
+    layers: list[LayerReport] = field(default_factory=list)
+    push_seconds: float = 0.0
 
 
 def convert(source: SourceRef, target: SourceRef, options: BuildOptions, *,
             platform: str | None = None, progress: ProgressFn | None = None,
             on_image=None, registry: RegistryOptions | None = None,
             merge_platform: bool = False, blob_store: BlobStore | None = None,
-            chunk_dict: ChunkDict | None = None) -> ConvertResult:
+            chunk_dict: ChunkDict | None = None, target_registry: RegistryOptions | None = None,
+            on_layer: Callable[[LayerReport], None] | None = None) -> ConvertResult:
     """`chunk_dict`: an earlier image (converter/chunk_dict.py) whose chunks are referenced, not
-    stored again; the dictionary blobs the result references become layers of the target."""
+    stored again; the dictionary blobs the result references become layers of the target.
+    `registry` reaches the source (and the chunk dictionary), `target_registry` (default: the
+    same) the target. `on_layer` hears about each layer once it is converted."""
     if target.transport not in ("oci", "docker"):
         raise ConfigError(f"target {target}: use oci:DIR[:TAG] or a registry reference HOST/REPO:TAG")
     if merge_platform and target.transport != "docker":
@@ -49,30 +69,44 @@ def convert(source: SourceRef, target: SourceRef, options: BuildOptions, *,
         raise ConfigError(f"--chunk-dict with --backend-type {blob_store.type} is not supported "
                           f"(the dictionary's blobs would have to be in {blob_store.type} too)")
     registry = registry or RegistryOptions()
+    target_registry = target_registry or registry
     t0 = time.monotonic()
+    reports: list[LayerReport] = []
+
+    def layer_done(report: LayerReport) -> None:
+        reports.append(report)
+        if on_layer:
+            on_layer(report)
+
     with open_source(source, platform, registry=registry) as image:
         if on_image:
             on_image(image)
         if target.transport == "oci":
             manifest, result = _build_into(image, Path(target.path), target.reference, options,
-                                           progress, blob_store, chunk_dict, copy_dict_blobs=True)
-            return ConvertResult(manifest, result, _total(image), time.monotonic() - t0)
+                                           progress, blob_store, chunk_dict, copy_dict_blobs=True,
+                                           on_layer=layer_done)
+            return ConvertResult(manifest, result, _total(image), time.monotonic() - t0, layers=reports)
         ref = parse_reference(target.path)
-        with tempfile.TemporaryDirectory(prefix="nydusify-out-", dir=registry.work_dir) as tmp:
+        with tempfile.TemporaryDirectory(prefix="nydusify-out-", dir=target_registry.work_dir) as tmp:
             manifest, result = _build_into(image, Path(tmp) / "oci", None, options, progress, blob_store,
-                                           chunk_dict, copy_dict_blobs=False)
+                                           chunk_dict, copy_dict_blobs=False, on_layer=layer_done)
             from converter.push import push_converted
             external = _dict_blob_sources(chunk_dict, result, ref, Path(tmp)) if chunk_dict else None
-            with registry.client(ref) as client:
+            t_push = time.monotonic()
+            with target_registry.client(ref) as client:
                 pushed = push_converted(Path(tmp) / "oci", manifest, ref, client, source_image=image,
-                                        merge_platform=merge_platform, concurrency=registry.concurrency,
+                                        merge_platform=merge_platform,
+                                        concurrency=target_registry.concurrency,
                                         progress=progress, external=external)
-        return ConvertResult(manifest, result, _total(image), time.monotonic() - t0, pushed)
+            t_push = time.monotonic() - t_push
+        return ConvertResult(manifest, result, _total(image), time.monotonic() - t0, pushed,
+                             layers=reports, push_seconds=t_push)
 
 
 def _build_into(image: SourceImage, target_dir: Path, tag: str | None, options: BuildOptions,
                 progress: ProgressFn | None, blob_store: BlobStore | None = None,
-                chunk_dict: ChunkDict | None = None, *, copy_dict_blobs: bool = True
+                chunk_dict: ChunkDict | None = None, *, copy_dict_blobs: bool = True,
+                on_layer: Callable[[LayerReport], None] | None = None
                 ) -> tuple[Descriptor, BuildResult]:
     with Staging(target_dir) as staging:
         builder = Builder(options, staging.work_dir, progress)
@@ -81,12 +115,20 @@ def _build_into(image: SourceImage, target_dir: Path, tag: str | None, options: 
         for layer in image.layers:
             # iter_entries reads the stream to EOF, so the digest and diff_id checks have fired
             # (or raised) by the time add_layer returns.
+            t = time.monotonic()
             stream = image.open_layer_tar(layer, max_uncompressed=options.max_layer_size)
-            builder.add_layer(tarlayer.iter_entries(stream, layer.what, max_size=options.max_layer_size),
-                              layer.index, layer.digest,
-                              layer.what)
+            built = builder.add_layer(
+                tarlayer.iter_entries(stream, layer.what, max_size=options.max_layer_size),
+                layer.index, layer.digest, layer.what)
             if progress:
                 progress("layer", 1)
+            if on_layer:
+                on_layer(LayerReport(
+                    index=layer.index, count=len(image.layers), source_digest=layer.digest,
+                    source_size=layer.size, blob_digest=built.digest if built else None,
+                    blob_size=built.size if built else 0,
+                    uncompressed_size=built.uncompressed_size if built else 0,
+                    chunks=built.chunk_count if built else 0, seconds=time.monotonic() - t))
         result = builder.finish()
         if copy_dict_blobs:
             for info in result.dict_blobs:

@@ -59,7 +59,10 @@ def _localfs(dir: Path, alt_dirs=(), metrics: Metrics | None = None):
     return make_backend(config, metrics=metrics)
 
 
-def open_oci(ref: str, *, metrics: Metrics | None = None) -> OpenedImage:
+def open_oci(ref: str, *, metrics: Metrics | None = None, backend: BackendConfig | None = None
+             ) -> OpenedImage:
+    """`backend`: where the data blobs are instead of the layout (an image converted with
+    --backend-type s3 has only its bootstrap there)."""
     root, tag = parse_oci_ref(ref)
     if not root.is_dir():
         raise ImageFormatError(f"{root}: no such directory (image {ref})")
@@ -71,6 +74,8 @@ def open_oci(ref: str, *, metrics: Metrics | None = None) -> OpenedImage:
         bootstrap = Bootstrap.from_bytes(data)
     except FormatError as e:
         raise FormatError(f"{ref}: {e}") from None
+    if backend is not None:
+        return OpenedImage(bootstrap, make_backend(backend, metrics=metrics), ref)
     present = {d.digest for d in layers.blobs}
     for blob in bootstrap.blobs:
         if blob.id not in present and not layout.has_blob(blob.id):
@@ -118,7 +123,7 @@ def open_image(ref: str, *, metrics: Metrics | None = None, plain_http: bool = F
     """`oci:DIR[:TAG]` or a registry reference. `backend` overrides where a registry image's
     data blobs are read from (e.g. S3, or a registry config with mirrors/proxy)."""
     if ref.startswith(OCI_PREFIX):
-        return open_oci(ref, metrics=metrics)
+        return open_oci(ref, metrics=metrics, backend=backend)
     return open_registry(ref, metrics=metrics, plain_http=plain_http, skip_verify=skip_verify,
                          backend=backend)
 
@@ -136,6 +141,14 @@ def open_registry(ref: str, *, metrics: Metrics | None = None, plain_http: bool 
     if backend is None:
         backend = BackendConfig(type="registry", registry=RegistryBackendConfig(
             host=r.api_host, repo=r.repository, scheme=scheme, skip_verify=skip_verify))
+    elif backend.registry is not None and not (backend.registry.host and backend.registry.repo):
+        # a config without host/repo (Nydus's sample, the snapshotter's): the reference's
+        import dataclasses
+        backend = dataclasses.replace(backend, registry=dataclasses.replace(
+            backend.registry, host=backend.registry.host or r.api_host,
+            repo=backend.registry.repo or r.repository,
+            scheme="http" if plain_http else backend.registry.scheme,
+            skip_verify=backend.registry.skip_verify or skip_verify))
     return OpenedImage(bootstrap, make_backend(backend, metrics=metrics), str(r))
 
 
@@ -163,6 +176,7 @@ def fetch_registry_image(client, r, what: str) -> tuple[dict, NydusLayers, Boots
 def converted_entry(index: dict, ref: str) -> Descriptor:
     """In a merged index, the entry marked with our os.feature for this host's architecture."""
     import platform as _platform
+
     from nydus_py.oci.nydus_image import NYDUS_OS_FEATURE
     arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(_platform.machine(), _platform.machine())
     entries = [Descriptor.from_json(m, ref) for m in index.get("manifests") or [] if isinstance(m, dict)]
