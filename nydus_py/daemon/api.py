@@ -1,9 +1,10 @@
 """nydusd's HTTP API on a unix socket, served from the daemon's trio loop.
 
-A deliberately small HTTP/1.1 server (no dependency): one request per connection
-(`Connection: close`), request line + headers up to 64 KiB, a `Content-Length` body up to
-1 MiB, 10 s to send them. Everything is trio I/O; the handlers only read in-memory state, so
-nothing blocks the loop that also serves FUSE.
+HTTP/1.1 is h11's (a sans-I/O parser: chunked bodies, keep-alive, pipelining rules); this
+module only moves bytes with trio. Limits: request head 64 KiB, body 1 MiB, 10 s per request
+(and per idle keep-alive wait). The handlers only read in-memory state, so nothing blocks the
+loop that also serves FUSE. A socket path that a live daemon answers on is never taken over
+(`ApiSocketBusy`); a stale one (nobody listening) is replaced.
 
 Endpoints of one mount (`DaemonApi`; field reference in docs/operations.md):
 
@@ -15,6 +16,9 @@ Endpoints of one mount (`DaemonApi`; field reference in docs/operations.md):
     GET  /api/v1/metrics/files          per-file read counts (iostats_files/access_pattern)
     GET  /api/v1/metrics/pattern        first-read order (JSON; ?format=text: paths, one a line)
     GET  /api/v1/metrics/inflight       reads being served now
+    PUT  /api/v1/daemon                 {"log_level": "debug"}: change the log level (204)
+    GET  /api/v1/daemon/backend         the mount's backend: type and config (secrets left out)
+    GET  /api/v1/daemon/events          recent warnings and errors of this daemon
     PUT  /api/v1/daemon/exit            unmount and exit 0
     GET  /metrics                       Prometheus text format
 
@@ -23,18 +27,25 @@ Errors are JSON `{"code": ..., "message": ...}` with 400/404/405/409/500/501, as
 
 from __future__ import annotations
 
+import collections
+import errno
 import json
 import logging
 import os
 import platform
 import socket
+import stat
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Awaitable, Callable
 
+import h11
 import trio
+
+from nydus_py.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +112,40 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 # -- server ---------------------------------------------------------------------------------------
-async def serve_unix(path: str, handler: Handler, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Listens on `path` (a stale socket file is replaced) until cancelled; removes it then."""
+class ApiSocketBusy(ConfigError):
+    """Another live daemon answers on the socket path."""
+
+
+def claim_socket_path(path: str) -> None:
+    """Makes `path` free for bind(): refuses if a daemon answers there (taking the path over
+    would cut that daemon off from its clients) or if it is not a socket; removes a stale one."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"--apisock {path}: exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2)
+    try:
+        probe.connect(path)
+    except OSError as e:
+        if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise ConfigError(f"--apisock {path}: cannot check it ({e.strerror})") from None
+    else:
+        raise ApiSocketBusy(f"--apisock {path}: another daemon is serving its API there; "
+                            f"stop it first or choose another socket")
+    finally:
+        probe.close()
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+async def serve_unix(path: str, handler: Handler, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Listens on `path` until cancelled; removes it then. See claim_socket_path."""
+    claim_socket_path(path)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         await sock.bind(path)
@@ -127,54 +166,79 @@ async def serve_unix(path: str, handler: Handler, *, task_status=trio.TASK_STATU
             pass
 
 
-async def _read_request(stream: trio.abc.ReceiveStream) -> Request | Response:
-    buf = bytearray()
-    while b"\r\n\r\n" not in buf:
-        if len(buf) > MAX_HEAD:
-            return error_response(413, "TooLarge", "request head too large")
+class _Reject(Exception):
+    def __init__(self, resp: Response):
+        self.resp = resp
+
+
+async def _next_event(conn: h11.Connection, stream: trio.abc.ReceiveStream):
+    while True:
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as e:
+            raise _Reject(error_response(e.error_status_hint, "BadRequest", f"bad HTTP: {e}")) from None
+        if event is not h11.NEED_DATA:
+            return event
         data = await stream.receive_some(65536)
-        if not data:
-            raise EOFError
-        buf += data
-    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    try:
-        method, target, _version = lines[0].split(" ", 2)
-    except ValueError:
-        return error_response(400, "BadRequest", "malformed request line")
-    headers = {}
-    for ln in lines[1:]:
-        k, sep, v = ln.partition(":")
-        if sep:
-            headers[k.strip().lower()] = v.strip()
-    try:
-        length = int(headers.get("content-length", "0"))
-    except ValueError:
-        return error_response(400, "BadRequest", "bad Content-Length")
-    if length > MAX_BODY or length < 0:
-        return error_response(413, "TooLarge", "body too large")
-    body = bytearray(rest)
-    while len(body) < length:
-        data = await stream.receive_some(length - len(body))
-        if not data:
-            raise EOFError
-        body += data
+        conn.receive_data(bytes(data))  # b"" = the peer closed
+
+
+async def _read_request(conn: h11.Connection, stream: trio.abc.ReceiveStream) -> Request | None:
+    """The next request on the connection; None when the client closed it between requests."""
+    event = await _next_event(conn, stream)
+    if isinstance(event, h11.ConnectionClosed):
+        return None
+    if not isinstance(event, h11.Request):
+        raise _Reject(error_response(400, "BadRequest", "expected a request"))
+    target = event.target.decode("latin-1")
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
+    body = bytearray()
+    while True:
+        ev = await _next_event(conn, stream)
+        if isinstance(ev, h11.Data):
+            body += ev.data
+            if len(body) > MAX_BODY:
+                raise _Reject(error_response(413, "TooLarge", "body too large"))
+        elif isinstance(ev, h11.EndOfMessage):
+            break
+        else:
+            raise _Reject(error_response(400, "BadRequest", "incomplete request"))
     url = urllib.parse.urlsplit(target)
     query = dict(urllib.parse.parse_qsl(url.query))
-    return Request(method.upper(), url.path, query, headers, bytes(body[:length]))
+    return Request(event.method.decode("latin-1").upper(), url.path, query, headers, bytes(body))
+
+
+async def _send(conn: h11.Connection, stream: trio.abc.SendStream, resp: Response) -> None:
+    headers = [("Content-Type", resp.content_type), ("Content-Length", str(len(resp.body)))]
+    if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
+        headers.append(("Connection", "close"))
+    data = conn.send(h11.Response(status_code=resp.status, headers=headers,
+                                  reason=REASONS.get(resp.status, "Unknown")))
+    if resp.body:
+        data += conn.send(h11.Data(data=resp.body))
+    data += conn.send(h11.EndOfMessage())
+    await stream.send_all(data)
 
 
 async def _connection(stream: trio.SocketStream, handler: Handler) -> None:
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
     async with stream:
-        resp: Response
-        try:
-            with trio.fail_after(REQUEST_TIMEOUT):
-                req = await _read_request(stream)
-        except (EOFError, trio.TooSlowError, trio.BrokenResourceError):
-            return
-        if isinstance(req, Response):
-            resp = req
-        else:
+        while True:
+            try:
+                with trio.fail_after(REQUEST_TIMEOUT):
+                    req = await _read_request(conn, stream)
+            except _Reject as e:
+                if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                    try:
+                        await _send(conn, stream, e.resp)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+                        pass
+                return
+            except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if req is None:
+                return
+            resp: Response
             try:
                 resp = await handler(req)
             except ApiError as e:
@@ -182,15 +246,90 @@ async def _connection(stream: trio.SocketStream, handler: Handler) -> None:
             except Exception as e:
                 log.exception("api: %s %s failed", req.method, req.path)
                 resp = error_response(500, "InternalError", f"{type(e).__name__}: {e}")
-        head = (f"HTTP/1.1 {resp.status} {REASONS.get(resp.status, 'Unknown')}\r\n"
-                f"Content-Type: {resp.content_type}\r\nContent-Length: {len(resp.body)}\r\n"
-                "Connection: close\r\n\r\n").encode()
+            try:
+                await _send(conn, stream, resp)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            finally:
+                if resp.after is not None:
+                    resp.after()
+            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                return
+            try:
+                conn.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+
+
+# -- events and log level -------------------------------------------------------------------------
+class EventLog(logging.Handler):
+    """The daemon's recent warnings and errors, for GET /api/v1/daemon/events."""
+
+    def __init__(self, capacity: int = 256):
+        super().__init__(logging.WARNING)
+        self._events: collections.deque[dict] = collections.deque(maxlen=capacity)
+        self._lock2 = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
         try:
-            await stream.send_all(head + resp.body)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        if resp.after is not None:
-            resp.after()
+            msg = record.getMessage()
+        except (TypeError, ValueError):  # a bad format call must not break logging
+            msg = str(record.msg)
+        with self._lock2:
+            self._events.append({"timestamp": round(record.created, 3), "level": record.levelname,
+                                 "logger": record.name, "message": msg})
+
+    def snapshot(self) -> list[dict]:
+        with self._lock2:
+            return list(self._events)
+
+
+_event_log: EventLog | None = None
+
+
+def event_log() -> EventLog:
+    """The process's EventLog, attached to the root logger on first use."""
+    global _event_log
+    if _event_log is None:
+        _event_log = EventLog()
+        logging.getLogger().addHandler(_event_log)
+    return _event_log
+
+
+LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
+              "warn": logging.WARNING, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def set_log_level(body: object) -> None:
+    """PUT /api/v1/daemon with nydusd's body {"log_level": "debug"}."""
+    if not isinstance(body, dict) or set(body) != {"log_level"}:
+        raise ApiError(400, "BadRequest", "expected {\"log_level\": \"trace|debug|info|warn|error\"}")
+    level = body["log_level"]
+    if not isinstance(level, str) or level.lower() not in LOG_LEVELS:
+        raise ApiError(400, "BadRequest", f"log_level: one of trace, debug, info, warn, error, not {level!r}")
+    n = LOG_LEVELS[level.lower()]
+    logging.getLogger().setLevel(n)
+    logging.getLogger("pyfuse3").setLevel(max(n, logging.INFO))
+    log.info("log level set to %s through the API", level.lower())
+
+
+def backend_info(config, backend_type: str) -> dict:
+    """A BackendConfig as JSON for GET /api/v1/daemon/backend, without secrets (the fields
+    kept out of repr: auth, tokens, keys)."""
+    import dataclasses
+    if config is None:
+        return {"type": backend_type}
+
+    def plain(obj):
+        if dataclasses.is_dataclass(obj):
+            return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                    if f.repr and getattr(obj, f.name) is not None}
+        if isinstance(obj, (list, tuple)):
+            return [plain(x) for x in obj]
+        return obj
+    settings = config.settings
+    return {"type": config.type, "retry_limit": config.retry_limit,
+            "config": plain(settings) if settings is not None else {}}
 
 
 # -- clients --------------------------------------------------------------------------------------
@@ -247,7 +386,10 @@ class DaemonApi:
     """Routes for a daemon serving one mount. `fs` is mount.Filesystem; `stop()` ends it."""
 
     def __init__(self, *, daemon_id: str, mountpoint: str, fs, stop: Callable[[], None],
-                 prefetcher=None, access_pattern: bool = False, iostats_files: bool = False):
+                 prefetcher=None, access_pattern: bool = False, iostats_files: bool = False,
+                 backend_config=None):
+        self.backend_config = backend_config
+        self.events = event_log()
         self.id = daemon_id
         self.mountpoint = mountpoint
         self.fs = fs
@@ -321,6 +463,14 @@ class DaemonApi:
             return json_response(vfs.access.pattern())
         if route == ("GET", "/api/v1/metrics/inflight"):
             return json_response({"values": vfs.inflight.snapshot(vfs.bootstrap.path_of)})
+        if route == ("PUT", "/api/v1/daemon"):
+            set_log_level(req.json())
+            return Response(204)
+        if route == ("GET", "/api/v1/daemon/backend"):
+            return json_response({self.mountpoint: backend_info(
+                self.backend_config, getattr(self.fs, "backend_type", ""))})
+        if route == ("GET", "/api/v1/daemon/events"):
+            return json_response({"events": self.events.snapshot()})
         if route == ("PUT", "/api/v1/daemon/exit"):
             self.state = "STOPPING"
             return Response(204, after=self.stop)
@@ -330,7 +480,8 @@ class DaemonApi:
         if req.path.startswith("/api/v1/mount"):
             raise ApiError(501, "NotSupported", "this daemon serves one mount; run `nydusd serve` "
                            "to mount several images from one daemon")
-        known = {"/api/v1/daemon", "/api/v1/daemon/exit", "/metrics"}
+        known = {"/api/v1/daemon", "/api/v1/daemon/exit", "/api/v1/daemon/backend",
+                 "/api/v1/daemon/events", "/metrics"}
         if req.path in known or req.path.startswith("/api/v1/metrics"):
             raise ApiError(405, "MethodNotAllowed", f"{req.method} {req.path}")
         raise ApiError(404, "NotFound", f"no endpoint {req.path}")

@@ -169,9 +169,9 @@ def _nydus_form(argv: list[str]) -> argparse.Namespace:
     if argv and argv[0] == "fuse":
         argv = argv[1:]
     args = build_nydus_parser().parse_args(argv)
-    for flag in NYDUS_UNSUPPORTED:
+    for flag, why in NYDUS_UNSUPPORTED.items():
         if getattr(args, flag[2:].replace("-", "_")) is not None:
-            raise _Unsupported(f"{flag}, because {NYDUS_UNSUPPORTED[flag]}")
+            raise _Unsupported(f"{flag}, because {why}")
     if args.localfs_dir and args.config:
         raise ConfigError("--localfs-dir and --config exclude each other (as in nydusd)")
     if not args.mountpoint:
@@ -213,6 +213,9 @@ def _request(args) -> MountRequest:
         raise ConfigError("--image cannot be combined with --bootstrap/--blob-dir")
     if args.blob_dir and not args.bootstrap:
         raise ConfigError("--blob-dir needs --bootstrap")
+    if args.apisock:       # before mounting: never take over a live daemon's API socket
+        from nydus_py.daemon.api import claim_socket_path
+        claim_socket_path(os.path.abspath(args.apisock))
     cfg = config_mod.load(args.config) if args.config else config_mod.DaemonConfig()
     for w in cfg.warnings:
         print(f"nydusd: warning: {args.config}: {w}", file=sys.stderr, flush=True)

@@ -316,7 +316,8 @@ def _services(req: MountRequest, fs: Filesystem, mountpoint: str):
                 api = DaemonApi(daemon_id=req.daemon_id or f"nydusd-{os.getpid()}",
                                 mountpoint=mountpoint, fs=fs, stop=pyfuse3.terminate,
                                 prefetcher=prefetcher, access_pattern=req.config.access_pattern,
-                                iostats_files=req.config.iostats_files)
+                                iostats_files=req.config.iostats_files,
+                                backend_config=req.config.backend)
                 await nursery.start(serve_unix, req.apisock, api.handle)
                 log.info("API listening on %s", req.apisock)
             task_status.started()

@@ -120,6 +120,7 @@ class Supervisor:
     def __init__(self, *, apisock: str, daemon_id: str = "", cache_dir: str | None = None,
                  cache_max_size: int | None = None, state_dir: str | None = None,
                  log_level: str = "info"):
+        api_mod.claim_socket_path(apisock)      # a live daemon's socket is never taken over
         self.apisock = apisock
         self.id = daemon_id or f"nydusd-{os.getpid()}"
         self.cache_max_size = cache_max_size
@@ -174,9 +175,11 @@ class Supervisor:
     def _argv(self, mountpoint: str, body: dict, n: int) -> tuple[list[str], str]:
         if not isinstance(body, dict):
             raise ApiError(400, "BadRequest", "body must be a JSON object")
-        unknown = set(body) - {"source", "bootstrap", "blob_dir", "config", "prefetch_files"}
+        unknown = set(body) - {"source", "bootstrap", "blob_dir", "config", "prefetch_files", "fs_type"}
         if unknown:
             raise ApiError(400, "BadRequest", f"unknown fields: {', '.join(sorted(unknown))}")
+        if "fs_type" in body:
+            body = _nydus_mount_body(body)
         sock = os.path.join(self.state_dir, f"mount-{n}.sock")
         argv = [sys.executable, "-m", "nydus_py.daemon.cli", "mount", "--apisock", sock,
                 "--cache-dir", self.cache_dir, "--id", f"{self.id}/{n}",
@@ -326,6 +329,21 @@ class Supervisor:
                                   "supervisor": True, "cache_dir": self.cache_dir,
                                   "uptime_secs": round(time.time() - self.started, 3),
                                   "mounts": [c.info() for c in self.mounts.values()]})
+        if path == "/api/v1/daemon" and req.method == "PUT":
+            body = req.json()
+            api_mod.set_log_level(body)
+            await self._each_child("PUT", "/api/v1/daemon", json.dumps(body).encode())
+            return Response(204)
+        if path == "/api/v1/daemon/backend" and req.method == "GET":
+            merged: dict = {}
+            for answer in (await self._each_child("GET", "/api/v1/daemon/backend")).values():
+                merged.update(answer if isinstance(answer, dict) else {})
+            return json_response(merged)
+        if path == "/api/v1/daemon/events" and req.method == "GET":
+            return json_response({"events": api_mod.event_log().snapshot(),
+                                  "mounts": {mp: a.get("events", a) if isinstance(a, dict) else a
+                                             for mp, a in (await self._each_child(
+                                                 "GET", "/api/v1/daemon/events")).items()}})
         if path == "/api/v1/daemon/exit" and req.method == "PUT":
             return Response(204, after=self._exit.set)
         if path.startswith("/api/v1/metrics") and req.method == "GET":
@@ -333,6 +351,16 @@ class Supervisor:
         if path == "/metrics" and req.method == "GET":
             return await self._prometheus()
         raise ApiError(404, "NotFound", f"no endpoint {req.method} {path}")
+
+    async def _each_child(self, method: str, target: str, body: bytes | None = None) -> dict:
+        out = {}
+        for mp, child in list(self.mounts.items()):
+            try:
+                status, raw = await api_mod.call(child.sock, method, target, body, timeout=5)
+                out[mp] = json.loads(raw) if raw.strip() else {"status": status}
+            except (OSError, trio.TooSlowError, ValueError) as e:
+                out[mp] = {"error": str(e)}
+        return out
 
     async def _mount(self, req: Request) -> Response:
         mp = self._mountpoint(req)
@@ -353,6 +381,8 @@ class Supervisor:
             del self.mounts[mp]
             raise
         log.info("mounted %s at %s (pid %d)", source, mp, child.proc.pid)
+        if isinstance(body, dict) and "fs_type" in body:
+            return Response(204)            # nydusd's answer to its own mount body
         return json_response(child.info())
 
     async def _ask(self, child: Child, target: str) -> tuple[int, bytes]:
@@ -407,6 +437,27 @@ class Supervisor:
                     families[fam].append(f"{name} {rest}")
         text = "".join(line + "\n" for lines in families.values() for line in lines)
         return Response(200, text.encode(), "text/plain; version=0.0.4")
+
+
+def _nydus_mount_body(body: dict) -> dict:
+    """nydusd's mount body {"source": BOOTSTRAP, "fs_type": "rafs", "config": "<JSON string>"}
+    → ours ({"bootstrap": ..., "config": {...}}; an oci: source stays a source)."""
+    fs_type = body.get("fs_type")
+    if fs_type != "rafs":
+        raise ApiError(501, "NotSupported", f"fs_type {fs_type!r}: not supported by nydus-py "
+                       f"(only \"rafs\", a nydus-py image; passthrough_fs is not implemented)")
+    out = {k: v for k, v in body.items() if k not in ("fs_type", "source")}
+    source = body.get("source")
+    if not isinstance(source, str) or not source:
+        raise ApiError(400, "BadRequest", "source: expected the bootstrap path or oci:DIR[:TAG]")
+    out["source" if source.startswith("oci:") else "bootstrap"] = source
+    config = body.get("config")
+    if isinstance(config, str):       # nydusd takes the config as a JSON string (`jq tostring`)
+        try:
+            out["config"] = json.loads(config) if config.strip() else {}
+        except ValueError as e:
+            raise ApiError(400, "BadConfig", f"config: not JSON ({e})") from None
+    return out
 
 
 def merge_sum(a, b):
