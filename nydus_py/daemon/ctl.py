@@ -79,7 +79,9 @@ def _show(doc: object, raw: bool, indent: str = "") -> None:
         return
     if isinstance(doc, dict):
         for k, v in doc.items():
-            if isinstance(v, (dict, list)) and v:
+            if isinstance(v, list) and not any(isinstance(x, (dict, list)) for x in v):
+                print(f"{indent}{k}: {' '.join(map(str, v))}")      # e.g. a latency histogram
+            elif isinstance(v, (dict, list)) and v:
                 print(f"{indent}{k}:")
                 _show(v, False, indent + "  ")
             else:
