@@ -85,9 +85,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="HOST/REPO[:TAG] or oci:DIR[:TAG] ($TARGET)")
     c.add_argument("--target-suffix", metavar="SUFFIX",
                    help="target = source + SUFFIX (e.g. -nydus), instead of --target")
-    c.add_argument("--platform", help="os/arch[/variant] to pick from a multi-platform index "
-                                      "(several, comma-separated, are not supported yet)")
-    c.add_argument("--all-platforms", action="store_true", help=argparse.SUPPRESS)
+    c.add_argument("--platform", help="os/arch[/variant] to pick from a multi-platform index; "
+                                      "several, comma-separated, give an index of converted images")
+    c.add_argument("--all-platforms", action="store_true",
+                   help="convert every platform of the source index into one target index")
     c.add_argument("--fs-chunk-size", "--chunk-size", dest="chunk_size", type=_size, default=1 << 20,
                    metavar="SIZE", help="power of two, 0x1000..0x1000000 (default 0x100000)")
     c.add_argument("--compressor", default="zstd", choices=["zstd", "lz4_block", "lz4", "none"],
@@ -284,11 +285,11 @@ def cmd_convert(args) -> int:
     from converter.progress import Progress
     from converter.sources import parse_platform, parse_source
 
-    if args.all_platforms or (args.platform and "," in args.platform):
-        raise _Unsupported("converting several platforms into one index (--all-platforms, "
-                           "--platform a,b), because the converter builds one image per run: "
-                           "convert each platform to its own tag")
-    parse_platform(args.platform)  # a bad --platform is an error before any download
+    if args.all_platforms and args.platform:
+        raise ConfigError("--all-platforms and --platform exclude each other (as in nydusify)")
+    platforms = [p.strip() for p in args.platform.split(",")] if args.platform else []
+    for p in platforms:
+        parse_platform(p)  # a bad --platform is an error before any download
     source_text, target_text = _source_target(args)
     patterns = _read_patterns(args.prefetch_patterns)
     if args.prefetch_dir:
@@ -309,6 +310,9 @@ def cmd_convert(args) -> int:
         raise ConfigError("--chunk-dict-insecure goes with --chunk-dict")
     if args.output_json:
         _check_writable(args.output_json)
+    if args.all_platforms or len(platforms) > 1:
+        return _convert_platforms(args, source, target, source_text, target_text, options, platforms,
+                                  src_opts, dst_opts, blob_store, chunk_dict)
     with Progress(enabled=not args.quiet) as progress:
         res = convert(source, target, options, platform=args.platform, progress=progress.update,
                       on_image=progress.start, registry=src_opts, target_registry=dst_opts,
@@ -330,6 +334,35 @@ def cmd_convert(args) -> int:
         print(f"  pushed {target_text} ({res.pushed_digest})", file=sys.stderr)
     if args.output_json:
         _write_json(args.output_json, _report(source_text, target_text, res, blob_store))
+    return 0
+
+
+def _convert_platforms(args, source, target, source_text, target_text, options, platforms,
+                       src_opts, dst_opts, blob_store, chunk_dict) -> int:
+    from converter.multiplatform import convert_platforms, source_platforms
+    from converter.progress import Progress
+    if args.all_platforms:
+        platforms = source_platforms(source, src_opts)
+    with Progress(enabled=not args.quiet) as progress:
+        res = convert_platforms(source, target, options, platforms, registry=src_opts,
+                                target_registry=dst_opts, progress=progress.update,
+                                on_image=progress.start, on_layer=progress.layer_done,
+                                merge_platform=args.merge_platform, blob_store=blob_store,
+                                chunk_dict=chunk_dict)
+    print(f"converted {source_text} -> {target_text}: index {res.index.digest} "
+          f"({', '.join(res.images)})", file=sys.stderr)
+    for p, r in res.images.items():
+        print(f"  {p}: manifest {r.manifest.digest}, {r.build.stats.layers} layers, "
+              f"blobs {sum(b.size for b in r.build.blobs)} bytes, {r.seconds:.2f}s", file=sys.stderr)
+    if res.pushed_digest:
+        print(f"  pushed {target_text} ({res.pushed_digest})", file=sys.stderr)
+    if args.output_json:
+        _write_json(args.output_json, {
+            "version": __version__, "source": source_text, "target": target_text,
+            "index": {"digest": res.index.digest, "size": res.index.size},
+            "pushed_digest": res.pushed_digest,
+            "platforms": {p: _report(source_text, target_text, r, blob_store)
+                          for p, r in res.images.items()}})
     return 0
 
 

@@ -33,6 +33,7 @@ class Progress:
     def start(self, image) -> None:
         self._layers = len(image.layers)
         self._total_bytes = sum(layer.size for layer in image.layers)
+        self._done = self._done_bytes = 0           # per image (several with --all-platforms)
         if self.enabled:
             from tqdm import tqdm  # only imported for a terminal
             # a pty that never had its size set reports 0 columns, and tqdm then draws nothing

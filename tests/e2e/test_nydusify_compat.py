@@ -97,7 +97,7 @@ def test_target_suffix_names_the_target_after_the_source(src, tmp_path):
 
 @pytest.mark.parametrize("flag, value", [("--fs-version", "6"), ("--oci-ref", None), ("--oci", None),
                                          ("--batch-size", "0x100000"), ("--build-cache", "r/c:1"),
-                                         ("--all-platforms", None), ("--platform", "linux/amd64,linux/arm64")])
+                                         ("--docker-v2-format", None), ("--nydus-image", "/bin/x")])
 def test_nydusify_flags_without_meaning_are_refused_in_one_line(src, tmp_path, flag, value):
     r = nydusify("convert", "--source", f"oci:{src}:v1", "--target", f"oci:{tmp_path}/d:x", flag,
                  *([value] if value else []), check=False)
@@ -169,3 +169,55 @@ def test_copy_layout_to_layout_verifies_every_blob(src, tmp_path):
     data.write_bytes(b"x" + data.read_bytes()[1:])          # same size, wrong content
     r = nydusify("copy", "--source", f"oci:{tmp_path}/a:n", "--target", f"oci:{tmp_path}/c:n", check=False)
     assert r.returncode == 1 and "digest mismatch" in r.stderr and not (tmp_path / "c").exists()
+
+
+def _multi(tmp_path):
+    import dataclasses
+    from tests.fixtures.imagegen import write_multiplatform_oci
+    amd = feature_image()
+    arm = dataclasses.replace(whiteout_image(), architecture="arm64")
+    write_multiplatform_oci(tmp_path / "multi", "m", [amd, arm])
+    return amd, arm
+
+
+def _mount_compare(tmp_path, image: str, src_layout, src_tag, name, *extra):
+    ref = umoci_reference(src_layout, src_tag, tmp_path / f"umoci-{name}")
+    mnt = tmp_path / f"mnt-{name}"
+    with running([*command("nydusd"), "mount", *extra, "--image", image, str(mnt)], mnt, tmp_path / f"log-{name}"):
+        assert compare_trees(ref.rootfs, mnt, ignore_mtime=ref.volatile_mtimes) == []
+
+
+def test_all_platforms_and_platform_list_give_an_index(tmp_path, registry):  # noqa: F811
+    amd, arm = _multi(tmp_path)
+    out = tmp_path / "out.json"
+    nydusify("convert", "--source", f"oci:{tmp_path}/multi:m", "--target", f"oci:{tmp_path}/n:m",
+             "--all-platforms", "--output-json", str(out), "--quiet")
+    layout = OCILayout(tmp_path / "n")
+    index = layout.read_json(layout.resolve("m"), "index")
+    assert [e["platform"]["architecture"] for e in index["manifests"]] == ["amd64", "arm64"]
+    doc = json.loads(out.read_text())
+    assert set(doc["platforms"]) == {"linux/amd64", "linux/arm64"} and doc["index"]["digest"] == layout.resolve("m").digest
+    # each platform's image is the source's: mount the converted entry by digest via a tag
+    from nydus_py.oci.layout import Descriptor, OCILayoutWriter
+    w = OCILayoutWriter(tmp_path / "n")
+    for e in index["manifests"]:
+        w.tag(Descriptor.from_json(e, "e"), e["platform"]["architecture"])
+    for tag in ("amd64", "arm64"):
+        img = amd if tag == "amd64" else arm
+        img.write_oci(tmp_path / f"single-{tag}", "s")
+        _mount_compare(tmp_path, f"oci:{tmp_path}/n:{tag}", tmp_path / f"single-{tag}", "s", tag)
+    # the same to a registry with --platform a,b; the index lands under the tag
+    push = subprocess.run(["skopeo", "copy", "--quiet", "--all", "--dest-tls-verify=false",
+                           f"oci:{tmp_path}/multi:m", f"docker://{registry.host}/compat/multi:m"],
+                          capture_output=True, text=True, check=False)
+    assert push.returncode == 0, push.stderr
+    nydusify("convert", "--source", f"{registry.host}/compat/multi:m", "--source-insecure",
+             "--target", f"{registry.host}/compat/multi:m-nydus", "--target-insecure",
+             "--platform", "linux/amd64,linux/arm64", "--quiet")
+    from nydus_py.oci.reference import parse as parse_reference
+    from nydus_py.oci.registry import RegistryClient, RegistryConfig
+    r = parse_reference(f"{registry.host}/compat/multi:m-nydus")
+    with RegistryClient(config=RegistryConfig.for_reference(r, scheme="http")) as c:
+        data, media_type, _ = c.get_manifest(r.repository, "m-nydus")
+    assert media_type == "application/vnd.oci.image.index.v1+json"
+    assert len(json.loads(data)["manifests"]) == 2
