@@ -189,7 +189,7 @@ def _setup_logging(level: str, log_file: str | None) -> None:
     level = {"trace": "DEBUG", "warn": "WARNING"}.get(level, level.upper())
     handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler._nydusd = True  # replace only our own handler if called again
+    setattr(handler, "_nydusd", True)  # noqa: B010  (replace only our own handler if called again)
     root = logging.getLogger()
     for h in [h for h in root.handlers if getattr(h, "_nydusd", False)]:
         root.removeHandler(h)
