@@ -496,8 +496,22 @@ _EXTRA_REASONS = {
 }
 
 
+def _join_dash_values(argv: list[str]) -> list[str]:
+    """`--target-suffix -nydus` (nydusify's usual spelling): argparse would read `-nydus` as
+    a flag, so the value is attached (`--target-suffix=-nydus`)."""
+    out: list[str] = []
+    it = iter(argv)
+    for a in it:
+        if a == "--target-suffix":
+            nxt = next(it, None)
+            out.append(a if nxt is None else f"{a}={nxt}")
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_join_dash_values(list(sys.argv[1:] if argv is None else argv)))
     try:
         _setup_logging(args)
     except OSError as e:

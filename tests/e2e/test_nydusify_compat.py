@@ -91,7 +91,7 @@ def test_check_exit_codes_differs_vs_error(src, tmp_path):
 def test_target_suffix_names_the_target_after_the_source(src, tmp_path):
     import shutil
     shutil.copytree(src, tmp_path / "l")
-    nydusify("convert", "--source", f"oci:{tmp_path}/l:v1", "--target-suffix=-nydus", "--quiet")
+    nydusify("convert", "--source", f"oci:{tmp_path}/l:v1", "--target-suffix", "-nydus", "--quiet")
     assert "v1-nydus" in OCILayout(tmp_path / "l").tags()
 
 
@@ -221,3 +221,21 @@ def test_all_platforms_and_platform_list_give_an_index(tmp_path, registry):  # n
         data, media_type, _ = c.get_manifest(r.repository, "m-nydus")
     assert media_type == "application/vnd.oci.image.index.v1+json"
     assert len(json.loads(data)["manifests"]) == 2
+
+
+def test_nydus_sample_registry_config_without_host_mounts_by_reference(src, tmp_path, registry):  # noqa: F811
+    push_oci_layout(src, "v1", registry.host, "compat/sample")
+    nydusify("convert", "--source", f"{registry.host}/compat/sample:v1", "--source-insecure",
+             "--target", f"{registry.host}/compat/sample:n", "--target-insecure", "--quiet")
+    cfg = tmp_path / "nydusd-config.json"      # the shape of Nydus's misc/configs/nydusd-config.json
+    cfg.write_text(json.dumps({
+        "device": {"backend": {"type": "registry", "config": {
+            "timeout": 5, "connect_timeout": 5, "retry_limit": 2, "skip_verify": False}},
+            "cache": {"type": "blobcache", "config": {"work_dir": str(tmp_path / "cache")}}},
+        "mode": "direct", "digest_validate": False, "iostats_files": False, "enable_xattr": True,
+        "fs_prefetch": {"enable": True, "threads_count": 8, "merging_size": 1048576, "prefetch_all": True}}))
+    ref = umoci_reference(src, "v1", tmp_path / "umoci")
+    mnt = tmp_path / "mnt"
+    with running([*command("nydusd"), "mount", "--plain-http", "--image", f"{registry.host}/compat/sample:n",
+                  "--config", str(cfg), str(mnt)], mnt, tmp_path / "log"):
+        assert compare_trees(ref.rootfs, mnt, ignore_mtime=ref.volatile_mtimes) == []
