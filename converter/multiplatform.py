@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from converter.convert import ConvertResult, convert
-from converter.source import SourceRef, parse_platform
-from converter.source_registry import RegistryOptions
+from converter.sources import RegistryOptions, SourceRef, parse_platform
 from nydus_py.errors import ConfigError, ImageFormatError
 from nydus_py.oci import mediatypes as mt
 from nydus_py.oci.layout import Descriptor, OCILayout, canonical_json, json_object
