@@ -14,8 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from converter.sources import SourceRef, parse_source
-from converter.sources import RegistryOptions
+from converter.sources import RegistryOptions, SourceRef, parse_source
 from nydus_py.errors import ConfigError, ImageFormatError
 from nydus_py.oci import mediatypes as mt
 from nydus_py.oci.layout import Descriptor, OCILayout, OCILayoutWriter, json_object
