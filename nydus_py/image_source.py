@@ -31,11 +31,25 @@ from nydus_py.storage.factory import make_backend
 OCI_PREFIX = "oci:"
 
 
+@dataclass(frozen=True)
+class ImageOrigin:
+    """Where a mounted image came from, so that its learned prefetch list can be found and
+    stored beside it (daemon/learned.py): as a referrer of `manifest` in `registry`'s
+    repository or in the OCI layout at `layout`, and locally under `bootstrap_digest`."""
+    bootstrap_digest: str = ""      # sha256:… of the bootstrap as stored ("" = hash the file)
+    bootstrap_path: str = ""        # a bootstrap file (its digest is taken when needed)
+    manifest: Descriptor | None = None   # the converted image manifest: the referrer subject
+    registry: object = None         # RegistryConfig of the image's registry
+    repository: str = ""
+    layout: str = ""                # OCI layout directory
+
+
 @dataclass
 class OpenedImage:
     bootstrap: Bootstrap
     backend: object                 # a BlobBackend (storage/backend.py)
     description: str                # for log lines: "oci:/path:tag" or the bootstrap path
+    origin: ImageOrigin = ImageOrigin()
 
 
 def parse_oci_ref(ref: str) -> tuple[Path, str | None]:
@@ -64,7 +78,7 @@ def open_oci(ref: str, *, metrics: Metrics | None = None) -> OpenedImage:
     if not root.is_dir():
         raise ImageFormatError(f"{root}: no such directory (image {ref})")
     layout = OCILayout(root)
-    manifest = layout_manifest(layout, layout.resolve(tag), ref)
+    mdesc, manifest = layout_manifest_desc(layout, layout.resolve(tag), ref)
     layers = find_layers(manifest, ref)
     data = layout.read_blob(layers.bootstrap, f"{ref}: bootstrap layer", limit=MAX_BOOTSTRAP)
     try:
@@ -78,11 +92,17 @@ def open_oci(ref: str, *, metrics: Metrics | None = None) -> OpenedImage:
     for d in layers.blobs:
         if not layout.has_blob(d.digest):
             raise BlobNotFoundError(f"{ref}: data blob {d.digest} is missing from {root}")
-    return OpenedImage(bootstrap, _localfs(root, metrics=metrics), ref)
+    origin = ImageOrigin(bootstrap_digest=layers.bootstrap.digest, manifest=mdesc, layout=str(root))
+    return OpenedImage(bootstrap, _localfs(root, metrics=metrics), ref, origin)
 
 
 def layout_manifest(layout: OCILayout, desc: Descriptor, ref: str) -> dict:
     """The image manifest for `desc`, descending one level into an index if need be."""
+    return layout_manifest_desc(layout, desc, ref)[1]
+
+
+def layout_manifest_desc(layout: OCILayout, desc: Descriptor, ref: str) -> tuple[Descriptor, dict]:
+    """(descriptor, content) of the image manifest for `desc` (see layout_manifest)."""
     if desc.media_type in mt.INDEX_TYPES:
         index = layout.read_json(desc, f"{ref}: index {desc.digest}")
         entries = [Descriptor.from_json(m, ref) for m in index.get("manifests") or []]
@@ -93,14 +113,15 @@ def layout_manifest(layout: OCILayout, desc: Descriptor, ref: str) -> dict:
         desc = linux[0]
     elif desc.media_type not in mt.MANIFEST_TYPES:
         raise ImageFormatError(f"{ref}: unsupported media type {desc.media_type!r}")
-    return layout.read_json(desc, f"{ref}: manifest {desc.digest}")
+    return desc, layout.read_json(desc, f"{ref}: manifest {desc.digest}")
 
 
 def open_bootstrap(bootstrap_path: str | os.PathLike, backend: BackendConfig, *,
                    metrics: Metrics | None = None) -> OpenedImage:
     """A bootstrap file and the configured backend that holds its blobs."""
     bootstrap = Bootstrap.from_file(bootstrap_path)
-    return OpenedImage(bootstrap, make_backend(backend, metrics=metrics), str(bootstrap_path))
+    return OpenedImage(bootstrap, make_backend(backend, metrics=metrics), str(bootstrap_path),
+                       ImageOrigin(bootstrap_path=str(bootstrap_path)))
 
 
 def open_local(bootstrap_path: str | os.PathLike, blob_dir: str | os.PathLike, alt_dirs=(), *,
@@ -110,7 +131,8 @@ def open_local(bootstrap_path: str | os.PathLike, blob_dir: str | os.PathLike, a
     if not blob_dir.is_dir():
         raise ConfigError(f"{blob_dir}: blob directory does not exist")
     bootstrap = Bootstrap.from_file(bootstrap_path)
-    return OpenedImage(bootstrap, _localfs(blob_dir, alt_dirs, metrics), str(bootstrap_path))
+    return OpenedImage(bootstrap, _localfs(blob_dir, alt_dirs, metrics), str(bootstrap_path),
+                       ImageOrigin(bootstrap_path=str(bootstrap_path)))
 
 
 def open_image(ref: str, *, metrics: Metrics | None = None, plain_http: bool = False,
@@ -131,23 +153,32 @@ def open_registry(ref: str, *, metrics: Metrics | None = None, plain_http: bool 
 
     r = parse_reference(ref)
     scheme = "http" if plain_http else "https"
-    with RegistryClient(config=RegistryConfig.for_reference(r, scheme=scheme, skip_verify=skip_verify)) as c:
-        _, _, bootstrap = fetch_registry_image(c, r, ref)
+    config = RegistryConfig.for_reference(r, scheme=scheme, skip_verify=skip_verify)
+    with RegistryClient(config=config) as c:
+        _, layers, bootstrap, mdesc = _fetch_registry_image(c, r, ref)
     if backend is None:
         backend = BackendConfig(type="registry", registry=RegistryBackendConfig(
             host=r.api_host, repo=r.repository, scheme=scheme, skip_verify=skip_verify))
-    return OpenedImage(bootstrap, make_backend(backend, metrics=metrics), str(r))
+    origin = ImageOrigin(bootstrap_digest=layers.bootstrap.digest, manifest=mdesc,
+                         registry=config, repository=r.repository)
+    return OpenedImage(bootstrap, make_backend(backend, metrics=metrics), str(r), origin)
 
 
 def fetch_registry_image(client, r, what: str) -> tuple[dict, NydusLayers, Bootstrap]:
     """(manifest, layers, bootstrap) of a converted image in a registry: the manifest (or the
     converted entry of a merged index) and the bootstrap layer, fetched and verified."""
+    return _fetch_registry_image(client, r, what)[:3]
+
+
+def _fetch_registry_image(client, r, what: str) -> tuple[dict, NydusLayers, Bootstrap, Descriptor]:
+    """The same, and the descriptor of the converted manifest."""
     data, media_type, digest = client.get_manifest(r.repository, r.ref or "latest")
     manifest = json_object(data, f"{what}: manifest {digest}")
     if media_type in mt.INDEX_TYPES:
         entry = converted_entry(manifest, what)
-        data, _, digest = client.get_manifest(r.repository, entry.digest)
+        data, media_type, digest = client.get_manifest(r.repository, entry.digest)
         manifest = json_object(data, f"{what}: manifest {digest}")
+    mdesc = Descriptor(media_type, digest, len(data))
     layers = find_layers(manifest, what)
     if layers.bootstrap.size > MAX_BOOTSTRAP:
         raise ImageFormatError(f"{what}: bootstrap layer of {layers.bootstrap.size} bytes is too large")
@@ -157,7 +188,7 @@ def fetch_registry_image(client, r, what: str) -> tuple[dict, NydusLayers, Boots
         bootstrap = Bootstrap.from_bytes(layer)
     except FormatError as e:
         raise FormatError(f"{what}: {e}") from None
-    return manifest, layers, bootstrap
+    return manifest, layers, bootstrap, mdesc
 
 
 def converted_entry(index: dict, ref: str) -> Descriptor:

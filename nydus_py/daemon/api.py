@@ -15,6 +15,8 @@ Endpoints of one mount (`DaemonApi`; field reference in docs/operations.md):
     GET  /api/v1/metrics/files          per-file read counts (iostats_files/access_pattern)
     GET  /api/v1/metrics/pattern        first-read order (JSON; ?format=text: paths, one a line)
     GET  /api/v1/metrics/inflight       reads being served now
+    GET  /api/v1/prefetch               learned prefetch: list found at mount, recording
+    PUT  /api/v1/prefetch/push          end recording; keep the learned list and push it
     PUT  /api/v1/daemon/exit            unmount and exit 0
     GET  /metrics                       Prometheus text format
 
@@ -247,12 +249,14 @@ class DaemonApi:
     """Routes for a daemon serving one mount. `fs` is mount.Filesystem; `stop()` ends it."""
 
     def __init__(self, *, daemon_id: str, mountpoint: str, fs, stop: Callable[[], None],
-                 prefetcher=None, access_pattern: bool = False, iostats_files: bool = False):
+                 prefetcher=None, access_pattern: bool = False, iostats_files: bool = False,
+                 learned=None):
         self.id = daemon_id
         self.mountpoint = mountpoint
         self.fs = fs
         self.stop = stop
         self.prefetcher = prefetcher
+        self.learned = learned          # daemon/learned.LearnedPrefetch or None
         self.access_pattern = access_pattern
         self.iostats_files = iostats_files
         self.state = "RUNNING"
@@ -321,6 +325,14 @@ class DaemonApi:
             return json_response(vfs.access.pattern())
         if route == ("GET", "/api/v1/metrics/inflight"):
             return json_response({"values": vfs.inflight.snapshot(vfs.bootstrap.path_of)})
+        if route == ("GET", "/api/v1/prefetch"):
+            return json_response(self.learned.status() if self.learned is not None
+                                 else {"enable": False})
+        if route == ("PUT", "/api/v1/prefetch/push"):
+            if self.learned is None or self.learned.recorder is None:
+                raise ApiError(400, "Disabled", "learned prefetch recording is off")
+            return json_response(await trio.to_thread.run_sync(
+                lambda: self.learned.finish(push=True)))
         if route == ("PUT", "/api/v1/daemon/exit"):
             self.state = "STOPPING"
             return Response(204, after=self.stop)
@@ -330,7 +342,8 @@ class DaemonApi:
         if req.path.startswith("/api/v1/mount"):
             raise ApiError(501, "NotSupported", "this daemon serves one mount; run `nydusd serve` "
                            "to mount several images from one daemon")
-        known = {"/api/v1/daemon", "/api/v1/daemon/exit", "/metrics"}
+        known = {"/api/v1/daemon", "/api/v1/daemon/exit", "/metrics", "/api/v1/prefetch",
+                 "/api/v1/prefetch/push"}
         if req.path in known or req.path.startswith("/api/v1/metrics"):
             raise ApiError(405, "MethodNotAllowed", f"{req.method} {req.path}")
         raise ApiError(404, "NotFound", f"no endpoint {req.path}")

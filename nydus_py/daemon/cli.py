@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image paths to prefetch after mounting, one a line")
     m.add_argument("--no-prefetch", action="store_true",
                    help="do not prefetch the image's own prefetch list")
+    m.add_argument("--push-prefetch", action="store_true",
+                   help="push this run's learned prefetch list to the image's registry or OCI "
+                        "layout (a referrer of the image) when recording ends "
+                        "(config learned_prefetch.push)")
+    m.add_argument("--no-learned-prefetch", action="store_true",
+                   help="do not look up or use a prefetch list learned from earlier runs "
+                        "(config learned_prefetch.enable=false)")
     m.add_argument("mountpoint", metavar="MOUNTPOINT")
 
     s = sub.add_parser("serve", help="one daemon for several mounts, driven by the API",
@@ -126,6 +133,12 @@ def _request(args) -> MountRequest:
     if args.blob_dir and not args.bootstrap:
         raise ConfigError("--blob-dir needs --bootstrap")
     cfg = config_mod.load(args.config) if args.config else config_mod.DaemonConfig()
+    if args.push_prefetch or args.no_learned_prefetch:
+        import dataclasses
+        lp = cfg.learned_prefetch
+        lp = dataclasses.replace(lp, push=lp.push or args.push_prefetch,
+                                 enable=lp.enable and not args.no_learned_prefetch)
+        cfg = dataclasses.replace(cfg, learned_prefetch=lp)
     prefetch_files: tuple[str, ...] = ()
     if args.prefetch_files:
         from nydus_py.io.prefetch import read_paths_file

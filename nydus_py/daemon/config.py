@@ -21,7 +21,8 @@ as their backends land) and turned into a backend by storage/factory.py. Cache t
 `device.cache.config.max_size` (bytes, nydus-py's addition) bounds the cache (LRU eviction).
 `fs_prefetch` drives the background prefetcher (io/prefetch.py); `access_pattern` and
 `iostats_files` turn on the per-file recording behind /api/v1/metrics/{pattern,files};
-`mode` and `latest_read_files` are accepted for compatibility.
+`mode` and `latest_read_files` are accepted for compatibility. `learned_prefetch` (nydus-py's
+own) drives prefetch lists learned from earlier runs (daemon/learned.py).
 
 Every field is checked: an unknown key or a value of the wrong type is a ConfigError naming
 its dotted path (`device.backend.config.dri: unknown field`), so typos fail loudly.
@@ -60,6 +61,15 @@ class PrefetchConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LearnedPrefetchConfig:
+    """nydus-py's own: prefetch lists learned from earlier runs (daemon/learned.py)."""
+    enable: bool = True            # look up a learned list at mount and prefetch it first
+    record: bool = True            # record this run's reads; keep the list in the cache dir
+    push: bool = False             # also push it to the registry / OCI layout (a referrer)
+    window_secs: int = 60          # record reads this long after the first one
+
+
+@dataclass(frozen=True, kw_only=True)
 class DaemonConfig:
     backend: BackendConfig | None = None      # None: the CLI supplies it (--image/--blob-dir)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -71,6 +81,7 @@ class DaemonConfig:
     access_pattern: bool = False
     amplify_io: int = DEFAULT_AMPLIFY_IO
     fs_prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
+    learned_prefetch: LearnedPrefetchConfig = field(default_factory=LearnedPrefetchConfig)
 
 
 # -- parsing ------------------------------------------------------------------------------------
@@ -115,6 +126,8 @@ def parse(doc: object) -> DaemonConfig:
     for name in ("threads_count", "merging_size", "bandwidth_rate"):
         if getattr(pf, name) < 0:
             raise ConfigError(f"fs_prefetch.{name}: must not be negative")
+    if cfg.learned_prefetch.window_secs <= 0:
+        raise ConfigError("learned_prefetch.window_secs: must be positive")
     return cfg
 
 

@@ -46,6 +46,7 @@ from nydus_py.metrics import Metrics
 log = logging.getLogger(__name__)
 
 FSNAME = "nydus-py"
+PUSH_TIMEOUT_AT_EXIT = 10.0     # seconds per registry request for a learned list at unmount
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -153,6 +154,7 @@ class Filesystem:
     reader: object = None
     cache_dir: str = ""
     backend_type: str = ""
+    learned: object = None          # daemon/learned.LearnedPrefetch, None when all of it is off
 
 
 def open_filesystem(req: MountRequest, stack: contextlib.ExitStack) -> Filesystem:
@@ -177,6 +179,7 @@ def open_filesystem(req: MountRequest, stack: contextlib.ExitStack) -> Filesyste
     stack.callback(close_backend, opened.backend)
 
     work_dir = req.cache_dir or (cfg.cache.work_dir if cfg.cache.type == "blobcache" else "")
+    kept_dir = work_dir             # a learned prefetch list is kept only in a lasting cache
     if work_dir:
         try:
             os.makedirs(work_dir, exist_ok=True)
@@ -188,8 +191,16 @@ def open_filesystem(req: MountRequest, stack: contextlib.ExitStack) -> Filesyste
     vfs = Vfs(opened.bootstrap, reader, metrics=metrics, xattrs=cfg.enable_xattr,
               record_access=cfg.access_pattern or cfg.iostats_files, image=opened.description)
     backend_type = cfg.backend.type if cfg.backend is not None else "localfs"
+    lp = cfg.learned_prefetch
+    learned = None
+    if lp.enable or lp.record or lp.push:
+        from nydus_py.daemon.learned import LearnedPrefetch
+        learned = LearnedPrefetch(opened.origin, opened.bootstrap, cache_dir=kept_dir or None,
+                                  image=opened.description, enable=lp.enable, record=lp.record,
+                                  push=lp.push, window=float(lp.window_secs))
+        vfs.learn = learned.recorder
     return Filesystem(vfs, NydusOperations(vfs), metrics, opened.description, reader=reader,
-                      cache_dir=work_dir, backend_type=backend_type)
+                      cache_dir=work_dir, backend_type=backend_type, learned=learned)
 
 
 def _make_reader(opened, work_dir: str, req: MountRequest, metrics: Metrics,
@@ -270,6 +281,9 @@ def mount(req: MountRequest, *, on_ready: Callable[[], None] | None = None) -> N
                 on_ready()
         serve(fs.ops, mountpoint, fuse_options(req), on_ready=ready, max_tasks=req.max_tasks,
               services=_services(req, fs, mountpoint))
+        if fs.learned is not None and fs.learned.recorder is not None:
+            # a run shorter than the recording window: keep (and push) what it read
+            fs.learned.finish(timeout=PUSH_TIMEOUT_AT_EXIT)
 
 
 def set_readahead(mountpoint: str, kb: int) -> None:
@@ -292,17 +306,19 @@ def set_readahead(mountpoint: str, kb: int) -> None:
 
 def make_prefetcher(req: MountRequest, fs: Filesystem):
     """The background prefetcher, or None when there is nothing to prefetch (module
-    docstring of io/prefetch.py; enabled by fs_prefetch.enable, --prefetch-files, or a
-    prefetch list in the bootstrap unless --no-prefetch)."""
+    docstring of io/prefetch.py; enabled by fs_prefetch.enable, --prefetch-files, a
+    prefetch list in the bootstrap unless --no-prefetch, or learned_prefetch.enable)."""
     from nydus_py.io.prefetch import Prefetcher
 
     pf = req.config.fs_prefetch
     bs = fs.vfs.bootstrap
-    if not (pf.enable or req.prefetch_files or (bs.prefetch and not req.no_prefetch)):
+    learned = fs.learned.find_async if fs.learned is not None and fs.learned.enable else None
+    if not (pf.enable or req.prefetch_files or (bs.prefetch and not req.no_prefetch) or learned):
         return None
     return Prefetcher(fs.reader, bs, threads_count=pf.threads_count, merging_size=pf.merging_size,
                       bandwidth_rate=pf.bandwidth_rate, prefetch_all=pf.prefetch_all and pf.enable,
-                      paths=req.prefetch_files, metrics=fs.metrics, image=fs.description)
+                      paths=req.prefetch_files, metrics=fs.metrics, image=fs.description,
+                      learned=learned, bootstrap_list=not req.no_prefetch)
 
 
 def _services(req: MountRequest, fs: Filesystem, mountpoint: str):
@@ -315,7 +331,8 @@ def _services(req: MountRequest, fs: Filesystem, mountpoint: str):
                 from nydus_py.daemon.api import DaemonApi, serve_unix
                 api = DaemonApi(daemon_id=req.daemon_id or f"nydusd-{os.getpid()}",
                                 mountpoint=mountpoint, fs=fs, stop=pyfuse3.terminate,
-                                prefetcher=prefetcher, access_pattern=req.config.access_pattern,
+                                prefetcher=prefetcher, learned=fs.learned,
+                                access_pattern=req.config.access_pattern,
                                 iostats_files=req.config.iostats_files)
                 await nursery.start(serve_unix, req.apisock, api.handle)
                 log.info("API listening on %s", req.apisock)
@@ -324,6 +341,8 @@ def _services(req: MountRequest, fs: Filesystem, mountpoint: str):
                 nursery.start_soon(trio.to_thread.run_sync, _tune_readahead, mountpoint, req.readahead_kb)
             if prefetcher is not None:
                 nursery.start_soon(prefetcher.run)
+            if fs.learned is not None and fs.learned.recorder is not None:
+                nursery.start_soon(fs.learned.run_window)
     return run
 
 

@@ -89,6 +89,7 @@ class Vfs:
         self.image = image              # named in log lines
         # access_pattern / iostats_files: which files are read, first-read order
         self.access = AccessRecorder(bootstrap) if record_access else None
+        self.learn = None               # io/learned.ChunkRecorder: chunks read, for learned prefetch
         self.inflight = Inflight()
         self.xattrs = xattrs            # nydusd's enable_xattr: False hides all xattrs
         self.reader = reader
@@ -204,6 +205,8 @@ class Vfs:
         size = min(size, a.size - offset)
         if self.access is not None:
             self.access.record(ino, size)
+        if self.learn is not None:
+            self.learn.record(ino, offset, size)
         token = self.inflight.begin("read", ino, offset, size)
         try:
             return await self.reader.read(ino, offset, size)
