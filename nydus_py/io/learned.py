@@ -90,6 +90,7 @@ class LearnedList:
         n = bootstrap.chunk_count
         seen: set[int] = set()
         chunks: list[int] = []
+        total = 0                       # entries as listed (repeats count: they cost work too)
         for run in runs:
             if (not isinstance(run, list) or len(run) != 2
                     or not all(type(x) is int for x in run)):
@@ -98,7 +99,8 @@ class LearnedList:
             if first < 0 or count < 1 or first + count > n:
                 raise LearnedListError(f"{what}: chunks {first}..{first + count - 1} are not in "
                                        f"this bootstrap ({n} chunks)")
-            if len(chunks) + count > MAX_CHUNKS:
+            total += count
+            if total > MAX_CHUNKS:
                 raise LearnedListError(f"{what}: more than {MAX_CHUNKS} chunks")
             for c in range(first, first + count):
                 if c not in seen:
