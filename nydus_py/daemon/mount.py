@@ -199,6 +199,7 @@ def open_filesystem(req: MountRequest, stack: contextlib.ExitStack) -> Filesyste
                                   image=opened.description, enable=lp.enable, record=lp.record,
                                   push=lp.push, window=float(lp.window_secs))
         vfs.learn = learned.recorder
+        learned.start_find()        # overlaps the kernel mount and the loop's start-up
     return Filesystem(vfs, NydusOperations(vfs), metrics, opened.description, reader=reader,
                       cache_dir=work_dir, backend_type=backend_type, learned=learned)
 
