@@ -32,7 +32,7 @@ import stat
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import pyfuse3
 import trio
@@ -42,6 +42,9 @@ from nydus_py.errors import ConfigError, NydusError
 from nydus_py.fs.ops import NydusOperations
 from nydus_py.fs.vfs import Vfs
 from nydus_py.metrics import Metrics
+
+if TYPE_CHECKING:
+    from nydus_py.daemon.learned import LearnedPrefetch
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +157,7 @@ class Filesystem:
     reader: object = None
     cache_dir: str = ""
     backend_type: str = ""
-    learned: object = None          # daemon/learned.LearnedPrefetch, None when all of it is off
+    learned: LearnedPrefetch | None = None   # None when learned_prefetch is all off
 
 
 def open_filesystem(req: MountRequest, stack: contextlib.ExitStack) -> Filesystem:

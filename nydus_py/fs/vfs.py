@@ -25,6 +25,7 @@ from typing import Iterator, NamedTuple, Protocol
 from nydus_py.errors import NydusError
 from nydus_py.format.bootstrap import ROOT_INO, Bootstrap
 from nydus_py.fs.access import AccessRecorder, Inflight
+from nydus_py.io.learned import ChunkRecorder
 from nydus_py.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class Vfs:
         self.image = image              # named in log lines
         # access_pattern / iostats_files: which files are read, first-read order
         self.access = AccessRecorder(bootstrap) if record_access else None
-        self.learn = None               # io/learned.ChunkRecorder: chunks read, for learned prefetch
+        self.learn: ChunkRecorder | None = None     # chunks read, for learned prefetch
         self.inflight = Inflight()
         self.xattrs = xattrs            # nydusd's enable_xattr: False hides all xattrs
         self.reader = reader
