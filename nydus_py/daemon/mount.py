@@ -183,12 +183,7 @@ def open_filesystem(req: MountRequest, stack: contextlib.ExitStack) -> Filesyste
 
     work_dir = req.cache_dir or (cfg.cache.work_dir if cfg.cache.type == "blobcache" else "")
     kept_dir = work_dir             # a learned prefetch list is kept only in a lasting cache
-    if work_dir:
-        try:
-            os.makedirs(work_dir, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"{work_dir}: cannot create cache directory ({e.strerror})") from None
-    else:
+    if not work_dir:  # (a given one is created, 0700, and checked by ChunkCache: cache/safedir.py)
         work_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="nydus-py-cache-"))
     reader = _make_reader(opened, work_dir, req, metrics, stack)
     vfs = Vfs(opened.bootstrap, reader, metrics=metrics, xattrs=cfg.enable_xattr,
@@ -213,7 +208,8 @@ def _make_reader(opened, work_dir: str, req: MountRequest, metrics: Metrics,
     from nydus_py.io.reader import FileReader
 
     max_size = req.cache_max_size if req.cache_max_size is not None else req.config.cache.max_size
-    cache = ChunkCache(work_dir, max_size=max_size or None, metrics=metrics)
+    cache = ChunkCache(work_dir, max_size=max_size or None, metrics=metrics,
+                       validate=req.config.digest_validate)
     close = getattr(cache, "close", None)
     if close is not None:
         stack.callback(close)

@@ -436,6 +436,16 @@ class Bootstrap:
         return Chunk(chunk_id, blob, chunk_id - self.blobs[blob].chunk_start, coff, csize, off, size,
                      bool(flags & CHUNK_COMPRESSED), digest)
 
+    def blob_chunk_rows(self, blob: int) -> tuple[memoryview, memoryview]:
+        """The raw CHUNK rows and the sha256 digests of blob `blob`'s chunks, in index order
+        (what the chunk cache keys a blob's cache entry by)."""
+        b = self.blobs[blob]
+        start, n = b.chunk_start, b.chunk_count
+        if start < 0 or n < 0 or start + n > self.chunk_count:
+            raise FormatError(f"bootstrap: blob {b.id} chunks [{start}, {start + n}) out of range")
+        return (self._chunks[start * CHUNK.size:(start + n) * CHUNK.size],
+                self._digests[start * DIGEST_SIZE:(start + n) * DIGEST_SIZE])
+
     def blob_chunks(self, blob: int) -> range:
         b = self.blobs[blob]
         return range(b.chunk_start, b.chunk_start + b.chunk_count)

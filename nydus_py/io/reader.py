@@ -29,7 +29,7 @@ from typing import Sequence
 
 import trio
 
-from nydus_py.cache.chunk_cache import ChunkCache
+from nydus_py.cache.chunk_cache import ChunkCache, table_digest
 from nydus_py.errors import CacheError, FormatError, IntegrityError, NydusError
 from nydus_py.format.bootstrap import Bootstrap, Chunk
 from nydus_py.io.fetch import Range, decode_chunk, extend_forward, plan_ranges
@@ -211,14 +211,17 @@ class FileReader:
         if h is None:  # open_blob is idempotent, so racing threads agree on the handle
             info = self.bootstrap.blobs[blob]
             start, chunk = info.chunk_start, self.bootstrap.chunk
+            # keyed by this bootstrap's chunk table: only bytes verified against exactly these
+            # chunk digests are ever served to us (cache/chunk_cache.py, "Trust")
             h = self._handles[blob] = self.cache.open_blob(
-                info, offset_of=lambda i: chunk(start + i).offset)
+                info, offset_of=lambda i: chunk(start + i).offset,
+                table=table_digest(self.bootstrap, blob))
         return h
 
     def _lookup(self, wants: Sequence[Want]) -> Got:
         got = {}
         for c, lo, hi in wants:
-            data = self.cache.read(self._handle(c.blob), c.index, c.offset, c.size, lo, hi)
+            data = self.cache.read(self._handle(c.blob), c.index, c.offset, c.size, lo, hi, c.digest)
             if data is not None:
                 got[(c.blob, c.index)] = (lo, data)
         return got

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from nydus_py.cache import chunk_cache as cc
+from nydus_py.cache import gc
 from nydus_py.cache.chunk_cache import HEADER, RECORD, ChunkCache
 from nydus_py.errors import CacheError
 from nydus_py.format.bootstrap import BlobInfo, Chunk
@@ -31,8 +32,9 @@ def _blob(seed: bytes = b"b1") -> tuple[BlobInfo, list[tuple[Chunk, bytes]]]:
 
 
 def _paths(work: Path, info: BlobInfo) -> tuple[Path, Path]:
-    h = info.id.split(":")[1]
-    return work / f"{h}.data", work / f"{h}.meta"
+    """The cache entry of `info` (one table per blob in these tests)."""
+    key = gc.entry_key(info.id.split(":")[1], cc._untabled(info))
+    return work / f"{key}.data", work / f"{key}.meta"
 
 
 def test_store_then_read_and_missing(tmp_path):
