@@ -15,7 +15,9 @@ unprivileged users. So:
     created it (another user may have won the race to create it) or it was given to us.
 
 The existing part of the given path is resolved once (the admin may point at a symlinked
-location such as /var/run); from there on every component is walked with O_NOFOLLOW.
+location such as /var/run); then every component of the resolved path is walked with
+O_NOFOLLOW, and as root each ancestor must be root's and not writable by other users unless it
+is sticky (/tmp): otherwise a user could rename our directory away and put a link in its place.
 """
 
 from __future__ import annotations
@@ -53,6 +55,39 @@ def check_dir_fd(fd: int, path: str, what: str) -> None:
                           "files in it; use a directory only root can write to)")
 
 
+def _check_ancestor(fd: int, where: str, what: str) -> None:
+    if os.geteuid() != 0:
+        return
+    st = os.fstat(fd)
+    reason = unsafe_reason(st)
+    if reason and not (st.st_uid == 0 and st.st_mode & stat.S_ISVTX):
+        raise ConfigError(f"{where}: refusing {what} below it: {reason}")
+
+
+def _walk(real: str, what: str, *, below: bool) -> int:
+    """Opens the resolved path `real` one component at a time with O_NOFOLLOW; as root, each
+    ancestor must be root's and not writable by others unless sticky (like /tmp), so no
+    other user can rename or replace what lies below it."""
+    fd = os.open("/", _DIR_FLAGS)
+    where = "/"
+    try:
+        for name in [c for c in real.split("/") if c]:
+            _check_ancestor(fd, where, what)
+            where = os.path.join(where, name)
+            try:
+                sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError as e:
+                raise ConfigError(f"{where}: cannot open {what} ({e.strerror})") from None
+            os.close(fd)
+            fd = sub
+        if below:       # we create directories inside it
+            _check_ancestor(fd, where, what)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def open_dir(path: str | os.PathLike, *, what: str = "cache directory", mode: int = DIR_MODE,
              create: bool = True) -> int:
     """Opens directory `path` (creating missing components with `mode`) and returns its fd.
@@ -67,10 +102,7 @@ def open_dir(path: str | os.PathLike, *, what: str = "cache directory", mode: in
             raise ConfigError(f"{path}: no such {what}")
         existing, name = os.path.split(existing)
         missing.insert(0, name)
-    try:
-        fd = os.open(os.path.realpath(existing), _DIR_FLAGS)
-    except OSError as e:
-        raise ConfigError(f"{existing}: cannot open {what} ({e.strerror})") from None
+    fd = _walk(os.path.realpath(existing), what, below=bool(missing))
     try:
         where = existing
         for name in missing:

@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _setup_logging(level: str, log_file: str | None) -> None:
     level = {"trace": "DEBUG", "warn": "WARNING"}.get(level, level.upper())
+    if log_file:  # 0600 whatever the umask (logs name files and images)
+        try:
+            os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
+        except OSError:
+            pass        # FileHandler reports it
     handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler._nydusd = True  # replace only our own handler if called again

@@ -332,7 +332,7 @@ class SharedDaemon:
             self._stop_process()
             for d in (self.dir, self.state_dir, self.cache_dir):
                 d.mkdir(parents=True, exist_ok=True)
-            os.chmod(self.dir, 0o700)
+                os.chmod(d, 0o700)      # whatever the umask: nydusd refuses writable dirs
             self.apisock.unlink(missing_ok=True)
             cmd = [*self.config.nydusd, "serve", "--apisock", str(self.apisock), "--id", "nydus-py-shared",
                    "--state-dir", str(self.state_dir), "--cache-dir", str(self.cache_dir),

@@ -226,3 +226,59 @@ def test_attacker_after_the_victims_reads(host, images):
     host.unmount("victim")
     v = host.mount("victim2", images["victim"])
     check_victim(host, v, images, "victim2")  # a new victim mount from the shared cache
+
+
+# -- §4: cache and state directories on a shared host --------------------------------------------
+@pytest.mark.skipif(os.geteuid() != 0, reason="root refuses unsafe directories")
+@pytest.mark.parametrize("how", ["owner-1000", "mode-0777"])
+def test_nydusd_mount_refuses_an_unsafe_cache_dir_with_one_line(tmp_path, images, how):
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    if how == "owner-1000":
+        os.chown(cache, 1000, 1000)
+    else:
+        os.chmod(cache, 0o777)
+    boot, blobs = images["victim"][1]
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = subprocess.run([*nydusd_cmd(), "mount", "--bootstrap", str(boot), "--blob-dir", str(blobs),
+                        "--cache-dir", str(cache), str(mnt)], capture_output=True, text=True,
+                       timeout=60)
+    force_unmount(mnt)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(cache) in lines[0] and "refusing" in lines[0], r.stderr
+    assert list(cache.iterdir()) == []
+
+
+def test_nydusd_serve_under_umask_000_creates_private_dirs_and_files(tmp_path, images):
+    state, cache = tmp_path / "s" / "state", tmp_path / "c" / "cache"
+    sock, log = tmp_path / "sup.sock", tmp_path / "sup.log"
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with open(log, "wb") as out:
+        sup = subprocess.Popen([*nydusd_cmd(), "serve", "--apisock", str(sock), "--cache-dir",
+                                str(cache), "--state-dir", str(state)],
+                               stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               preexec_fn=lambda: os.umask(0))
+    try:
+        wait_for(sock.exists, "supervisor socket", log=log)
+        boot, blobs = images["victim"][1]
+        st, info = get_json(str(sock), f"/api/v1/mount?mountpoint={mnt}", "POST",
+                            {"bootstrap": str(boot), "blob_dir": str(blobs),
+                             "config": {"enable_xattr": True}, "prefetch_files": ["/d/f0"]})
+        assert st == 200, info
+        assert read_all(mnt, images["victim"]) == images["victim"][0].files
+        for d in (state.parent, state, cache.parent, cache):
+            assert d.stat().st_mode & 0o777 == 0o700, (d, oct(d.stat().st_mode))
+        files = [p for p in [*state.iterdir(), *cache.iterdir()] if p.is_file()]
+        assert any(p.suffix == ".data" for p in files) and any(p.suffix == ".json" for p in files)
+        for p in files:
+            assert p.stat().st_mode & 0o077 == 0, (p, oct(p.stat().st_mode))
+        assert call_sync(str(sock), "PUT", "/api/v1/daemon/exit")[0] == 204
+        assert sup.wait(30) == 0
+    finally:
+        if sup.poll() is None:
+            sup.terminate()
+            sup.wait(30)
+        force_unmount(mnt)
