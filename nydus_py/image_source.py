@@ -15,11 +15,13 @@ Every failure is a NydusError whose one-line message names the file or image inv
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from nydus_py.errors import BlobNotFoundError, ConfigError, FormatError, ImageFormatError
+from nydus_py.errors import (BackendError, BlobNotFoundError, ConfigError, FormatError,
+                             ImageFormatError)
 from nydus_py.format.bootstrap import MAX_BOOTSTRAP, Bootstrap
 from nydus_py.oci import mediatypes as mt
 from nydus_py.oci.layout import Descriptor, OCILayout, json_object
@@ -29,6 +31,7 @@ from nydus_py.storage.config import BackendConfig, LocalFsConfig
 from nydus_py.storage.factory import make_backend
 
 OCI_PREFIX = "oci:"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,9 @@ class OpenedImage:
     backend: object                 # a BlobBackend (storage/backend.py)
     description: str                # for log lines: "oci:/path:tag" or the bootstrap path
     origin: ImageOrigin = ImageOrigin()
+    # data blobs the backend does not have: the mount goes ahead only if the chunk cache holds
+    # every chunk of them that a file uses (daemon/mount.py); (blob id, error line) pairs
+    missing_blobs: list[tuple[str, str]] = field(default_factory=list)
 
 
 def parse_oci_ref(ref: str) -> tuple[Path, str | None]:
@@ -86,14 +92,14 @@ def open_oci(ref: str, *, metrics: Metrics | None = None) -> OpenedImage:
     except FormatError as e:
         raise FormatError(f"{ref}: {e}") from None
     present = {d.digest for d in layers.blobs}
+    missing = []
     for blob in bootstrap.blobs:
         if blob.id not in present and not layout.has_blob(blob.id):
             raise BlobNotFoundError(f"{ref}: bootstrap refers to blob {blob.id}, which is not in {root}")
-    for d in layers.blobs:
-        if not layout.has_blob(d.digest):
-            raise BlobNotFoundError(f"{ref}: data blob {d.digest} is missing from {root}")
+        if not layout.has_blob(blob.id):    # a layer of the manifest whose file is gone
+            missing.append((blob.id, f"{ref}: data blob {blob.id} is missing from {root}"))
     origin = ImageOrigin(bootstrap_digest=layers.bootstrap.digest, manifest=mdesc, layout=str(root))
-    return OpenedImage(bootstrap, _localfs(root, metrics=metrics), ref, origin)
+    return OpenedImage(bootstrap, _localfs(root, metrics=metrics), ref, origin, missing)
 
 
 def layout_manifest(layout: OCILayout, desc: Descriptor, ref: str) -> dict:
@@ -136,17 +142,22 @@ def open_local(bootstrap_path: str | os.PathLike, blob_dir: str | os.PathLike, a
 
 
 def open_image(ref: str, *, metrics: Metrics | None = None, plain_http: bool = False,
-               skip_verify: bool = False, backend: BackendConfig | None = None) -> OpenedImage:
+               skip_verify: bool = False, backend: BackendConfig | None = None,
+               cache_dir: str | None = None) -> OpenedImage:
     """`oci:DIR[:TAG]` or a registry reference. `backend` overrides where a registry image's
-    data blobs are read from (e.g. S3, or a registry config with mirrors/proxy)."""
+    data blobs are read from (e.g. S3, or a registry config with mirrors/proxy). With
+    `cache_dir`, a registry image's bootstrap is kept there, and used when the registry is
+    unreachable (cache/images.py)."""
     if ref.startswith(OCI_PREFIX):
         return open_oci(ref, metrics=metrics)
     return open_registry(ref, metrics=metrics, plain_http=plain_http, skip_verify=skip_verify,
-                         backend=backend)
+                         backend=backend, cache_dir=cache_dir)
 
 
 def open_registry(ref: str, *, metrics: Metrics | None = None, plain_http: bool = False,
-                  skip_verify: bool = False, backend: BackendConfig | None = None) -> OpenedImage:
+                  skip_verify: bool = False, backend: BackendConfig | None = None,
+                  cache_dir: str | None = None) -> OpenedImage:
+    from nydus_py.cache.images import ImageStore
     from nydus_py.oci.reference import parse as parse_reference
     from nydus_py.oci.registry import RegistryClient, RegistryConfig
     from nydus_py.storage.registry import RegistryBackendConfig
@@ -154,14 +165,41 @@ def open_registry(ref: str, *, metrics: Metrics | None = None, plain_http: bool 
     r = parse_reference(ref)
     scheme = "http" if plain_http else "https"
     config = RegistryConfig.for_reference(r, scheme=scheme, skip_verify=skip_verify)
-    with RegistryClient(config=config) as c:
-        _, layers, bootstrap, mdesc = _fetch_registry_image(c, r, ref)
+    store = ImageStore(cache_dir) if cache_dir else None
+    try:
+        try:
+            with RegistryClient(config=config) as c:
+                keep = store.save if store is not None else None
+                _, layers, bootstrap, mdesc = _fetch_registry_image(c, r, ref, keep=keep)
+            bootstrap_digest: str = layers.bootstrap.digest
+        except BackendError as e:
+            if e.permanent or store is None:
+                raise
+            bootstrap_digest, bootstrap = _offline_bootstrap(store, r, ref, e)
+            mdesc = None                # offline: no referrer lookup for a learned prefetch list
+    finally:
+        if store is not None:
+            store.close()
     if backend is None:
         backend = BackendConfig(type="registry", registry=RegistryBackendConfig(
             host=r.api_host, repo=r.repository, scheme=scheme, skip_verify=skip_verify))
-    origin = ImageOrigin(bootstrap_digest=layers.bootstrap.digest, manifest=mdesc,
+    origin = ImageOrigin(bootstrap_digest=bootstrap_digest, manifest=mdesc,
                          registry=config, repository=r.repository)
     return OpenedImage(bootstrap, make_backend(backend, metrics=metrics), str(r), origin)
+
+
+def _offline_bootstrap(store, r, ref: str, error: BackendError) -> tuple[str, Bootstrap]:
+    """(digest, bootstrap) kept for `ref` (verified by that digest), or `error` if none is."""
+    cached = store.load(str(r), manifest_digest=r.digest)
+    if cached is None:
+        raise error
+    digest, layer = cached
+    log.warning("%s; registry unreachable: mounting with the bootstrap %s kept in %s (chunks "
+                "not in the cache will fail with EIO until it is back)", error, digest, store.dir)
+    try:
+        return digest, Bootstrap.from_bytes(layer)
+    except FormatError as e:
+        raise FormatError(f"{ref}: {e}") from None
 
 
 def fetch_registry_image(client, r, what: str) -> tuple[dict, NydusLayers, Bootstrap]:
@@ -170,9 +208,13 @@ def fetch_registry_image(client, r, what: str) -> tuple[dict, NydusLayers, Boots
     return _fetch_registry_image(client, r, what)[:3]
 
 
-def _fetch_registry_image(client, r, what: str) -> tuple[dict, NydusLayers, Bootstrap, Descriptor]:
-    """The same, and the descriptor of the converted manifest."""
+def _fetch_registry_image(client, r, what: str, *,
+                          keep=None) -> tuple[dict, NydusLayers, Bootstrap, Descriptor]:
+    """The same, and the descriptor of the converted manifest. `keep(ref, manifest digest,
+    bootstrap digest, layer bytes)` is called with what was verified (to mount offline later:
+    cache/images.py)."""
     data, media_type, digest = client.get_manifest(r.repository, r.ref or "latest")
+    top_digest = digest     # what the reference names (an index or a manifest)
     manifest = json_object(data, f"{what}: manifest {digest}")
     if media_type in mt.INDEX_TYPES:
         entry = converted_entry(manifest, what)
@@ -188,6 +230,8 @@ def _fetch_registry_image(client, r, what: str) -> tuple[dict, NydusLayers, Boot
         bootstrap = Bootstrap.from_bytes(layer)
     except FormatError as e:
         raise FormatError(f"{what}: {e}") from None
+    if keep is not None:
+        keep(str(r), top_digest, layers.bootstrap.digest, layer)
     return manifest, layers, bootstrap, mdesc
 
 

@@ -167,10 +167,12 @@ def open_filesystem(req: MountRequest, stack: contextlib.ExitStack) -> Filesyste
 
     metrics = Metrics()
     cfg = req.config
+    given_cache = req.cache_dir or (cfg.cache.work_dir if cfg.cache.type == "blobcache" else "")
     if req.image:
         # a backend in the config (mirrors, proxy, S3 …) overrides where the blobs are read from
         opened = image_source.open_image(req.image, metrics=metrics, plain_http=req.plain_http,
-                                         skip_verify=req.skip_verify, backend=cfg.backend)
+                                         skip_verify=req.skip_verify, backend=cfg.backend,
+                                         cache_dir=given_cache or None)
     elif req.bootstrap and req.blob_dir:
         opened = image_source.open_local(req.bootstrap, req.blob_dir, metrics=metrics)
     elif req.bootstrap and cfg.backend is not None:
@@ -181,11 +183,12 @@ def open_filesystem(req: MountRequest, stack: contextlib.ExitStack) -> Filesyste
         raise ConfigError("name an image: --image oci:DIR[:TAG] or --bootstrap FILE --blob-dir DIR")
     stack.callback(close_backend, opened.backend)
 
-    work_dir = req.cache_dir or (cfg.cache.work_dir if cfg.cache.type == "blobcache" else "")
+    work_dir = given_cache
     kept_dir = work_dir             # a learned prefetch list is kept only in a lasting cache
     if not work_dir:  # (a given one is created, 0700, and checked by ChunkCache: cache/safedir.py)
         work_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="nydus-py-cache-"))
     reader = _make_reader(opened, work_dir, req, metrics, stack)
+    _check_missing_blobs(opened, reader)
     vfs = Vfs(opened.bootstrap, reader, metrics=metrics, xattrs=cfg.enable_xattr,
               record_access=cfg.access_pattern or cfg.iostats_files, image=opened.description)
     backend_type = cfg.backend.type if cfg.backend is not None else "localfs"
@@ -200,6 +203,38 @@ def open_filesystem(req: MountRequest, stack: contextlib.ExitStack) -> Filesyste
         learned.start_find()        # overlaps the kernel mount and the loop's start-up
     return Filesystem(vfs, NydusOperations(vfs), metrics, opened.description, reader=reader,
                       cache_dir=work_dir, backend_type=backend_type, learned=learned)
+
+
+def _check_missing_blobs(opened, reader) -> None:
+    """A data blob the backend lacks is fine when the cache holds every chunk of it that a file
+    uses (a warm cache while the blobs are gone or unreachable); otherwise the mount is refused
+    with the image source's one line. Only paid when a blob is missing."""
+    if not opened.missing_blobs:
+        return
+    from nydus_py.cache.chunk_cache import table_digest
+    from nydus_py.errors import BlobNotFoundError
+    from nydus_py.format.bootstrap import ROOT_INO
+
+    bs = opened.bootstrap
+    index = {b.id: i for i, b in enumerate(bs.blobs)}
+    wanted = {index[bid]: set() for bid, _ in opened.missing_blobs}
+    used: set[int] = set()
+    for ino in range(ROOT_INO, bs.inode_count + ROOT_INO):
+        used.update(bs.file_chunk_ids(ino))
+    for cid in used:
+        c = bs.chunk(cid)
+        if c.blob in wanted:
+            wanted[c.blob].add(c.index)
+    for bid, message in opened.missing_blobs:
+        i = index[bid]
+        # the handle the reader already opened (open_blob is idempotent)
+        h = reader.cache.open_blob(bs.blobs[i], table=table_digest(bs, i))
+        absent = reader.cache.missing(h, sorted(wanted[i]))
+        if absent:
+            raise BlobNotFoundError(f"{message}, and the cache lacks {len(absent)} of its "
+                                    f"{len(wanted[i])} chunks that files use")
+        log.warning("%s; every chunk of it that files use is cached: mounting from the cache",
+                    message)
 
 
 def _make_reader(opened, work_dir: str, req: MountRequest, metrics: Metrics,
