@@ -6,8 +6,8 @@ of many images, some hostile. An image can name any blob digest and describe any
 and its backend can serve any bytes under that digest. So a blob's cache entry is keyed by
 (blob digest, sha256 of the chunk table of that blob as the reading bootstrap describes it:
 every chunk's sha256, compressed and uncompressed offset and size, compression; see
-`table_digest`). Bytes are stored into an entry only after they were sha256-verified against
-that very table (the reader checks every fetched chunk before `store_many`), and a table whose
+`entry.table_digest`). Bytes are stored into an entry only after they were sha256-verified
+against that very table (the reader checks every fetched chunk before `store_many`), and a table whose
 chunks overlap is never cached. Hence every ready chunk in an entry is the chunk that table
 names, and any mount whose bootstrap has the same table (legit images sharing a blob share it
 byte for byte, see docs/architecture.md) reads bytes proven to be its own; a bootstrap with any
@@ -79,7 +79,6 @@ import hashlib
 import itertools
 import logging
 import os
-import stat
 import threading
 from array import array
 from pathlib import Path
@@ -87,17 +86,14 @@ from typing import Callable, Sequence
 
 import xxhash
 
+from nydus_py.cache import entry, safedir
 from nydus_py.cache import gc as gc_mod
-from nydus_py.cache import safedir
 
 # the on-disk layout is defined once, in gc.py, which reads the same files
-from nydus_py.cache.gc import HEADER, META_MAGIC, META_VERSION, READY, RECORD
+from nydus_py.cache.gc import HEADER, READY, RECORD
 from nydus_py.errors import CacheError
 from nydus_py.format.bootstrap import (
-    CHUNK,
-    CHUNK_COMPRESSED,
     BlobInfo,
-    Bootstrap,
     Chunk,
 )
 from nydus_py.metrics import Metrics
@@ -122,45 +118,6 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     return r == 0
 
 
-_TABLE_MAGIC = b"nydus-py chunk table v1\0"
-# the bytes of a CHUNK row that describe the chunk itself (not its blob's index in a bootstrap)
-_ROW_BLOB = range(4)
-_ROW_FLAGS = 28
-_KEEP_COMPRESSED = bytes(b & CHUNK_COMPRESSED for b in range(256))
-assert CHUNK.size == 32 and CHUNK_COMPRESSED < 256
-
-
-def table_digest(bootstrap: Bootstrap, blob: int) -> bytes:
-    """sha256 of the chunk table of blob `blob` as `bootstrap` describes it: the blob's digest,
-    compressor, sizes and chunk count, then per chunk (in index order) its compressed
-    offset/size, uncompressed offset/size, compressed flag and sha256. The blob's position in
-    the bootstrap is left out (it differs between images sharing the blob). Part of the cache
-    key: see the module docstring. b"" (= never cached) if the table's chunks overlap in the
-    uncompressed data or leave it, since then storing one chunk could change another."""
-    info = bootstrap.blobs[blob]
-    rows, digests = bootstrap.blob_chunk_rows(blob)
-    canon = bytearray(rows)
-    zero = bytes(len(rows) // CHUNK.size)
-    for i in _ROW_BLOB:                       # strided slice assignment: no per-chunk Python
-        canon[i::CHUNK.size] = zero
-    canon[_ROW_FLAGS::CHUNK.size] = bytes(canon[_ROW_FLAGS::CHUNK.size]).translate(_KEEP_COMPRESSED)
-    for i in range(_ROW_FLAGS + 1, CHUNK.size):
-        canon[i::CHUNK.size] = zero
-    end = 0
-    for _b, _co, _cs, off, size, _f in CHUNK.iter_unpack(rows):
-        if off < end:
-            return b""
-        end = off + size
-    if end > info.uncompressed_size:
-        return b""
-    h = hashlib.sha256(_TABLE_MAGIC)
-    h.update(f"{info.id}\0{info.compressor}\0{info.compressed_size}\0{info.uncompressed_size}\0"
-             f"{info.chunk_count}\0".encode())
-    h.update(canon)
-    h.update(digests)
-    return h.digest()
-
-
 class _Blob:
     __slots__ = ("info", "name", "key", "data_fd", "meta_fd", "records", "verified", "lock",
                  "used", "gen", "atime", "offset_of")
@@ -180,17 +137,6 @@ class _Blob:
         self.atime = array("Q", bytes(8 * info.chunk_count))   # LRU tick per chunk
         # chunk index -> data offset (to punch evicted chunks out)
         self.offset_of: Callable[[int], int] | None = None
-
-
-def _header(blob: BlobInfo, hexid: str, table: bytes) -> bytes:
-    return HEADER.pack(META_MAGIC, META_VERSION, RECORD.size, blob.chunk_count,
-                       blob.uncompressed_size, bytes.fromhex(hexid), table)
-
-
-def _untabled(blob: BlobInfo) -> bytes:
-    """The table part of the key when a caller gives none (unit tests with one image)."""
-    return hashlib.sha256(f"untabled\0{blob.id}\0{blob.uncompressed_size}\0"
-                          f"{blob.chunk_count}".encode()).digest()
 
 
 # errno values for which a blob is opened uncached instead of failing the mount
@@ -261,7 +207,7 @@ class ChunkCache:
         marked missing, their disk blocks are not freed.
         A blob whose files cannot be created or opened is opened uncached (module docstring)."""
         if table is None:
-            table = _untabled(blob)
+            table = entry.untabled(blob)
         key = gc_mod.entry_key(blob_hex(blob.id), table) if table else ""
         with self._lock:
             h = self._by_id.get(key or blob.id + "/uncached")
@@ -294,15 +240,15 @@ class ChunkCache:
     def _open(self, blob: BlobInfo, table: bytes, key: str) -> _Blob:
         """Opens the entry's files and takes the shared "in use" lock; retries if a gc removed
         (or a creator replaced) the files between our open and our lock (st_nlink == 0)."""
-        header = _header(blob, blob_hex(blob.id), table)
+        head = entry.header(blob, blob_hex(blob.id), table)
         what = f"blob cache for {blob.id} in {self.work_dir}"
         for _ in range(8):
             try:
-                fds = self._open_existing(key)
+                fds = entry.open_existing(self.dir_fd, key)
             except OSError as e:
                 raise CacheError(f"{what}: {e.strerror}", errno=e.errno) from None
             if fds is None:
-                self._install(key, blob, header, what)
+                entry.install(self.dir_fd, key, blob, head, what)
                 continue
             data_fd, meta_fd = fds
             b = _Blob(blob, blob_hex(blob.id)[:12], data_fd, meta_fd, bytearray(), 0)
@@ -311,9 +257,9 @@ class ChunkCache:
                 if not (os.fstat(meta_fd).st_nlink and os.fstat(data_fd).st_nlink):
                     self._close_fds(b)
                     continue
-                if not self._valid(b, header):
+                if not entry.valid(data_fd, meta_fd, head, blob.uncompressed_size):
                     self._close_fds(b)
-                    self._install(key, blob, header, what)
+                    entry.install(self.dir_fd, key, blob, head, what)
                     continue
                 self._load_records(b)
                 os.utime(meta_fd)         # LRU stamp for gc between mounts
@@ -324,30 +270,6 @@ class ChunkCache:
                 raise CacheError(f"{what}: {e.strerror}", errno=e.errno) from None
         raise CacheError(f"{what}: files keep disappearing (another process collecting the "
                          "cache?)", errno=errno.EAGAIN)
-
-    def _open_existing(self, key: str) -> tuple[int, int] | None:
-        """(data fd, meta fd) of the entry, or None if either file does not exist."""
-        flags = os.O_RDWR
-        try:
-            data_fd = safedir.open_file(gc_mod.file_name(key, "data"), flags, self.dir_fd)
-        except FileNotFoundError:
-            return None
-        try:
-            meta_fd = safedir.open_file(gc_mod.file_name(key, "meta"), flags, self.dir_fd)
-        except FileNotFoundError:
-            os.close(data_fd)
-            return None
-        except OSError:
-            os.close(data_fd)
-            raise
-        return data_fd, meta_fd
-
-    @staticmethod
-    def _valid(b: _Blob, header: bytes) -> bool:
-        st_meta, st_data = os.fstat(b.meta_fd), os.fstat(b.data_fd)
-        return (stat.S_ISREG(st_meta.st_mode) and stat.S_ISREG(st_data.st_mode)
-                and st_data.st_size == b.info.uncompressed_size
-                and os.pread(b.meta_fd, HEADER.size, 0) == header)
 
     def _load_records(self, b: _Blob) -> None:
         nrec = b.info.chunk_count
@@ -361,65 +283,6 @@ class ChunkCache:
                 records[i * RECORD.size:(i + 1) * RECORD.size] = _NOT_READY
         b.records, b.used = records, used
         b.verified = bytearray(nrec)
-
-    def _install(self, key: str, blob: BlobInfo, header: bytes, what: str) -> None:
-        """Creates the entry's files, or replaces them if their header is bad and nobody has
-        them open: new files under temporary names, renamed into place, all under an flock of
-        the directory. Never truncates a file in place. CacheError(EBUSY) when a bad
-        entry is in use by another process (that blob is then read uncached)."""
-        tmp_data, tmp_meta = f".{key}.data.new", f".{key}.meta.new"
-        fds: list[int] = []
-        try:
-            # flock of the directory itself: between processes (each ChunkCache has its own
-            # open directory); within one, open_blob's self._lock serialises us
-            fcntl.flock(self.dir_fd, fcntl.LOCK_EX)
-            old = self._open_existing(key)
-            if old is not None:
-                fds.extend(old)
-                b = _Blob(blob, key[:12], old[0], old[1], bytearray(), 0)
-                if self._valid(b, header):
-                    return                      # somebody else created it meanwhile
-                try:
-                    fcntl.lockf(old[1], fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError as e:
-                    if e.errno in (errno.EAGAIN, errno.EACCES):
-                        raise CacheError(f"{what}: the cache entry has a bad header and another "
-                                         "process has it open; not touching it",
-                                         errno=errno.EBUSY) from None
-                    raise
-                log.warning("blob cache %s: entry %s does not match (other version, or "
-                            "interrupted); replacing it", self.work_dir, key[:12])
-            for name in (tmp_data, tmp_meta):   # leftovers of a creator that died
-                try:
-                    os.unlink(name, dir_fd=self.dir_fd)
-                except FileNotFoundError:
-                    pass
-            create = os.O_RDWR | os.O_CREAT | os.O_EXCL
-            data_fd = safedir.open_file(tmp_data, create, self.dir_fd)
-            fds.append(data_fd)
-            meta_fd = safedir.open_file(tmp_meta, create, self.dir_fd)
-            fds.append(meta_fd)
-            os.ftruncate(data_fd, blob.uncompressed_size)
-            os.ftruncate(meta_fd, HEADER.size + blob.chunk_count * RECORD.size)
-            _pwrite_all(meta_fd, header, 0)
-            # data first: a process that opens new data + old meta finds a bad header and
-            # comes here, where it waits for us
-            os.rename(tmp_data, gc_mod.file_name(key, "data"),
-                      src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
-            os.rename(tmp_meta, gc_mod.file_name(key, "meta"),
-                      src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
-        except OSError as e:
-            for name in (tmp_data, tmp_meta):
-                try:
-                    os.unlink(name, dir_fd=self.dir_fd)
-                except OSError:
-                    pass
-            raise CacheError(f"{what}: cannot create the cache files: {e.strerror}",
-                             errno=e.errno) from None
-        finally:
-            for fd in fds:
-                os.close(fd)
-            fcntl.flock(self.dir_fd, fcntl.LOCK_UN)
 
     @staticmethod
     def _close_fds(b: _Blob) -> None:
@@ -705,14 +568,14 @@ class ChunkCache:
                     if rec[i * RECORD.size] == READY:
                         cands.append((at[i], i, b))
             cands.sort(key=lambda t: t[0])
-            victims: dict[int, list[int]] = {}
+            victims: dict[int, tuple[_Blob, list[int]]] = {}
             freed = 0
             for _, i, b in cands:
                 if freed >= need:
                     break
-                victims.setdefault(id(b), [b]).append(i)
+                victims.setdefault(id(b), (b, []))[1].append(i)
                 freed += RECORD.unpack_from(b.records, i * RECORD.size)[1]
-            for b, *indices in victims.values():
+            for b, indices in victims.values():
                 self._evict_chunks(b, indices)
         finally:
             for b in mine:

@@ -3,7 +3,7 @@
 Layout (defined here, once; ChunkCache writes what this module reads). An entry is one blob *as
 one chunk table describes it*, named by its key:
 
-    KEY = <blob sha256 hex> "-" <chunk table sha256 hex>     (see chunk_cache.table_digest)
+    KEY = <blob sha256 hex> "-" <chunk table sha256 hex>     (see entry.table_digest)
     KEY.data   sparse file of the blob's uncompressed size; chunk i lives at its offset
     KEY.meta   HEADER (96 bytes) + one RECORD (16 bytes) per chunk, at 96 + 16 * index
 
@@ -15,7 +15,7 @@ Files of layout version 1 (`<blob hex>.data/.meta`, keyed by the blob only) are 
 version: `scan` lists them as invalid, so eviction and gc remove them first.
 
 Every file is opened relative to the directory's fd with O_NOFOLLOW (cache/safedir.py). An entry
-is created or replaced under an flock of the directory itself (chunk_cache.ChunkCache._install),
+is created or replaced under an flock of the directory itself (cache/entry.py: install),
 as `.KEY.data.new` / `.KEY.meta.new` renamed into place.
 
 Who uses an entry: every process that has an entry's cache files open holds a POSIX record lock

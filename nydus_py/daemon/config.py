@@ -74,7 +74,7 @@ class DaemonConfig:
     backend: BackendConfig | None = None      # None: the CLI supplies it (--image/--blob-dir)
     cache: CacheConfig = field(default_factory=CacheConfig)
     mode: str = "direct"
-    digest_validate: bool = True
+    digest_validate: bool = False   # true: sha256 of every cache hit (ChunkCache validate)
     enable_xattr: bool = True
     iostats_files: bool = False
     latest_read_files: bool = False

@@ -211,13 +211,13 @@ def _check_missing_blobs(opened, reader) -> None:
     with the image source's one line. Only paid when a blob is missing."""
     if not opened.missing_blobs:
         return
-    from nydus_py.cache.chunk_cache import table_digest
+    from nydus_py.cache.entry import table_digest
     from nydus_py.errors import BlobNotFoundError
     from nydus_py.format.bootstrap import ROOT_INO
 
     bs = opened.bootstrap
     index = {b.id: i for i, b in enumerate(bs.blobs)}
-    wanted = {index[bid]: set() for bid, _ in opened.missing_blobs}
+    wanted: dict[int, set[int]] = {index[bid]: set() for bid, _ in opened.missing_blobs}
     used: set[int] = set()
     for ino in range(ROOT_INO, bs.inode_count + ROOT_INO):
         used.update(bs.file_chunk_ids(ino))

@@ -29,7 +29,8 @@ from typing import Sequence
 
 import trio
 
-from nydus_py.cache.chunk_cache import ChunkCache, table_digest
+from nydus_py.cache.chunk_cache import ChunkCache
+from nydus_py.cache.entry import table_digest
 from nydus_py.errors import CacheError, FormatError, IntegrityError, NydusError
 from nydus_py.format.bootstrap import Bootstrap, Chunk
 from nydus_py.io.fetch import Range, decode_chunk, extend_forward, plan_ranges

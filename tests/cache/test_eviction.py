@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from nydus_py.cache import chunk_cache as cc
+from nydus_py.cache import entry as entry_mod
 from nydus_py.cache import gc
 from nydus_py.cache.chunk_cache import ChunkCache
 from nydus_py.errors import CacheError
@@ -33,7 +33,7 @@ def _blob(seed: bytes, n: int = N, size: int = SIZE):
 
 
 def _key(info: BlobInfo) -> str:
-    return gc.entry_key(info.id.split(":")[1], cc._untabled(info))
+    return gc.entry_key(info.id.split(":")[1], entry_mod.untabled(info))
 
 
 def _open(c: ChunkCache, info: BlobInfo) -> int:

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from nydus_py.cache import chunk_cache as cc
+from nydus_py.cache import entry as entry_mod
 from nydus_py.cache import gc, safedir
 from nydus_py.cache.chunk_cache import ChunkCache
 from nydus_py.errors import ConfigError
@@ -34,7 +34,7 @@ def _blob(n: int = 3, size: int = 4096):
 
 
 def _key(info: BlobInfo) -> str:
-    return gc.entry_key(info.id.split(":")[1], cc._untabled(info))
+    return gc.entry_key(info.id.split(":")[1], entry_mod.untabled(info))
 
 
 @pytest.mark.parametrize("planted", ["data", "meta", "both"])

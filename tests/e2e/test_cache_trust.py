@@ -242,8 +242,8 @@ def test_nydusd_mount_refuses_an_unsafe_cache_dir_with_one_line(tmp_path, images
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     r = subprocess.run([*nydusd_cmd(), "mount", "--bootstrap", str(boot), "--blob-dir", str(blobs),
-                        "--cache-dir", str(cache), str(mnt)], capture_output=True, text=True,
-                       timeout=60)
+                        "--cache-dir", str(cache), "--daemon", str(mnt)], capture_output=True,
+                       text=True, timeout=60)
     force_unmount(mnt)
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
@@ -282,3 +282,34 @@ def test_nydusd_serve_under_umask_000_creates_private_dirs_and_files(tmp_path, i
             sup.terminate()
             sup.wait(30)
         force_unmount(mnt)
+
+
+# -- digest_validate ------------------------------------------------------------------------------
+def test_digest_validate_sha256_checks_cache_hits_against_the_mounts_bootstrap(tmp_path, images):
+    """Cached bytes changed behind the daemon's back with a matching xxh3 (what only someone with
+    write access to the cache dir can do): digest_validate still serves the right bytes."""
+    import json
+
+    import xxhash
+
+    from nydus_py.cache.gc import HEADER, RECORD
+    boot, blobs = images["victim"][1]
+    files = images["victim"][0].files
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"digest_validate": True}))
+    cache = tmp_path / "cache"
+    args = ("--bootstrap", str(boot), "--blob-dir", str(blobs), "--cache-dir", str(cache),
+            "--no-prefetch")
+    with Daemon(tmp_path, *args, name="fill") as d:
+        assert read_all(d.mnt, images["victim"]) == files
+    (data_file,) = cache.glob("*.data")
+    evil = bytes(CHUNK)                         # chunk 0 = d/f0's first 64 KiB
+    with open(data_file, "r+b") as f:
+        f.write(evil)
+    with open(data_file.with_suffix(".meta"), "r+b") as f:
+        f.seek(HEADER.size)
+        f.write(RECORD.pack(1, CHUNK, xxhash.xxh3_64_intdigest(evil)))
+    with Daemon(tmp_path, *args, "--config", str(cfg), name="strict") as d:
+        assert read_all(d.mnt, images["victim"]) == files
+        assert d.api("/api/v1/metrics/blobcache")["digest_errors"] == 1
+        assert read_all(d.mnt, images["victim"]) == files      # re-stored, served again

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_daemon_ops import Daemon, backend_reads, nydusd_cmd
+from tests.e2e.test_daemon_ops import Daemon, backend_reads, force_unmount, nydusd_cmd
 from tests.fixtures.containerd import push_oci_layout
 from tests.fixtures.imagegen import Image, Layer
 from tests.fixtures.nydus_build import build
@@ -109,8 +109,9 @@ def test_oci_image_mounts_from_a_warm_cache_without_its_data_blobs(tmp_path, oci
     mnt = tmp_path / "mnt-cold"
     mnt.mkdir()
     r = subprocess.run([*nydusd_cmd(), "mount", "--image", f"oci:{layout}:v1", "--cache-dir",
-                        str(tmp_path / "cold"), str(mnt)], capture_output=True, text=True,
-                       timeout=60)
+                        str(tmp_path / "cold"), "--daemon", str(mnt)], capture_output=True,
+                       text=True, timeout=60)
+    force_unmount(mnt)
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "is missing from" in lines[0] and "cache lacks" in lines[0], r.stderr
@@ -141,8 +142,9 @@ def test_registry_image_mounts_from_a_warm_cache_while_the_registry_is_down(tmp_
     kept.write_bytes(kept.read_bytes()[:-1] + b"\0")
     mnt = tmp_path / "mnt-tampered"
     mnt.mkdir()
-    r = subprocess.run([*nydusd_cmd(), "mount", *args, str(mnt)], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run([*nydusd_cmd(), "mount", *args, "--daemon", str(mnt)], capture_output=True,
+                       text=True, timeout=120)
+    force_unmount(mnt)
     errors = [x for x in r.stderr.splitlines() if "error" in x.lower() and "WARNING" not in x]
     assert r.returncode != 0 and len(errors) == 1 and "ConnectionError" in errors[0], r.stderr
     assert "does not match its digest" in r.stderr
