@@ -313,3 +313,47 @@ def test_digest_validate_sha256_checks_cache_hits_against_the_mounts_bootstrap(t
         assert read_all(d.mnt, images["victim"]) == files
         assert d.api("/api/v1/metrics/blobcache")["digest_errors"] == 1
         assert read_all(d.mnt, images["victim"]) == files      # re-stored, served again
+
+
+# -- legitimate sharing is kept -------------------------------------------------------------------
+def test_images_sharing_a_chunk_dict_blob_share_its_cache_entry(tmp_path):
+    """The cache key holds the chunk table, and an image converted with --chunk-dict carries the
+    dictionary blob's table unchanged: so the second image reads the first one's cached chunks."""
+    from tests.e2e.test_chunk_dict import (
+        app_layer,
+        base_layer,
+        extra_layer,
+        manifest,
+        own_blobs,
+    )
+    from tests.e2e.test_convert_mount import nydusify
+    from tests.fixtures.imagegen import Image
+
+    src = tmp_path / "src"
+    base, app = base_layer(), app_layer(1)
+    Image([base, app]).write_oci(src, "a")
+    Image([base, app, extra_layer()]).write_oci(src, "b")
+    nydusify("convert", "--compressor", "none", "--source", f"oci:{src}:a",
+             "--target", f"oci:{tmp_path}/A:a")
+    nydusify("convert", "--compressor", "none", "--source", f"oci:{src}:b",
+             "--target", f"oci:{tmp_path}/B:b", "--chunk-dict", f"oci:{tmp_path}/A:a")
+    cache = tmp_path / "cache"
+
+    def read_tree(mnt: Path) -> int:
+        n = 0
+        for p in sorted(mnt.rglob("*")):
+            if p.is_file() and not p.is_symlink():
+                n += len(_read(p))
+        return n
+
+    with Daemon(tmp_path, "--image", f"oci:{tmp_path}/A:a", "--cache-dir", str(cache),
+                "--no-prefetch", name="a") as d:
+        assert read_tree(d.mnt) > 0
+    with Daemon(tmp_path, "--image", f"oci:{tmp_path}/B:b", "--cache-dir", str(cache),
+                "--no-prefetch", name="b") as d:
+        read_tree(d.mnt)
+        fetched = d.api("/api/v1/metrics/backend")["read_amount_total"]
+        (own,) = own_blobs(manifest(tmp_path / "B", "b"))
+        assert 0 < fetched <= own["size"], fetched   # only B's own new blob came from the backend
+    for blob in own_blobs(manifest(tmp_path / "A", "a")):
+        assert len(list(cache.glob(blob["digest"].split(":")[1] + "-*.data"))) == 1
