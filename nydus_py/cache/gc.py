@@ -220,14 +220,42 @@ def remove_if_unused(work_dir: str | os.PathLike | int, key: str) -> bool:
                 os.close(fd)        # releases the lock
 
 
+def _remove_stale_temps(work_dir: str | os.PathLike) -> int:
+    """`.KEY.data.new` / `.KEY.meta.new` exist only while a creator holds the directory's flock
+    (entry.install); if we can take it, any of them is a dead creator's leftover."""
+    freed = 0
+    with _Dir(work_dir) as dfd:
+        if dfd < 0:
+            return 0
+        try:
+            fcntl.flock(dfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return 0                    # somebody is creating an entry right now
+        try:
+            with os.scandir(dfd) as it:
+                names = [e.name for e in it]
+            for name in names:
+                stem, _, ext = name[1:].partition(".")
+                if name.startswith(".") and ext in ("data.new", "meta.new") and is_key(stem):
+                    try:
+                        freed += os.stat(name, dir_fd=dfd, follow_symlinks=False).st_blocks * 512
+                        os.unlink(name, dir_fd=dfd)
+                    except FileNotFoundError:
+                        pass
+        finally:
+            fcntl.flock(dfd, fcntl.LOCK_UN)
+    return freed
+
+
 def collect(work_dir: str | os.PathLike, max_size: int = 0, *, skip: Iterable[str] = (),
             extra_used: int = 0) -> GcReport:
     """Removes unused blobs, least recently used first, until the accounted size (plus
     `extra_used`, e.g. the caller's own open blobs) is at most `max_size`. Malformed leftovers
     (a data file without meta, a meta file of another version) go first. `max_size=0` removes
-    every unused blob."""
+    every unused blob. Also removes the temporary files of an entry creation that died."""
     blobs = scan(work_dir, skip)
     report = GcReport(before=extra_used + sum(b.used for b in blobs))
+    report.removed_bytes += _remove_stale_temps(work_dir)
     total = report.before
     for b in sorted(blobs, key=lambda b: (b.valid, b.mtime)):
         if b.valid and total <= max_size:

@@ -169,3 +169,16 @@ def test_parse_size():
     assert gc.parse_size("1.5GiB") == 3 << 29
     with pytest.raises(ValueError):
         gc.parse_size("lots")
+
+
+def test_collect_removes_the_leftovers_of_a_creator_that_died(tmp_path):
+    info, items = _blob(b"t")
+    c = ChunkCache(tmp_path)
+    c.store_many(_open(c, info), items)
+    key = _key(info)
+    for ext in ("data", "meta"):
+        (tmp_path / f".{key}.{ext}.new").write_bytes(b"x" * 8192)
+    report = gc.collect(tmp_path, 1 << 30)
+    assert report.removed_bytes >= 16384 and report.removed_blobs == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{key}.data", f"{key}.meta"]
+    c.close()
