@@ -514,13 +514,16 @@ class ChunkCache:
                     f"to blobs other mounts use)", errno=errno.ENOSPC)
 
     # -- eviction -------------------------------------------------------------------------------
+    def _scan_others(self) -> list[gc_mod.BlobUsage]:
+        """The entries this process has not open. Under self._lock: scanning opens and closes
+        meta files, and closing any fd of a file drops this process's POSIX lock on it, so no
+        blob may be opened (and locked) while the scan runs."""
+        with self._lock:
+            return gc_mod.scan(self.dir_fd, skip={b.key for b in self._blobs})
+
     def _rescan(self) -> None:
+        others = {u.key: u.used for u in self._scan_others()}
         with self._lock:
-            own = {b.key for b in self._blobs}
-        others = {u.key: u.used for u in gc_mod.scan(self.dir_fd, skip=own)}
-        with self._lock:
-            for b in self._blobs:           # opened while we scanned
-                others.pop(b.key, None)
             self._others = others
         self._publish_sizes()
 
@@ -528,9 +531,7 @@ class ChunkCache:
         """Frees space until total_bytes <= target: unused blobs, then own chunks (LRU)."""
         self._m_evictions.inc()
         self._rescan()
-        with self._lock:
-            own = {b.key for b in self._blobs}
-        blobs = gc_mod.scan(self.dir_fd, skip=own)
+        blobs = self._scan_others()
         for u in sorted(blobs, key=lambda u: (u.valid, u.mtime)):
             if self.total_bytes <= target:
                 return
