@@ -222,10 +222,7 @@ def _fetch_registry_image(client, r, what: str, *,
         manifest = json_object(data, f"{what}: manifest {digest}")
     mdesc = Descriptor(media_type, digest, len(data))
     layers = find_layers(manifest, what)
-    if layers.bootstrap.size > MAX_BOOTSTRAP:
-        raise ImageFormatError(f"{what}: bootstrap layer of {layers.bootstrap.size} bytes is too large")
-    with client.get_blob(r.repository, layers.bootstrap.digest, layers.bootstrap.size) as body:
-        layer = body.read()
+    layer = read_bootstrap_blob(client, r.repository, layers.bootstrap, what)
     try:
         bootstrap = Bootstrap.from_bytes(layer)
     except FormatError as e:
@@ -233,6 +230,23 @@ def _fetch_registry_image(client, r, what: str, *,
     if keep is not None:
         keep(str(r), top_digest, layers.bootstrap.digest, layer)
     return manifest, layers, bootstrap, mdesc
+
+
+def read_bootstrap_blob(client, repository: str, desc: Descriptor, what: str) -> bytes:
+    """The bootstrap layer's bytes: its descriptor size must be within MAX_BOOTSTRAP, the
+    stream is cut off as soon as it exceeds that size (never read whole into memory first),
+    and its digest is verified at the end."""
+    if not 0 < desc.size <= MAX_BOOTSTRAP:
+        raise ImageFormatError(f"{what}: bootstrap layer of {desc.size} bytes "
+                               f"(must be 1..{MAX_BOOTSTRAP})")
+    parts = []
+    with client.get_blob(repository, desc.digest, desc.size) as body:
+        while True:
+            piece = body.read(1 << 20)      # VerifyingReader: > desc.size raises, EOF verifies
+            if not piece:
+                break
+            parts.append(piece)
+    return b"".join(parts)
 
 
 def converted_entry(index: dict, ref: str) -> Descriptor:

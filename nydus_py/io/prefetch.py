@@ -40,6 +40,7 @@ from typing import Awaitable, Callable, Iterable, Sequence
 
 import trio
 
+from nydus_py.errors import NydusError
 from nydus_py.format.bootstrap import ROOT_INO, Bootstrap, Chunk
 from nydus_py.io.fetch import plan_ranges
 from nydus_py.metrics import Metrics
@@ -53,6 +54,7 @@ IDLE, RUNNING, DONE, STOPPED = 0, 1, 2, 3
 class PrefetchPlan:
     inodes: tuple[int, ...]
     chunks: tuple[Chunk, ...]           # deduplicated, sorted by (blob, comp_offset)
+    errors: int = 0                     # files skipped because their records are bad
 
     @property
     def bytes(self) -> int:
@@ -93,13 +95,17 @@ def resolve(bs: Bootstrap, path: str) -> int | None:
 
 
 def _files_under(bs: Bootstrap, ino: int) -> Iterable[int]:
+    """Regular files below `ino`, depth first. Each directory is entered once (a visited set:
+    the walk ends whatever the bootstrap's dirents say)."""
     stack = [ino]
+    seen_dirs: set[int] = set()
     while stack:
         cur = stack.pop()
         mode = bs.attr(cur).mode
         if stat.S_ISREG(mode):
             yield cur
-        elif stat.S_ISDIR(mode):
+        elif stat.S_ISDIR(mode) and cur not in seen_dirs:
+            seen_dirs.add(cur)
             stack.extend(child for _, _, child in reversed(list(bs.readdir(cur))))
 
 
@@ -107,7 +113,13 @@ def learned_batches(bs: Bootstrap, ids: Sequence[int], *, max_gap: int, limit: i
     """Ranges over the learned chunk ids (validated by io/learned.py): neighbours in a blob
     merged, ranges ordered by the first access among their chunks."""
     rank = {cid: i for i, cid in reversed(list(enumerate(ids)))}
-    ranges = plan_ranges([bs.chunk(i) for i in rank], max_gap=max_gap, limit=limit)
+    chunks = []
+    for cid in rank:
+        try:
+            chunks.append(bs.chunk(cid))
+        except NydusError:          # a chunk record failing its use-time check is skipped
+            continue
+    ranges = plan_ranges(chunks, max_gap=max_gap, limit=limit)
     ranges.sort(key=lambda r: min(rank[c.id] for c in r.chunks))
     return ranges
 
@@ -128,6 +140,7 @@ def plan(bs: Bootstrap, *, paths: Sequence[str] = (), prefetch_all: bool = False
     seen_chunk: set[int] = set()
     chunks: list[Chunk] = []
     order: list[int] = []
+    errors = 0
     for ino in inodes:
         if ino in seen_ino:
             continue
@@ -135,15 +148,18 @@ def plan(bs: Bootstrap, *, paths: Sequence[str] = (), prefetch_all: bool = False
         try:
             if not stat.S_ISREG(bs.attr(ino).mode):
                 continue
-        except KeyError:
+            mine = [bs.chunk(cid) for cid in bs.file_chunk_ids(ino) if cid not in seen_chunk]
+        except (KeyError, NydusError) as e:   # a bad record costs this file, not the prefetch
+            errors += 1
+            log.warning("prefetch: inode %d skipped: %s", ino, e)
             continue
         order.append(ino)
-        for cid in bs.file_chunk_ids(ino):
-            if cid not in seen_chunk:
-                seen_chunk.add(cid)
-                chunks.append(bs.chunk(cid))
+        for c in mine:
+            if c.id not in seen_chunk:
+                seen_chunk.add(c.id)
+                chunks.append(c)
     chunks.sort(key=lambda c: (c.blob, c.comp_offset))
-    return PrefetchPlan(inodes=tuple(order), chunks=tuple(chunks))
+    return PrefetchPlan(inodes=tuple(order), chunks=tuple(chunks), errors=errors)
 
 
 class Prefetcher:
@@ -191,6 +207,7 @@ class Prefetcher:
                 rest = [c for c in p.chunks if c.id not in done]
                 return p, first + plan_ranges(rest, max_gap=gap, limit=limit)
             p, batches = await trio.to_thread.run_sync(make)
+            self._errors.inc(p.errors)
             nchunks = sum(len(r.chunks) for r in batches)
             self._learned.set(len(ids))
             self._planned.set(nchunks)
@@ -209,6 +226,10 @@ class Prefetcher:
             log.info("prefetch of %s done in %.2fs: %d chunks fetched, %d already cached, "
                      "%d errors", self.image or "image", time.perf_counter() - t0,
                      self._fetched.value, self._skipped.value, self._errors.value)
+        except Exception as e:      # never fatal: the mount serves on without prefetch
+            self._errors.inc()
+            self._state.set(STOPPED)
+            log.error("prefetch of %s stopped: %s", self.image or "image", e)
         except BaseException:
             self._state.set(STOPPED)
             raise
@@ -228,7 +249,7 @@ class Prefetcher:
                 try:
                     n, nbytes = await self.reader.prefetch(todo, limiter=self.limiter,
                                                            merging_size=self.merging_size)
-                except Exception as e:
+                except Exception as e:  # logged and counted; the other ranges go on
                     self._errors.inc()
                     blob = self.bootstrap.blobs[todo[0].blob].id
                     log.warning("prefetch of %s: blob %s, %d chunks: %s", self.image or "image",

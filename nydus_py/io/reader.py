@@ -193,12 +193,12 @@ class FileReader:
         if not mine:
             return 0, 0
         errors: list[BaseException] = []
-        got: Got = {}
         ranges = plan_ranges(mine, max_gap=self.max_gap, limit=max(merging_size, 1))
         try:
             for r in ranges:
-                r.readahead = len(r.chunks)         # nobody asked: results are not kept
-                await self._fetch_range(r, owned, got, errors, limiter)
+                # every chunk counts as wanted, so that a chunk failing verification is
+                # reported (and counted by the prefetcher); its bytes live for this range only
+                await self._fetch_range(r, owned, {}, errors, limiter)
         finally:
             for key, f in owned.items():
                 self._settle(key, f, None, _Interrupted())

@@ -119,7 +119,8 @@ class OCILayout:
             raise ImageFormatError(f"{what}: size {desc.size} exceeds limit {limit}")
         p = self.blob_path(desc.digest)
         try:
-            data = p.read_bytes()
+            with open(p, "rb") as f:
+                data = f.read(desc.size + 1)       # a bigger file is refused below, unread
         except FileNotFoundError:
             raise BlobNotFoundError(f"{what}: blob missing from {self.root}") from None
         if len(data) != desc.size:

