@@ -31,6 +31,7 @@ import signal
 import stat
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 FSNAME = "nydus-py"
 PUSH_TIMEOUT_AT_EXIT = 10.0     # seconds per registry request for a learned list at unmount
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_GRACE = 5.0        # seconds from a stop signal (or external unmount) to a forced exit
 
 
 class MountError(NydusError):
@@ -266,12 +268,15 @@ def serve(ops: pyfuse3.Operations, mountpoint: str, options: set[str], *,
         except RuntimeError as e:
             raise MountError(f"{mountpoint}: FUSE mount failed ({e}); "
                              "is /dev/fuse available and are you allowed to mount?") from None
+        watchdog = _StopWatchdog(mountpoint, STOP_GRACE)
         try:
-            trio.run(_main, old_mask, on_ready, max_tasks, services)
+            trio.run(_main, old_mask, on_ready, max_tasks, services, watchdog.arm)
         finally:
             # A second Ctrl-C/SIGTERM must not interrupt the unmount: we are stopping anyway.
             signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            watchdog.arm()          # an error path too: the unmount itself may hang
             pyfuse3.close(unmount=True)
+            watchdog.cancel()
             log.info("unmounted %s", mountpoint)
     finally:
         # Unblock with the signals ignored, so stop signals that arrived meanwhile are dropped.
@@ -281,25 +286,62 @@ def serve(ops: pyfuse3.Operations, mountpoint: str, options: set[str], *,
             signal.signal(s, h)
 
 
-async def _main(old_mask, on_ready, max_tasks: int, services=None) -> None:
+async def _main(old_mask, on_ready, max_tasks: int, services=None, stopping=None) -> None:
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         # Pending stop signals are delivered now, to trio's handler.
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signal, signals)
+            nursery.start_soon(_stop_on_signal, signals, stopping)
             if services is not None:        # API socket bound before we report "ready"
                 await nursery.start(services)
             if on_ready is not None:
                 on_ready()
             await pyfuse3.main(min_tasks=1, max_tasks=max_tasks)
+            if stopping is not None:        # an external unmount: the same bound applies
+                stopping()
             nursery.cancel_scope.cancel()
 
 
-async def _stop_on_signal(signals) -> None:
+async def _stop_on_signal(signals, stopping=None) -> None:
     async for signum in signals:
         log.info("received %s, unmounting", signal.Signals(signum).name)
+        if stopping is not None:
+            stopping()
         pyfuse3.terminate()
         return
+
+
+class _StopWatchdog:
+    """Once stopping, the process ends within `grace` seconds whatever is in flight.
+
+    Cancelling trio tasks does not interrupt a worker thread: a read or a prefetch stuck in a
+    backend that never answers (a hung NFS blob dir, a registry that stops sending) would keep
+    trio.run, and so the daemon and its mount, alive forever after SIGTERM. `arm()` (on a stop
+    signal or an external unmount) starts a timer thread that detaches the mount
+    (`fusermount3 -u -z`: the kernel fails the stuck requests) and exits with status 1;
+    `cancel()` (the normal end of serve) stops it."""
+
+    def __init__(self, mountpoint: str, grace: float):
+        self.mountpoint = mountpoint
+        self.grace = grace
+        self._timer: threading.Timer | None = None
+
+    def arm(self) -> None:
+        if self._timer is None:
+            self._timer = threading.Timer(self.grace, self._fire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _fire(self) -> None:
+        log.error("shutdown did not finish within %.0f s (requests stuck in the backend?): "
+                  "detaching %s and exiting", self.grace, self.mountpoint)
+        lazy_unmount(self.mountpoint)
+        logging.shutdown()
+        os._exit(1)
 
 
 def mount(req: MountRequest, *, on_ready: Callable[[], None] | None = None) -> None:

@@ -77,3 +77,46 @@ def test_bad_chunk_on_the_prefetch_list_is_counted_not_fatal(tmp_path):
         with open(d.mnt / "bad/f", "rb") as f:          # the good first chunk still reads
             assert f.read(CS) == files["bad/f"][:CS]
         assert "prefetch" in d.log.read_text() and d.proc.poll() is None
+
+
+def test_sigterm_ends_the_daemon_with_prefetch_and_reads_stuck_in_the_backend(tmp_path):
+    """The blob is a FIFO nobody writes: every backend read blocks forever (a hung NFS blob
+    directory, a registry that stops sending). SIGTERM must still end the daemon and take the
+    mount away within a bounded time."""
+    files = {f"d/f{i}": os.urandom(2 * CS) for i in range(8)}
+    b = build(files, chunk_size=CS, compressor="none")
+    boot = with_prefetch(b.bootstrap, [f"/d/f{i}" for i in range(4)])
+    (bid, _), = b.blobs.items()
+    (tmp_path / "blobs").mkdir()
+    os.mkfifo(tmp_path / "blobs" / bid.split(":")[1])
+    (tmp_path / "bootstrap").write_bytes(boot)
+    d = Daemon(tmp_path, "--bootstrap", str(tmp_path / "bootstrap"), "--blob-dir",
+               str(tmp_path / "blobs"), "--cache-dir", str(tmp_path / "cache"))
+    readers: list[threading.Thread] = []
+    outcome: dict[str, int | None] = {}
+    try:
+        d.start()
+        for name in ("f5", "f6"):
+            t = threading.Thread(target=lambda n=name: outcome.__setitem__(n, read_errno(d.mnt / "d" / n)),
+                                 daemon=True)
+            t.start()
+            readers.append(t)
+        wait_for(lambda: len(d.api("/api/v1/metrics/inflight")["values"]) >= 2, "two reads in flight",
+                 log=d.log)
+        assert d.api("/api/v1/metrics/prefetch")["state"] == 1      # prefetch stuck too
+        d.proc.send_signal(signal.SIGTERM)
+        try:
+            d.proc.wait(30)         # the daemon bounds its own shutdown (STOP_GRACE = 5 s)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"nydusd still running 30 s after SIGTERM: {d.log.read_text()}")
+        assert not mounted(d.mnt)
+        for t in readers:
+            t.join(30)
+            assert not t.is_alive()
+        assert all(v is not None for v in outcome.values()), outcome  # failed, never data
+        assert "did not finish" in d.log.read_text()
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+        subprocess.run(["fusermount3", "-u", "-z", str(d.mnt)], capture_output=True)
