@@ -226,7 +226,7 @@ class Prefetcher:
             log.info("prefetch of %s done in %.2fs: %d chunks fetched, %d already cached, "
                      "%d errors", self.image or "image", time.perf_counter() - t0,
                      self._fetched.value, self._skipped.value, self._errors.value)
-        except Exception as e:      # never fatal: the mount serves on without prefetch
+        except Exception as e:  # noqa: BLE001  (never fatal: the mount serves on without prefetch)
             self._errors.inc()
             self._state.set(STOPPED)
             log.error("prefetch of %s stopped: %s", self.image or "image", e)
@@ -249,7 +249,7 @@ class Prefetcher:
                 try:
                     n, nbytes = await self.reader.prefetch(todo, limiter=self.limiter,
                                                            merging_size=self.merging_size)
-                except Exception as e:  # logged and counted; the other ranges go on
+                except Exception as e:  # noqa: BLE001  (logged and counted; other ranges go on)
                     self._errors.inc()
                     blob = self.bootstrap.blobs[todo[0].blob].id
                     log.warning("prefetch of %s: blob %s, %d chunks: %s", self.image or "image",
