@@ -146,12 +146,15 @@ class Vfs:
     def readlink(self, ino: int) -> bytes:
         if not stat.S_ISLNK(self._attr(ino).mode):
             raise FsError(errno.EINVAL)
-        return self.bootstrap.readlink(ino)
+        try:
+            return self.bootstrap.readlink(ino)
+        except NydusError as e:
+            raise self._bad_record("readlink", ino, e) from None
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         self._attr(ino)
         self._check_xattr_support()
-        value = self.bootstrap.xattrs(ino).get(name)
+        value = self._xattrs(ino).get(name)
         if value is None:
             raise FsError(errno.ENODATA)
         return value
@@ -159,7 +162,21 @@ class Vfs:
     def listxattr(self, ino: int) -> list[bytes]:
         self._attr(ino)
         self._check_xattr_support()
-        return list(self.bootstrap.xattrs(ino))
+        return list(self._xattrs(ino))
+
+    def _xattrs(self, ino: int) -> dict[bytes, bytes]:
+        try:
+            return self.bootstrap.xattrs(ino)
+        except NydusError as e:
+            raise self._bad_record("xattrs of", ino, e) from None
+
+    def _bad_record(self, op: str, ino: int, e: NydusError) -> FsError:
+        """A record that failed its use-time check (format/validate.py): EIO for this inode,
+        one log line, the mount serves on."""
+        self._count("read_errors")
+        log.error("%s %s (inode %d)%s failed: %s", op, self.bootstrap.path_of(ino), ino,
+                  f" of image {self.image}" if self.image else "", e)
+        return FsError(errno.EIO, str(e))
 
     def _check_xattr_support(self) -> None:
         """An image without a single xattr (or enable_xattr off) answers ENOSYS: the kernel then

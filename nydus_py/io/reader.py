@@ -70,6 +70,16 @@ def _copy_error(e: BaseException) -> NydusError:
     return new
 
 
+def _valid_chunks(bs: Bootstrap, start: int, end: int):
+    """Chunks start.. of one blob for readahead, up to the first whose record is bad: that
+    chunk costs the file that names it (its own read fails), never a neighbour's read."""
+    for cid in range(start, end):
+        try:
+            yield bs.chunk(cid)
+        except FormatError:
+            return
+
+
 class FileReader:
     """Reads file data of one image. `read` is the only entry point of the FUSE layer."""
 
@@ -292,7 +302,7 @@ class FileReader:
             info = bs.blobs[b]
             h = self._handles[b]
             first = max(c.index for c in r.chunks) + 1
-            following = (bs.chunk(info.chunk_start + i) for i in range(first, info.chunk_count))
+            following = _valid_chunks(bs, info.chunk_start + first, info.chunk_start + info.chunk_count)
 
             def accept(c: Chunk, h=h) -> bool:
                 key = (c.blob, c.index)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import stat
 import subprocess
 import threading
 from pathlib import Path
@@ -15,7 +16,7 @@ import msgpack
 import pytest
 
 from nydus_py.format.bootstrap import Bootstrap
-from tests.e2e.test_daemon_ops import Daemon, mounted, wait_for
+from tests.e2e.test_daemon_ops import Daemon, mounted, nydusd_cmd, wait_for
 from tests.fixtures.nydus_build import build
 
 pytestmark = pytest.mark.e2e
@@ -118,3 +119,120 @@ def test_sigterm_ends_the_daemon_with_prefetch_and_reads_stuck_in_the_backend(tm
             d.proc.kill()
             d.proc.wait()
         subprocess.run(["fusermount3", "-u", "-z", str(d.mnt)], check=False, capture_output=True)
+
+
+def _accepted_mutations(per_family: int) -> list[tuple[str, int, bytes]]:
+    from nydus_py.errors import FormatError
+    from tests.format.bootstrap_fuzz import case, original
+    out = []
+    for family in ("fields", "bytes", "zstd", "structure"):
+        found = 0
+        for seed in range(400):
+            data = case(family, seed)
+            if data == original():
+                continue
+            try:
+                Bootstrap.from_bytes(data)
+            except FormatError:
+                continue
+            out.append((family, seed, data))
+            found += 1
+            if found == per_family:
+                break
+    return out
+
+
+def _walk_and_read(mnt: Path, bs: Bootstrap) -> tuple[int, int]:
+    """Every entry stat'ed, every file read whole, every symlink read: (ok files, EIOs).
+    Bytes that come back must be the chunks the bootstrap names."""
+    from tests.format.bootstrap_fuzz import _verify
+    ino_of = {p: i for p, i in bs.iter_paths()}
+    ok = eio = 0
+    stack = [mnt]
+    seen: set[int] = set()
+    while stack:
+        d = stack.pop()
+        try:
+            names = os.listdir(d)
+        except OSError as e:
+            assert e.errno == errno.EIO, e
+            eio += 1
+            continue
+        for name in names:
+            p = d / name
+            st = os.lstat(p)
+            rel = b"/" + os.fsencode(p.relative_to(mnt))
+            if stat.S_ISDIR(st.st_mode):
+                if st.st_ino not in seen:
+                    seen.add(st.st_ino)
+                    stack.append(p)
+            elif stat.S_ISREG(st.st_mode):
+                try:
+                    data = p.read_bytes()
+                except OSError as e:
+                    assert e.errno == errno.EIO, e
+                    eio += 1
+                    continue
+                _verify(bs, ino_of[rel], 0, data, st.st_size)
+                ok += 1
+            elif stat.S_ISLNK(st.st_mode):
+                try:
+                    os.readlink(p)
+                except OSError as e:
+                    assert e.errno == errno.EIO, e
+                    eio += 1
+    return ok, eio
+
+
+def test_fuse_mounts_of_mutated_but_accepted_bootstraps_read_correct_bytes_or_eio(tmp_path):
+    from tests.format.bootstrap_fuzz import rich_blob
+    blob_id, blob = rich_blob()
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / blob_id.split(":")[1]).write_bytes(blob)
+    cases = _accepted_mutations(2)
+    assert len(cases) >= 6
+    total_ok = 0
+    for k, (family, seed, data) in enumerate(cases):
+        boot = tmp_path / f"bootstrap-{k}"
+        boot.write_bytes(data)
+        d = Daemon(tmp_path, "--bootstrap", str(boot), "--blob-dir", str(tmp_path / "blobs"),
+                   "--cache-dir", str(tmp_path / f"cache-{k}"), name=f"m{k}")
+        with d:
+            ok, _eio = _walk_and_read(d.mnt, Bootstrap.from_bytes(data))
+            total_ok += ok
+            assert d.proc.poll() is None, f"{family} {seed}: {d.log.read_text()}"
+            assert d.stop() == 0, f"{family} {seed}: {d.log.read_text()}"
+        assert not mounted(d.mnt)
+        assert "Traceback" not in d.log.read_text(), f"{family} {seed}: {d.log.read_text()}"
+    assert total_ok > 0
+
+
+def test_a_cyclic_bootstrap_is_refused_at_mount_with_one_line(tmp_path):
+    """Before: it mounted, and prefetch_all walked the cycle forever (SIGTERM ignored)."""
+    import json
+
+    from nydus_py.format.bootstrap import ROOT_INO, BootstrapWriter
+    w = BootstrapWriter(chunk_size=CS)
+    root = w.add_inode(mode=stat.S_IFDIR | 0o755, uid=0, gid=0, mtime_ns=0)
+    a = w.add_inode(mode=stat.S_IFDIR | 0o755, uid=0, gid=0, mtime_ns=0)
+    w.add_dirent(root, b"a", a)
+    w.add_dirent(a, b"loop", ROOT_INO)
+    (tmp_path / "bootstrap").write_bytes(w.to_bytes())
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "cfg.json").write_text(json.dumps({"fs_prefetch": {"enable": True, "prefetch_all": True}}))
+    (tmp_path / "mnt").mkdir()
+    proc = subprocess.Popen([*nydusd_cmd(), "mount", "--bootstrap", str(tmp_path / "bootstrap"),
+                             "--blob-dir", str(tmp_path / "blobs"), "--config", str(tmp_path / "cfg.json"),
+                             str(tmp_path / "mnt")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True)
+    try:
+        _out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("nydusd did not refuse the cyclic bootstrap")
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(tmp_path / "mnt")], check=False, capture_output=True)
+    assert proc.returncode != 0
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "root directory listed as a child" in lines[0], err
