@@ -34,6 +34,7 @@ from nydus_py.format.limits import (
     MAX_BLOBS,
     MAX_BOOTSTRAP_SIZE,
     MAX_CHUNK_SIZE,
+    MAX_META_ENTRIES,
     MAX_SYMLINK_LEN,
     MAX_XATTR_NAME_LEN,
     MAX_XATTR_VALUE_LEN,
@@ -291,7 +292,8 @@ def decompress_layer(layer: bytes | memoryview) -> bytes:
     parts: list[bytes] = []
     total = 0
     try:
-        with zstandard.ZstdDecompressor().stream_reader(layer, read_across_frames=False) as r:
+        with zstandard.ZstdDecompressor().stream_reader(layer, read_size=1 << 20,
+                                                         read_across_frames=False) as r:
             while True:
                 piece = r.read(min(declared + 1 - total, 8 << 20))
                 if not piece:
@@ -374,8 +376,8 @@ class Bootstrap:
         if self.digester != "sha256":
             raise FormatError(f"bootstrap: digester: {self.digester!r} is not supported (only sha256)")
         meta = doc.get("meta") or {}
-        if not isinstance(meta, dict):
-            raise FormatError("bootstrap: meta: not a map")
+        if not isinstance(meta, dict) or len(meta) > MAX_META_ENTRIES:
+            raise FormatError(f"bootstrap: meta: not a map of at most {MAX_META_ENTRIES} entries")
         self.meta = {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool))}
         blobs = doc.get("blobs")
         if not isinstance(blobs, list) or len(blobs) > MAX_BLOBS:

@@ -165,8 +165,9 @@ def test_prefetch_list_is_a_view_checked_against_the_inodes():
     bs = Bootstrap.from_bytes(w.to_bytes())
     assert isinstance(bs.prefetch, memoryview) and list(bs.prefetch) == files
     doc = _doc(w)
-    doc["prefetch"] = struct.pack("<I", 99)
-    _refused(doc, r"prefetch\[0\]: inode 99 out of range")
+    doc["prefetch"] = struct.pack("<III", 99, 0, files[0])
+    plan = pf.plan(Bootstrap(doc))                      # checked where used: skipped, counted
+    assert plan.inodes == (files[0],) and plan.errors == 2
     doc["prefetch"] = bytes(4 * 1000)                   # more entries than inodes
     _refused(doc, "prefetch: 1000 entries")
 
