@@ -279,9 +279,10 @@ def compress_layer(msgpack_bytes: bytes) -> bytes:
 
 
 def decompress_layer(layer: bytes | memoryview) -> bytes:
-    """The msgpack bytes of a zstd bootstrap layer. Streamed in bounded steps: the frame's own
-    content-size field is not trusted to size a buffer, and more than MAX_BOOTSTRAP_SIZE
-    bytes of output is refused as it is produced."""
+    """The msgpack bytes of a zstd bootstrap layer. The frame must declare its content size
+    (compress_layer always does), at most MAX_BOOTSTRAP_SIZE; decoding is streamed in bounded
+    steps, so memory follows the bytes actually produced, not the declared size, and output
+    beyond the declared size is refused as it is produced."""
     try:
         declared = zstandard.frame_content_size(layer)
     except zstandard.ZstdError as e:
@@ -360,8 +361,10 @@ def _blob(b, i: int) -> BlobInfo:
 class Bootstrap:
     """Read-only, lazily decoded view of a bootstrap. Thread-safe (immutable).
 
-    The constructor checks everything (format/validate.py): after it, every record read here
-    is in range, so lookups never fail on hostile data and walks from the root end."""
+    The constructor checks the header, the tables and the tree (format/validate.py): after
+    it, walks from the root end and lookups stay in range. Per-record ranges that a load-time
+    pass would cost too much for are checked in O(1) where the record is used (chunk(),
+    file_chunk_ids(), readlink(), xattrs()): a FormatError there is EIO for that file."""
 
     def __init__(self, doc: dict):
         if not isinstance(doc, dict) or doc.get("magic") != MAGIC:
