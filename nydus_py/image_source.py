@@ -15,11 +15,13 @@ Every failure is a NydusError whose one-line message names the file or image inv
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from nydus_py.errors import BlobNotFoundError, ConfigError, FormatError, ImageFormatError
+from nydus_py.errors import (BackendError, BlobNotFoundError, ConfigError, FormatError,
+                             ImageFormatError)
 from nydus_py.format.bootstrap import MAX_BOOTSTRAP, Bootstrap
 from nydus_py.oci import mediatypes as mt
 from nydus_py.oci.layout import Descriptor, OCILayout, json_object
@@ -29,6 +31,20 @@ from nydus_py.config.schema import BackendConfig, LocalFsConfig
 from nydus_py.storage.factory import make_backend
 
 OCI_PREFIX = "oci:"
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ImageOrigin:
+    """Where a mounted image came from, so that its learned prefetch list can be found and
+    stored beside it (daemon/learned.py): as a referrer of `manifest` in `registry`'s
+    repository or in the OCI layout at `layout`, and locally under `bootstrap_digest`."""
+    bootstrap_digest: str = ""      # sha256:… of the bootstrap as stored ("" = hash the file)
+    bootstrap_path: str = ""        # a bootstrap file (its digest is taken when needed)
+    manifest: Descriptor | None = None   # the converted image manifest: the referrer subject
+    registry: object = None         # RegistryConfig of the image's registry
+    repository: str = ""
+    layout: str = ""                # OCI layout directory
 
 
 @dataclass
@@ -36,6 +52,10 @@ class OpenedImage:
     bootstrap: Bootstrap
     backend: object                 # a BlobBackend (storage/backend.py)
     description: str                # for log lines: "oci:/path:tag" or the bootstrap path
+    origin: ImageOrigin = ImageOrigin()
+    # data blobs the backend does not have: the mount goes ahead only if the chunk cache holds
+    # every chunk of them that a file uses (daemon/mount.py); (blob id, error line) pairs
+    missing_blobs: list[tuple[str, str]] = field(default_factory=list)
 
 
 def parse_oci_ref(ref: str) -> tuple[Path, str | None]:
@@ -67,7 +87,7 @@ def open_oci(ref: str, *, metrics: Metrics | None = None, backend: BackendConfig
     if not root.is_dir():
         raise ImageFormatError(f"{root}: no such directory (image {ref})")
     layout = OCILayout(root)
-    manifest = layout_manifest(layout, layout.resolve(tag), ref)
+    mdesc, manifest = layout_manifest_desc(layout, layout.resolve(tag), ref)
     layers = find_layers(manifest, ref)
     data = layout.read_blob(layers.bootstrap, f"{ref}: bootstrap layer", limit=MAX_BOOTSTRAP)
     try:
@@ -77,17 +97,23 @@ def open_oci(ref: str, *, metrics: Metrics | None = None, backend: BackendConfig
     if backend is not None:
         return OpenedImage(bootstrap, make_backend(backend, metrics=metrics), ref)
     present = {d.digest for d in layers.blobs}
+    missing = []
     for blob in bootstrap.blobs:
         if blob.id not in present and not layout.has_blob(blob.id):
             raise BlobNotFoundError(f"{ref}: bootstrap refers to blob {blob.id}, which is not in {root}")
-    for d in layers.blobs:
-        if not layout.has_blob(d.digest):
-            raise BlobNotFoundError(f"{ref}: data blob {d.digest} is missing from {root}")
-    return OpenedImage(bootstrap, _localfs(root, metrics=metrics), ref)
+        if not layout.has_blob(blob.id):    # a layer of the manifest whose file is gone
+            missing.append((blob.id, f"{ref}: data blob {blob.id} is missing from {root}"))
+    origin = ImageOrigin(bootstrap_digest=layers.bootstrap.digest, manifest=mdesc, layout=str(root))
+    return OpenedImage(bootstrap, _localfs(root, metrics=metrics), ref, origin, missing)
 
 
 def layout_manifest(layout: OCILayout, desc: Descriptor, ref: str) -> dict:
     """The image manifest for `desc`, descending one level into an index if need be."""
+    return layout_manifest_desc(layout, desc, ref)[1]
+
+
+def layout_manifest_desc(layout: OCILayout, desc: Descriptor, ref: str) -> tuple[Descriptor, dict]:
+    """(descriptor, content) of the image manifest for `desc` (see layout_manifest)."""
     if desc.media_type in mt.INDEX_TYPES:
         index = layout.read_json(desc, f"{ref}: index {desc.digest}")
         entries = [Descriptor.from_json(m, ref) for m in index.get("manifests") or []]
@@ -98,14 +124,15 @@ def layout_manifest(layout: OCILayout, desc: Descriptor, ref: str) -> dict:
         desc = linux[0]
     elif desc.media_type not in mt.MANIFEST_TYPES:
         raise ImageFormatError(f"{ref}: unsupported media type {desc.media_type!r}")
-    return layout.read_json(desc, f"{ref}: manifest {desc.digest}")
+    return desc, layout.read_json(desc, f"{ref}: manifest {desc.digest}")
 
 
 def open_bootstrap(bootstrap_path: str | os.PathLike, backend: BackendConfig, *,
                    metrics: Metrics | None = None) -> OpenedImage:
     """A bootstrap file and the configured backend that holds its blobs."""
     bootstrap = Bootstrap.from_file(bootstrap_path)
-    return OpenedImage(bootstrap, make_backend(backend, metrics=metrics), str(bootstrap_path))
+    return OpenedImage(bootstrap, make_backend(backend, metrics=metrics), str(bootstrap_path),
+                       ImageOrigin(bootstrap_path=str(bootstrap_path)))
 
 
 def open_local(bootstrap_path: str | os.PathLike, blob_dir: str | os.PathLike, alt_dirs=(), *,
@@ -115,29 +142,49 @@ def open_local(bootstrap_path: str | os.PathLike, blob_dir: str | os.PathLike, a
     if not blob_dir.is_dir():
         raise ConfigError(f"{blob_dir}: blob directory does not exist")
     bootstrap = Bootstrap.from_file(bootstrap_path)
-    return OpenedImage(bootstrap, _localfs(blob_dir, alt_dirs, metrics), str(bootstrap_path))
+    return OpenedImage(bootstrap, _localfs(blob_dir, alt_dirs, metrics), str(bootstrap_path),
+                       ImageOrigin(bootstrap_path=str(bootstrap_path)))
 
 
 def open_image(ref: str, *, metrics: Metrics | None = None, plain_http: bool = False,
-               skip_verify: bool = False, backend: BackendConfig | None = None) -> OpenedImage:
+               skip_verify: bool = False, backend: BackendConfig | None = None,
+               cache_dir: str | None = None) -> OpenedImage:
     """`oci:DIR[:TAG]` or a registry reference. `backend` overrides where a registry image's
-    data blobs are read from (e.g. S3, or a registry config with mirrors/proxy)."""
+    data blobs are read from (e.g. S3, or a registry config with mirrors/proxy). With
+    `cache_dir`, a registry image's bootstrap is kept there, and used when the registry is
+    unreachable (cache/images.py)."""
     if ref.startswith(OCI_PREFIX):
         return open_oci(ref, metrics=metrics, backend=backend)
     return open_registry(ref, metrics=metrics, plain_http=plain_http, skip_verify=skip_verify,
-                         backend=backend)
+                         backend=backend, cache_dir=cache_dir)
 
 
 def open_registry(ref: str, *, metrics: Metrics | None = None, plain_http: bool = False,
-                  skip_verify: bool = False, backend: BackendConfig | None = None) -> OpenedImage:
+                  skip_verify: bool = False, backend: BackendConfig | None = None,
+                  cache_dir: str | None = None) -> OpenedImage:
+    from nydus_py.cache.images import ImageStore
     from nydus_py.oci.reference import parse as parse_reference
     from nydus_py.oci.registry import RegistryClient, RegistryConfig
     from nydus_py.config.schema import RegistryBackendConfig
 
     r = parse_reference(ref)
     scheme = "http" if plain_http else "https"
-    with RegistryClient(config=RegistryConfig.for_reference(r, scheme=scheme, skip_verify=skip_verify)) as c:
-        _, _, bootstrap = fetch_registry_image(c, r, ref)
+    config = RegistryConfig.for_reference(r, scheme=scheme, skip_verify=skip_verify)
+    store = ImageStore(cache_dir) if cache_dir else None
+    try:
+        try:
+            with RegistryClient(config=config) as c:
+                keep = store.save if store is not None else None
+                _, layers, bootstrap, mdesc = _fetch_registry_image(c, r, ref, keep=keep)
+            bootstrap_digest: str = layers.bootstrap.digest
+        except BackendError as e:
+            if e.permanent or store is None:
+                raise
+            bootstrap_digest, bootstrap = _offline_bootstrap(store, r, ref, e)
+            mdesc = None                # offline: no referrer lookup for a learned prefetch list
+    finally:
+        if store is not None:
+            store.close()
     if backend is None:
         backend = BackendConfig(type="registry", registry=RegistryBackendConfig(
             host=r.api_host, repo=r.repository, scheme=scheme, skip_verify=skip_verify))
@@ -149,28 +196,70 @@ def open_registry(ref: str, *, metrics: Metrics | None = None, plain_http: bool 
             repo=backend.registry.repo or r.repository,
             scheme="http" if plain_http else backend.registry.scheme,
             skip_verify=backend.registry.skip_verify or skip_verify))
-    return OpenedImage(bootstrap, make_backend(backend, metrics=metrics), str(r))
+    origin = ImageOrigin(bootstrap_digest=bootstrap_digest, manifest=mdesc,
+                         registry=config, repository=r.repository)
+    return OpenedImage(bootstrap, make_backend(backend, metrics=metrics), str(r), origin)
+
+
+def _offline_bootstrap(store, r, ref: str, error: BackendError) -> tuple[str, Bootstrap]:
+    """(digest, bootstrap) kept for `ref` (verified by that digest), or `error` if none is."""
+    cached = store.load(str(r), manifest_digest=r.digest)
+    if cached is None:
+        raise error
+    digest, layer = cached
+    log.warning("%s; registry unreachable: mounting with the bootstrap %s kept in %s (chunks "
+                "not in the cache will fail with EIO until it is back)", error, digest, store.dir)
+    try:
+        return digest, Bootstrap.from_bytes(layer)
+    except FormatError as e:
+        raise FormatError(f"{ref}: {e}") from None
 
 
 def fetch_registry_image(client, r, what: str) -> tuple[dict, NydusLayers, Bootstrap]:
     """(manifest, layers, bootstrap) of a converted image in a registry: the manifest (or the
     converted entry of a merged index) and the bootstrap layer, fetched and verified."""
+    return _fetch_registry_image(client, r, what)[:3]
+
+
+def _fetch_registry_image(client, r, what: str, *,
+                          keep=None) -> tuple[dict, NydusLayers, Bootstrap, Descriptor]:
+    """The same, and the descriptor of the converted manifest. `keep(ref, manifest digest,
+    bootstrap digest, layer bytes)` is called with what was verified (to mount offline later:
+    cache/images.py)."""
     data, media_type, digest = client.get_manifest(r.repository, r.ref or "latest")
+    top_digest = digest     # what the reference names (an index or a manifest)
     manifest = json_object(data, f"{what}: manifest {digest}")
     if media_type in mt.INDEX_TYPES:
         entry = converted_entry(manifest, what)
-        data, _, digest = client.get_manifest(r.repository, entry.digest)
+        data, media_type, digest = client.get_manifest(r.repository, entry.digest)
         manifest = json_object(data, f"{what}: manifest {digest}")
+    mdesc = Descriptor(media_type, digest, len(data))
     layers = find_layers(manifest, what)
-    if layers.bootstrap.size > MAX_BOOTSTRAP:
-        raise ImageFormatError(f"{what}: bootstrap layer of {layers.bootstrap.size} bytes is too large")
-    with client.get_blob(r.repository, layers.bootstrap.digest, layers.bootstrap.size) as body:
-        layer = body.read()
+    layer = read_bootstrap_blob(client, r.repository, layers.bootstrap, what)
     try:
         bootstrap = Bootstrap.from_bytes(layer)
     except FormatError as e:
         raise FormatError(f"{what}: {e}") from None
-    return manifest, layers, bootstrap
+    if keep is not None:
+        keep(str(r), top_digest, layers.bootstrap.digest, layer)
+    return manifest, layers, bootstrap, mdesc
+
+
+def read_bootstrap_blob(client, repository: str, desc: Descriptor, what: str) -> bytes:
+    """The bootstrap layer's bytes: its descriptor size must be within MAX_BOOTSTRAP, the
+    stream is cut off as soon as it exceeds that size (never read whole into memory first),
+    and its digest is verified at the end."""
+    if not 0 < desc.size <= MAX_BOOTSTRAP:
+        raise ImageFormatError(f"{what}: bootstrap layer of {desc.size} bytes "
+                               f"(must be 1..{MAX_BOOTSTRAP})")
+    parts = []
+    with client.get_blob(repository, desc.digest, desc.size) as body:
+        while True:
+            piece = body.read(1 << 20)      # VerifyingReader: > desc.size raises, EOF verifies
+            if not piece:
+                break
+            parts.append(piece)
+    return b"".join(parts)
 
 
 def converted_entry(index: dict, ref: str) -> Descriptor:

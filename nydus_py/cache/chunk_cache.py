@@ -1,40 +1,55 @@
-"""On-disk, persistent cache of verified, uncompressed chunks, one pair of files per blob.
+"""On-disk, persistent cache of verified, uncompressed chunks, one pair of files per blob *and
+chunk table*. The layout (file names, header, records) is defined in cache/gc.py.
 
-Under `work_dir`, for blob "sha256:<hex>":
-
-    <hex>.data   sparse file of the blob's uncompressed size; chunk i lives at its `offset`
-    <hex>.meta   HEADER (64 bytes) + one RECORD (16 bytes) per chunk, at 64 + 16 * index
-
-    HEADER  magic b"NYPYBCM\\0", version u16, record size u16, chunk_count u32,
-            uncompressed size u64, sha256 of the blob (32 bytes), 8 bytes zero
-    RECORD  ready u8 (1 = chunk stored), 3 bytes zero, size u32, xxh3-64 of the data u64
+Trust (see docs/operations.md "Trust model"): one cache directory may be shared by many mounts
+of many images, some hostile. An image can name any blob digest and describe any chunks in it,
+and its backend can serve any bytes under that digest. So a blob's cache entry is keyed by
+(blob digest, sha256 of the chunk table of that blob as the reading bootstrap describes it:
+every chunk's sha256, compressed and uncompressed offset and size, compression; see
+`entry.table_digest`). Bytes are stored into an entry only after they were sha256-verified
+against that very table (the reader checks every fetched chunk before `store_many`), and a table whose
+chunks overlap is never cached. Hence every ready chunk in an entry is the chunk that table
+names, and any mount whose bootstrap has the same table (legit images sharing a blob share it
+byte for byte, see docs/architecture.md) reads bytes proven to be its own; a bootstrap with any
+other table gets another entry. Stores are write-once: a chunk that is ready (in memory or on
+disk) is never rewritten; only eviction clears it, under the lock protocol below. An entry with
+a bad header (crash while creating it, older layout) is replaced only while nobody has it open:
+new files are created and renamed over it under an flock of the directory; if another process
+has it open the blob is read uncached. Nothing is ever truncated in place.
 
 Write order: data (pwrite), then its record (pwrite); no fsync. A crash, or writeback
 reordering the two files, therefore leaves a chunk either not ready (fetched again) or marked
 ready over torn data, which the xxh3 check catches on read: the chunk is then marked missing,
-`blobcache.cache_corrupt` is bumped and None is returned, so the caller fetches it again. A meta
-file whose header does not match the blob (other version, truncated, garbage) resets the blob's
-cache. The xxh3 check is the cheap guard against bit rot and torn writes; the cryptographic
-digest is verified once, when a chunk comes from the backend, before it is stored.
+`blobcache.cache_corrupt` is bumped and None is returned, so the caller fetches it again. The
+xxh3 check is the cheap guard against bit rot and torn writes.
 
-When: a chunk is checked on its first read by this process (chunks it stored itself count as
-checked), which catches torn writes and rot between runs; `revalidate=True` checks every read.
+When: a chunk is xxh3-checked on its first read by this process (chunks it stored itself count
+as checked); `revalidate=True` checks every read. With `validate=True` (the daemon's
+`digest_validate`) every hit is instead read whole and sha256-checked against the digest the
+reading bootstrap gives for it, before it is served.
 
 The records of every open blob are mirrored in memory (a bytearray, 16 bytes per chunk), so
 `missing()` does no I/O at all (the read path calls it from the trio thread to plan a fetch).
 
 Errors: a failed *write* (ENOSPC, EIO, cache size limit) raises CacheError with the errno; the
 chunks whose records were not written stay missing. A failed *read* of the cache is logged,
-counted (`read_errors`) and reported as a miss (None): the backend is still there. The read
-path's policy on CacheError from `store_many` (serve the verified bytes anyway) is in io/reader.py.
+counted (`read_errors`) and reported as a miss (None): the backend is still there. A blob whose
+cache files cannot be created or opened (full disk, read-only fs, a planted symlink, an entry
+another process holds with a bad header) is opened *uncached*: one warning line,
+`blobcache.uncached_blobs`, every read a miss, stores dropped; the mount goes on. The read
+path's policy on CacheError from `store_many` (serve the verified bytes anyway) is in
+io/reader.py.
+
+Files: everything is opened relative to the cache directory's fd with O_NOFOLLOW, created 0600;
+the directory itself is opened (and as root, checked) by cache/safedir.py.
 
 Size: `used_bytes` is the sum of the sizes of ready chunks of the blobs this process has open
 (disk usage is a bit higher because of block granularity); `total_bytes` adds the other blobs
 in the directory as of the last scan. With `max_size`, a store that would go over the limit
 first evicts, down to 90% of the limit (so that eviction is not paid on every store):
-  1. whole blobs no process has open (see cache/gc.py: lockf-based "in use"), least recently
+  1. whole entries no process has open (see cache/gc.py: lockf-based "in use"), least recently
      used first (meta mtime);
-  2. then chunks of this process's own blobs that no other process has open, least recently
+  2. then chunks of this process's own entries that no other process has open, least recently
      read or stored first (a per-chunk tick in memory), by clearing their records and punching
      a hole in the data file.
 If that cannot make room (everything belongs to blobs other mounts use), the store raises
@@ -47,9 +62,9 @@ miss, never zeros. A store whose data write overlapped an eviction of the same b
 nothing (its chunks are fetched again).
 
 Sharing a work_dir between processes (one per mount, see docs/operations.md): every process
-holds a POSIX read lock on the meta files of the blobs it has open. A blob is deleted only
-under a write lock (nobody uses it); chunks are evicted only from blobs whose lock this
-process can upgrade to a write lock (nobody else uses them), held during the eviction.
+holds a POSIX read lock on the meta files of the entries it has open. An entry is deleted or
+replaced only under a write lock (nobody uses it); chunks are evicted only from entries whose
+lock this process can upgrade to a write lock (nobody else uses them), held during the eviction.
 
 Thread-safe and blocking: call it from worker threads (except `missing`, which is memory-only).
 """
@@ -60,6 +75,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import hashlib
 import itertools
 import logging
 import os
@@ -70,11 +86,16 @@ from typing import Callable, Sequence
 
 import xxhash
 
+from nydus_py.cache import entry, safedir
 from nydus_py.cache import gc as gc_mod
+
 # the on-disk layout is defined once, in gc.py, which reads the same files
-from nydus_py.cache.gc import HEADER, META_MAGIC, META_VERSION, READY, RECORD
+from nydus_py.cache.gc import HEADER, READY, RECORD
 from nydus_py.errors import CacheError
-from nydus_py.format.bootstrap import BlobInfo, Chunk
+from nydus_py.format.bootstrap import (
+    BlobInfo,
+    Chunk,
+)
 from nydus_py.metrics import Metrics
 from nydus_py.storage.backend import blob_hex
 
@@ -98,7 +119,7 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
 
 
 class _Blob:
-    __slots__ = ("info", "name", "hexid", "data_fd", "meta_fd", "records", "verified", "lock",
+    __slots__ = ("info", "name", "key", "data_fd", "meta_fd", "records", "verified", "lock",
                  "used", "gen", "atime", "offset_of")
 
     def __init__(self, info: BlobInfo, name: str, data_fd: int, meta_fd: int, records: bytearray,
@@ -111,15 +132,16 @@ class _Blob:
         self.verified = bytearray(info.chunk_count)  # xxh3-checked (or stored) in this process
         self.lock = threading.Lock()
         self.used = used
-        self.hexid = ""
+        self.key = ""             # entry key (gc.entry_key); "" when uncached
         self.gen = 0                                   # bumped by every eviction in the blob
         self.atime = array("Q", bytes(8 * info.chunk_count))   # LRU tick per chunk
-        self.offset_of = None      # chunk index -> data offset (to punch evicted chunks out)
+        # chunk index -> data offset (to punch evicted chunks out)
+        self.offset_of: Callable[[int], int] | None = None
 
 
-def _header(blob: BlobInfo, hexid: str) -> bytes:
-    return HEADER.pack(META_MAGIC, META_VERSION, RECORD.size, blob.chunk_count,
-                       blob.uncompressed_size, bytes.fromhex(hexid))
+# errno values for which a blob is opened uncached instead of failing the mount
+_DEGRADE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.ELOOP, errno.EBUSY,
+            errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EAGAIN, errno.EMLINK)
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -134,26 +156,27 @@ class ChunkCache:
     """Persistent chunk cache under `work_dir`. See the module docstring for format and policy.
 
     Blobs are addressed by the handle `open_blob` returns (the same handle for the same blob
-    id, however often it is opened); chunks by their index within the blob.
+    id and table, however often it is opened); chunks by their index within the blob.
     """
 
     def __init__(self, work_dir: str | os.PathLike, *, max_size: int | None = None,
-                 revalidate: bool = False, metrics: Metrics | None = None):
+                 revalidate: bool = False, validate: bool = False, metrics: Metrics | None = None):
         self.work_dir = Path(work_dir)
-        try:
-            self.work_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise CacheError(f"cache work_dir {self.work_dir}: {e.strerror}", errno=e.errno) from None
+        # ConfigError (one line) for a directory we cannot create, open, or (as root) trust
+        self.dir_fd = safedir.open_dir(self.work_dir, what="cache directory")
         self.max_size = max_size
         self.revalidate = revalidate
+        self.validate = validate
         m = (metrics or Metrics()).blobcache
         self._m_hits = m.counter("hits")
         self._m_misses = m.counter("misses")
         self._m_corrupt = m.counter("cache_corrupt")
+        self._m_digest_errors = m.counter("digest_errors")
         self._m_read_errors = m.counter("read_errors")
         self._m_stored = m.counter("stored_chunks")
         self._m_stored_bytes = m.counter("stored_bytes")
         self._m_store_errors = m.counter("store_errors")
+        self._m_uncached = m.counter("uncached_blobs")
         self._m_used = m.gauge("used_bytes")
         self._m_total = m.gauge("total_bytes")
         self._m_max = m.gauge("max_size")
@@ -168,96 +191,108 @@ class ChunkCache:
         self._by_id: dict[str, int] = {}
         self._used = 0
         self._tick = itertools.count(1)
-        # Blobs in work_dir that this process has not opened, as of the last scan.
+        # Entries in work_dir that this process has not opened, as of the last scan.
         self._others: dict[str, int] = {}
         if max_size:
             self._rescan()
 
     # -- blobs ----------------------------------------------------------------------------------
-    def open_blob(self, blob: BlobInfo, offset_of: Callable[[int], int] | None = None) -> int:
-        """Opens (creating or validating) the cache files of `blob`; returns its handle.
+    def open_blob(self, blob: BlobInfo, offset_of: Callable[[int], int] | None = None, *,
+                  table: bytes | None = None) -> int:
+        """Opens (creating or validating) the cache entry of `blob` as read through chunk table
+        `table` (`table_digest`; FileReader always passes it) and returns its handle.
+        table=b"" opens the blob uncached; None keys the entry by the blob alone, which is only
+        safe for a cache directory one image uses (unit tests).
         `offset_of(index)` gives a chunk's data offset; without it evicted chunks are only
-        marked missing, their disk blocks are not freed."""
+        marked missing, their disk blocks are not freed.
+        A blob whose files cannot be created or opened is opened uncached (module docstring)."""
+        if table is None:
+            table = entry.untabled(blob)
+        key = gc_mod.entry_key(blob_hex(blob.id), table) if table else ""
         with self._lock:
-            h = self._by_id.get(blob.id)
+            h = self._by_id.get(key or blob.id + "/uncached")
             if h is not None:
                 return h
-            b = self._open(blob)
+            if not key:
+                log.warning("blob cache: blob %s has overlapping chunks in its table; reading it "
+                            "uncached", blob.id)
+                b = self._uncached(blob)
+            else:
+                try:
+                    b = self._open(blob, table, key)
+                except CacheError as e:
+                    if e.errno not in _DEGRADE:
+                        raise
+                    log.warning("%s; reading blob %s uncached", e, blob.id)
+                    b = self._uncached(blob)
             b.offset_of = offset_of
             self._blobs.append(b)
-            h = self._by_id[blob.id] = len(self._blobs) - 1
-            self._others.pop(b.hexid, None)
+            h = self._by_id[key or blob.id + "/uncached"] = len(self._blobs) - 1
+            self._others.pop(b.key, None)
             self._used += b.used
             self._publish_sizes()
             return h
 
-    def _open(self, blob: BlobInfo) -> _Blob:
-        """Opens the files and takes the shared "in use" lock; retries if a gc removed the
-        files between our open and our lock (they are then unlinked: st_nlink == 0)."""
-        for _ in range(5):
-            b = self._open_files(blob)
+    def _uncached(self, blob: BlobInfo) -> _Blob:
+        self._m_uncached.inc()
+        return _Blob(blob, blob_hex(blob.id)[:12], -1, -1, bytearray(blob.chunk_count * RECORD.size), 0)
+
+    def _open(self, blob: BlobInfo, table: bytes, key: str) -> _Blob:
+        """Opens the entry's files and takes the shared "in use" lock; retries if a gc removed
+        (or a creator replaced) the files between our open and our lock (st_nlink == 0)."""
+        head = entry.header(blob, blob_hex(blob.id), table)
+        what = f"blob cache for {blob.id} in {self.work_dir}"
+        for _ in range(8):
             try:
-                fcntl.lockf(b.meta_fd, fcntl.LOCK_SH)
-                if os.fstat(b.meta_fd).st_nlink and os.fstat(b.data_fd).st_nlink:
-                    os.utime(b.meta_fd)         # LRU stamp for gc between mounts
-                    return b
+                fds = entry.open_existing(self.dir_fd, key)
+            except OSError as e:
+                raise CacheError(f"{what}: {e.strerror}", errno=e.errno) from None
+            if fds is None:
+                entry.install(self.dir_fd, key, blob, head, what)
+                continue
+            data_fd, meta_fd = fds
+            b = _Blob(blob, blob_hex(blob.id)[:12], data_fd, meta_fd, bytearray(), 0)
+            try:
+                fcntl.lockf(meta_fd, fcntl.LOCK_SH)
+                if not (os.fstat(meta_fd).st_nlink and os.fstat(data_fd).st_nlink):
+                    self._close_fds(b)
+                    continue
+                if not entry.valid(data_fd, meta_fd, head, blob.uncompressed_size):
+                    self._close_fds(b)
+                    entry.install(self.dir_fd, key, blob, head, what)
+                    continue
+                self._load_records(b)
+                os.utime(meta_fd)         # LRU stamp for gc between mounts
+                b.key = key
+                return b
             except OSError as e:
                 self._close_fds(b)
-                raise CacheError(f"blob cache for {blob.id} in {self.work_dir}: {e.strerror}",
-                                 errno=e.errno) from None
-            self._close_fds(b)
-        raise CacheError(f"blob cache for {blob.id} in {self.work_dir}: files keep disappearing "
-                         "(another process collecting the cache?)", errno=errno.EAGAIN)
+                raise CacheError(f"{what}: {e.strerror}", errno=e.errno) from None
+        raise CacheError(f"{what}: files keep disappearing (another process collecting the "
+                         "cache?)", errno=errno.EAGAIN)
 
-    @staticmethod
-    def _close_fds(b: _Blob) -> None:
-        for fd in (b.data_fd, b.meta_fd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-    def _open_files(self, blob: BlobInfo) -> _Blob:
-        hexid = blob_hex(blob.id)
-        data_path = self.work_dir / f"{hexid}.data"
-        meta_path = self.work_dir / f"{hexid}.meta"
-        nrec = blob.chunk_count
-        want = HEADER.size + nrec * RECORD.size
-        data_fd = meta_fd = -1
-        try:
-            data_fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            meta_fd = os.open(meta_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            header = _header(blob, hexid)
-            valid = (os.pread(meta_fd, HEADER.size, 0) == header
-                     and os.fstat(data_fd).st_size == blob.uncompressed_size)
-            if valid:
-                records = bytearray(os.pread(meta_fd, nrec * RECORD.size, HEADER.size))
-                records.extend(bytes(nrec * RECORD.size - len(records)))  # short file: not ready
-            else:
-                if os.fstat(meta_fd).st_size:
-                    log.warning("blob cache %s: metadata does not match the blob; resetting", meta_path)
-                # Invalidate the records first, so a crash in between leaves an invalid header.
-                os.ftruncate(meta_fd, 0)
-                os.ftruncate(data_fd, 0)
-                os.ftruncate(data_fd, blob.uncompressed_size)
-                os.ftruncate(meta_fd, want)
-                _pwrite_all(meta_fd, header, 0)
-                records = bytearray(nrec * RECORD.size)
-        except OSError as e:
-            for fd in (data_fd, meta_fd):
-                if fd >= 0:
-                    os.close(fd)
-            raise CacheError(f"blob cache for {blob.id} in {self.work_dir}: {e.strerror}",
-                             errno=e.errno) from None
+    def _load_records(self, b: _Blob) -> None:
+        nrec = b.info.chunk_count
+        records = bytearray(os.pread(b.meta_fd, nrec * RECORD.size, HEADER.size))
+        records.extend(bytes(nrec * RECORD.size - len(records)))  # short file: not ready
         used = 0
         for i, (ready, size, _) in enumerate(RECORD.iter_unpack(records)):
             if ready == READY:
                 used += size
             elif ready:  # torn record: neither 0 nor READY
                 records[i * RECORD.size:(i + 1) * RECORD.size] = _NOT_READY
-        b = _Blob(blob, hexid[:12], data_fd, meta_fd, records, used)
-        b.hexid = hexid
-        return b
+        b.records, b.used = records, used
+        b.verified = bytearray(nrec)
+
+    @staticmethod
+    def _close_fds(b: _Blob) -> None:
+        for fd in (b.data_fd, b.meta_fd):
+            if fd < 0:
+                continue
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def _blob(self, handle: int) -> _Blob:
         try:
@@ -287,16 +322,19 @@ class ChunkCache:
 
     # -- data -----------------------------------------------------------------------------------
     def read(self, blob: int, index: int, offset: int, size: int,
-             start: int = 0, stop: int | None = None) -> bytes | None:
+             start: int = 0, stop: int | None = None, digest: bytes | None = None) -> bytes | None:
         """Bytes [start, stop) (default: all) of the chunk stored at `offset` (`size` bytes) of
-        the blob's data; None when not stored or failing its xxh3 check (then it is marked
-        missing so that it is fetched again).
+        the blob's data; None when not stored or failing its check (then it is marked missing
+        so that it is fetched again).
 
         The whole chunk is read and xxh3-checked the first time this process reads it; after
         that (or for chunks this process stored) only [start, stop) is read, so a small read of
         a big chunk costs a small pread. With `revalidate=True` every read checks the whole
-        chunk (catches bit rot during a run, at the cost of reading whole chunks).
+        chunk (catches bit rot during a run, at the cost of reading whole chunks). With
+        `validate=True` and the chunk's sha256 `digest` (from the reading bootstrap), every
+        read reads the whole chunk and checks it against `digest` before serving it.
         """
+        sha = digest if self.validate else None
         b = self._blob(blob)
         stop = size if stop is None else stop
         if not 0 <= start <= stop <= size:
@@ -304,7 +342,7 @@ class ChunkCache:
         pos = index * RECORD.size
         with b.lock:
             rec = bytes(b.records[pos:pos + RECORD.size])
-            verified = b.verified[index] and not self.revalidate
+            verified = b.verified[index] and not self.revalidate and sha is None
             gen = b.gen
         ready, rsize, rhash = RECORD.unpack(rec)
         if ready != READY:
@@ -334,6 +372,14 @@ class ChunkCache:
             self._m_corrupt.inc()
             log.warning("blob cache %s: chunk %d (offset %d, size %d) failed its xxh3 check; "
                         "fetching it again", b.name, index, offset, size)
+            self._invalidate(b, index, rec)
+            return None
+        if sha is not None and hashlib.sha256(data).digest() != sha:
+            self._m_corrupt.inc()
+            self._m_digest_errors.inc()
+            log.warning("blob cache %s: chunk %d (offset %d, size %d) does not match its sha256 "
+                        "%s (digest_validate); fetching it again", b.name, index, offset, size,
+                        sha.hex()[:16])
             self._invalidate(b, index, rec)
             return None
         with b.lock:
@@ -366,6 +412,8 @@ class ChunkCache:
         """Stores verified chunks (data first, then records). Raises CacheError on a write
         failure or when `max_size` would be exceeded; chunks stored before the failure stay."""
         b = self._blob(blob)
+        if b.data_fd < 0:
+            return                              # uncached blob (see open_blob)
         todo = sorted(((c, d) for c, d in items if b.records[c.index * RECORD.size] != READY),
                       key=lambda cd: cd[0].index)
         if not todo:
@@ -375,6 +423,9 @@ class ChunkCache:
             if len(d) != c.size or c.offset + c.size > limit or not 0 <= c.index < b.info.chunk_count:
                 raise ValueError(f"chunk {c.id} does not fit blob {b.info.id} "
                                  f"(index {c.index}, offset {c.offset}, size {c.size}/{len(d)})")
+        todo = self._adopt_stored(b, todo)
+        if not todo:
+            return
         self._reserve(b, sum(c.size for c, _ in todo))
         gen = b.gen
         done: list[tuple[Chunk, bytes]] = []
@@ -389,6 +440,31 @@ class ChunkCache:
             self._m_store_errors.inc()
             raise CacheError(f"blob cache {b.info.id} in {self.work_dir}: cannot store "
                              f"chunks: {e.strerror}", errno=e.errno) from None
+
+    def _adopt_stored(self, b: _Blob, todo: list[tuple[Chunk, bytes]]) -> list[tuple[Chunk, bytes]]:
+        """Write-once: chunks another process stored meanwhile (ready on disk) are not written
+        again; their records are taken into memory instead. Returns the rest."""
+        lo, hi = todo[0][0].index, todo[-1][0].index + 1
+        try:
+            disk = os.pread(b.meta_fd, (hi - lo) * RECORD.size, HEADER.size + lo * RECORD.size)
+        except OSError:
+            return todo
+        rest, added = [], 0
+        with b.lock:
+            for c, d in todo:
+                at = (c.index - lo) * RECORD.size
+                rec = disk[at:at + RECORD.size]
+                if len(rec) == RECORD.size and rec[0] == READY:
+                    pos = c.index * RECORD.size
+                    if b.records[pos] != READY:
+                        b.records[pos:pos + RECORD.size] = rec
+                        added += RECORD.unpack(rec)[1]
+                else:
+                    rest.append((c, d))
+            b.used += added
+        if added:
+            self._account(added)
+        return rest
 
     def _commit(self, b: _Blob, done: list[tuple[Chunk, bytes]], gen: int) -> None:
         """Writes the records of chunks whose data is on disk (contiguous runs in one pwrite),
@@ -438,13 +514,16 @@ class ChunkCache:
                     f"to blobs other mounts use)", errno=errno.ENOSPC)
 
     # -- eviction -------------------------------------------------------------------------------
+    def _scan_others(self) -> list[gc_mod.BlobUsage]:
+        """The entries this process has not open. Under self._lock: scanning opens and closes
+        meta files, and closing any fd of a file drops this process's POSIX lock on it, so no
+        blob may be opened (and locked) while the scan runs."""
+        with self._lock:
+            return gc_mod.scan(self.dir_fd, skip={b.key for b in self._blobs})
+
     def _rescan(self) -> None:
+        others = {u.key: u.used for u in self._scan_others()}
         with self._lock:
-            own = {b.hexid for b in self._blobs}
-        others = {u.hexid: u.used for u in gc_mod.scan(self.work_dir, skip=own)}
-        with self._lock:
-            for b in self._blobs:           # opened while we scanned
-                others.pop(b.hexid, None)
             self._others = others
         self._publish_sizes()
 
@@ -452,22 +531,20 @@ class ChunkCache:
         """Frees space until total_bytes <= target: unused blobs, then own chunks (LRU)."""
         self._m_evictions.inc()
         self._rescan()
-        with self._lock:
-            own = {b.hexid for b in self._blobs}
-        blobs = gc_mod.scan(self.work_dir, skip=own)
+        blobs = self._scan_others()
         for u in sorted(blobs, key=lambda u: (u.valid, u.mtime)):
             if self.total_bytes <= target:
                 return
             with self._lock:                # never probe (and so unlock) a blob we opened
-                if u.hexid in {b.hexid for b in self._blobs}:
+                if u.key in {b.key for b in self._blobs}:
                     continue
-                removed = gc_mod.remove_if_unused(self.work_dir, u.hexid)
+                removed = gc_mod.remove_if_unused(self.dir_fd, u.key)
                 if removed:
-                    self._others.pop(u.hexid, None)
+                    self._others.pop(u.key, None)
             if removed:
                 self._m_evicted_blobs.inc()
                 log.info("blob cache %s: evicted unused blob %s (%d bytes)", self.work_dir,
-                         u.hexid[:12], u.used)
+                         u.key[:12], u.used)
         self._publish_sizes()
         if self.total_bytes > target:
             self._evict_own_chunks(self.total_bytes - target)
@@ -477,6 +554,8 @@ class ChunkCache:
             blobs = list(self._blobs)
         mine = []
         for b in blobs:
+            if b.meta_fd < 0:
+                continue            # uncached
             try:        # upgrade our read lock; fails (and keeps it) if another process has it
                 fcntl.lockf(b.meta_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 mine.append(b)
@@ -490,14 +569,14 @@ class ChunkCache:
                     if rec[i * RECORD.size] == READY:
                         cands.append((at[i], i, b))
             cands.sort(key=lambda t: t[0])
-            victims: dict[int, list[int]] = {}
+            victims: dict[int, tuple[_Blob, list[int]]] = {}
             freed = 0
             for _, i, b in cands:
                 if freed >= need:
                     break
-                victims.setdefault(id(b), [b]).append(i)
+                victims.setdefault(id(b), (b, []))[1].append(i)
                 freed += RECORD.unpack_from(b.records, i * RECORD.size)[1]
-            for b, *indices in victims.values():
+            for b, indices in victims.values():
                 self._evict_chunks(b, indices)
         finally:
             for b in mine:
@@ -551,9 +630,14 @@ class ChunkCache:
         with self._lock:
             blobs, self._blobs, self._by_id = self._blobs, [], {}
         for b in blobs:
+            if b.meta_fd < 0:
+                continue            # uncached
             try:        # "flush the cache map": records reach the disk before we let go
                 os.fsync(b.meta_fd)
                 os.utime(b.meta_fd)
             except OSError as e:
                 log.warning("blob cache %s: cannot flush metadata: %s", b.name, e.strerror)
             self._close_fds(b)      # also releases the "in use" lock
+        fd, self.dir_fd = self.dir_fd, -1
+        if fd >= 0:
+            os.close(fd)

@@ -87,9 +87,6 @@ def parse(doc: object) -> DaemonConfig:
 
 def _semantic_warnings(cfg: DaemonConfig) -> tuple[str, ...]:
     out = []
-    if not cfg.digest_validate:
-        out.append("digest_validate: false is not supported by nydus-py, which always verifies "
-                   "every chunk's digest")
     if cfg.mode == "cached":
         out.append("mode: \"cached\" is not supported by nydus-py; the bootstrap is always "
                    "held in memory (\"direct\" behaviour)")

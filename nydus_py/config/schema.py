@@ -265,6 +265,17 @@ class PrefetchConfig(FromDict):
     }
 
 
+@dataclass(frozen=True, kw_only=True)
+class LearnedPrefetchConfig(FromDict):
+    """`learned_prefetch` (nydus-py's own): prefetch lists learned from earlier runs
+    (daemon/learned.py)."""
+
+    enable: bool = True            # look up a learned list at mount and prefetch it first
+    record: bool = True            # record this run's reads; keep the list in the cache dir
+    push: bool = False             # also push it to the registry / OCI layout (a referrer)
+    window_secs: int = field(default=60, metadata={"min": 1})  # record reads this long after the first
+
+
 DEFAULT_AMPLIFY_IO = 1 << 20
 
 
@@ -277,12 +288,13 @@ class DaemonConfig(FromDict):
     id: str = field(default="", metadata={"internal": True})
     metadata_path: str = field(default="", metadata={"internal": True})  # bootstrap (blob cache entries)
     mode: str = field(default="direct", metadata={"choices": ("direct", "cached")})
-    digest_validate: bool = True
+    digest_validate: bool = False   # true: sha256 of every cache hit too (cache/chunk_cache.py)
     enable_xattr: bool = True
     iostats_files: bool = False
     latest_read_files: bool = False
     access_pattern: bool = False
     amplify_io: int = field(default=DEFAULT_AMPLIFY_IO, metadata={"size": True, "min": 0})
     fs_prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
+    learned_prefetch: LearnedPrefetchConfig = field(default_factory=LearnedPrefetchConfig)
     # warnings met while parsing (Nydus keys nydus-py does not implement); not a config key
     warnings: tuple[str, ...] = field(default=(), compare=False, metadata={"internal": True})

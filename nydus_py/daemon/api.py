@@ -19,6 +19,8 @@ Endpoints of one mount (`DaemonApi`; field reference in docs/operations.md):
     PUT  /api/v1/daemon                 {"log_level": "debug"}: change the log level (204)
     GET  /api/v1/daemon/backend         the mount's backend: type and config (secrets left out)
     GET  /api/v1/daemon/events          recent warnings and errors of this daemon
+    GET  /api/v1/prefetch               learned prefetch: list found at mount, recording
+    PUT  /api/v1/prefetch/push          end recording; keep the learned list and push it
     PUT  /api/v1/daemon/exit            unmount and exit 0
     GET  /metrics                       Prometheus text format
 
@@ -387,7 +389,7 @@ class DaemonApi:
 
     def __init__(self, *, daemon_id: str, mountpoint: str, fs, stop: Callable[[], None],
                  prefetcher=None, access_pattern: bool = False, iostats_files: bool = False,
-                 backend_config=None):
+                 backend_config=None, learned=None):
         self.backend_config = backend_config
         self.events = event_log()
         self.id = daemon_id
@@ -395,6 +397,7 @@ class DaemonApi:
         self.fs = fs
         self.stop = stop
         self.prefetcher = prefetcher
+        self.learned = learned          # daemon/learned.LearnedPrefetch or None
         self.access_pattern = access_pattern
         self.iostats_files = iostats_files
         self.state = "RUNNING"
@@ -471,6 +474,14 @@ class DaemonApi:
                 self.backend_config, getattr(self.fs, "backend_type", ""))})
         if route == ("GET", "/api/v1/daemon/events"):
             return json_response({"events": self.events.snapshot()})
+        if route == ("GET", "/api/v1/prefetch"):
+            return json_response(self.learned.status() if self.learned is not None
+                                 else {"enable": False})
+        if route == ("PUT", "/api/v1/prefetch/push"):
+            if self.learned is None or self.learned.recorder is None:
+                raise ApiError(400, "Disabled", "learned prefetch recording is off")
+            return json_response(await trio.to_thread.run_sync(
+                lambda: self.learned.finish(push=True)))
         if route == ("PUT", "/api/v1/daemon/exit"):
             self.state = "STOPPING"
             return Response(204, after=self.stop)
@@ -481,7 +492,7 @@ class DaemonApi:
             raise ApiError(501, "NotSupported", "this daemon serves one mount; run `nydusd serve` "
                            "to mount several images from one daemon")
         known = {"/api/v1/daemon", "/api/v1/daemon/exit", "/api/v1/daemon/backend",
-                 "/api/v1/daemon/events", "/metrics"}
+                 "/api/v1/daemon/events", "/metrics", "/api/v1/prefetch", "/api/v1/prefetch/push"}
         if req.path in known or req.path.startswith("/api/v1/metrics"):
             raise ApiError(405, "MethodNotAllowed", f"{req.method} {req.path}")
         raise ApiError(404, "NotFound", f"no endpoint {req.path}")

@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image paths to prefetch after mounting, one a line")
     m.add_argument("--no-prefetch", action="store_true",
                    help="do not prefetch the image's own prefetch list")
+    m.add_argument("--push-prefetch", action="store_true",
+                   help="push this run's learned prefetch list to the image's registry or OCI "
+                        "layout (a referrer of the image) when recording ends "
+                        "(config learned_prefetch.push)")
+    m.add_argument("--no-learned-prefetch", action="store_true",
+                   help="do not look up or use a prefetch list learned from earlier runs "
+                        "(config learned_prefetch.enable=false)")
     m.add_argument("mountpoint", metavar="MOUNTPOINT")
 
     s = sub.add_parser("serve", help="one daemon for several mounts, driven by the API",
@@ -187,6 +194,11 @@ def _nydus_form(argv: list[str]) -> argparse.Namespace:
 
 def _setup_logging(level: str, log_file: str | None) -> None:
     level = {"trace": "DEBUG", "warn": "WARNING"}.get(level, level.upper())
+    if log_file:  # 0600 whatever the umask (logs name files and images)
+        try:
+            os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
+        except OSError:
+            pass        # FileHandler reports it
     handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     setattr(handler, "_nydusd", True)  # noqa: B010  (replace only our own handler if called again)
@@ -225,6 +237,12 @@ def _request(args) -> MountRequest:
         raise _Unsupported("--mountpoint without --bootstrap (pseudo mounts added later through "
                            "the API), because each image is its own FUSE mount here: run "
                            "`nydusd serve --apisock S` and POST /api/v1/mount?mountpoint=DIR")
+    if args.push_prefetch or args.no_learned_prefetch:
+        import dataclasses
+        lp = cfg.learned_prefetch
+        lp = dataclasses.replace(lp, push=lp.push or args.push_prefetch,
+                                 enable=lp.enable and not args.no_learned_prefetch)
+        cfg = dataclasses.replace(cfg, learned_prefetch=lp)
     prefetch_files: tuple[str, ...] = ()
     if args.prefetch_files:
         from nydus_py.io.prefetch import read_paths_file

@@ -31,8 +31,9 @@ import signal
 import stat
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import pyfuse3
 import trio
@@ -43,10 +44,15 @@ from nydus_py.fs.ops import NydusOperations
 from nydus_py.fs.vfs import Vfs
 from nydus_py.metrics import Metrics
 
+if TYPE_CHECKING:
+    from nydus_py.daemon.learned import LearnedPrefetch
+
 log = logging.getLogger(__name__)
 
 FSNAME = "nydus-py"
+PUSH_TIMEOUT_AT_EXIT = 10.0     # seconds per registry request for a learned list at unmount
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_GRACE = 5.0        # seconds from a stop signal (or external unmount) to a forced exit
 
 
 class MountError(NydusError):
@@ -153,6 +159,7 @@ class Filesystem:
     reader: object = None
     cache_dir: str = ""
     backend_type: str = ""
+    learned: LearnedPrefetch | None = None   # None when learned_prefetch is all off
 
 
 def open_filesystem(req: MountRequest, stack: contextlib.ExitStack) -> Filesystem:
@@ -162,10 +169,12 @@ def open_filesystem(req: MountRequest, stack: contextlib.ExitStack) -> Filesyste
 
     metrics = Metrics()
     cfg = req.config
+    given_cache = req.cache_dir or (cfg.cache.work_dir if cfg.cache.type == "blobcache" else "")
     if req.image:
         # a backend in the config (mirrors, proxy, S3 …) overrides where the blobs are read from
         opened = image_source.open_image(req.image, metrics=metrics, plain_http=req.plain_http,
-                                         skip_verify=req.skip_verify, backend=cfg.backend)
+                                         skip_verify=req.skip_verify, backend=cfg.backend,
+                                         cache_dir=given_cache or None)
     elif req.bootstrap and req.blob_dir:
         opened = image_source.open_local(req.bootstrap, req.blob_dir, metrics=metrics)
     elif req.bootstrap and cfg.backend is not None:
@@ -176,20 +185,58 @@ def open_filesystem(req: MountRequest, stack: contextlib.ExitStack) -> Filesyste
         raise ConfigError("name an image: --image oci:DIR[:TAG] or --bootstrap FILE --blob-dir DIR")
     stack.callback(close_backend, opened.backend)
 
-    work_dir = req.cache_dir or (cfg.cache.work_dir if cfg.cache.type == "blobcache" else "")
-    if work_dir:
-        try:
-            os.makedirs(work_dir, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"{work_dir}: cannot create cache directory ({e.strerror})") from None
-    else:
+    work_dir = given_cache
+    kept_dir = work_dir             # a learned prefetch list is kept only in a lasting cache
+    if not work_dir:  # (a given one is created, 0700, and checked by ChunkCache: cache/safedir.py)
         work_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="nydus-py-cache-"))
     reader = _make_reader(opened, work_dir, req, metrics, stack)
+    _check_missing_blobs(opened, reader)
     vfs = Vfs(opened.bootstrap, reader, metrics=metrics, xattrs=cfg.enable_xattr,
               record_access=cfg.access_pattern or cfg.iostats_files, image=opened.description)
     backend_type = cfg.backend.type if cfg.backend is not None else "localfs"
+    lp = cfg.learned_prefetch
+    learned = None
+    if lp.enable or lp.record or lp.push:
+        from nydus_py.daemon.learned import LearnedPrefetch
+        learned = LearnedPrefetch(opened.origin, opened.bootstrap, cache_dir=kept_dir or None,
+                                  image=opened.description, enable=lp.enable, record=lp.record,
+                                  push=lp.push, window=float(lp.window_secs))
+        vfs.learn = learned.recorder
+        learned.start_find()        # overlaps the kernel mount and the loop's start-up
     return Filesystem(vfs, NydusOperations(vfs), metrics, opened.description, reader=reader,
-                      cache_dir=work_dir, backend_type=backend_type)
+                      cache_dir=work_dir, backend_type=backend_type, learned=learned)
+
+
+def _check_missing_blobs(opened, reader) -> None:
+    """A data blob the backend lacks is fine when the cache holds every chunk of it that a file
+    uses (a warm cache while the blobs are gone or unreachable); otherwise the mount is refused
+    with the image source's one line. Only paid when a blob is missing."""
+    if not opened.missing_blobs:
+        return
+    from nydus_py.cache.entry import table_digest
+    from nydus_py.errors import BlobNotFoundError
+    from nydus_py.format.bootstrap import ROOT_INO
+
+    bs = opened.bootstrap
+    index = {b.id: i for i, b in enumerate(bs.blobs)}
+    wanted: dict[int, set[int]] = {index[bid]: set() for bid, _ in opened.missing_blobs}
+    used: set[int] = set()
+    for ino in range(ROOT_INO, bs.inode_count + ROOT_INO):
+        used.update(bs.file_chunk_ids(ino))
+    for cid in used:
+        c = bs.chunk(cid)
+        if c.blob in wanted:
+            wanted[c.blob].add(c.index)
+    for bid, message in opened.missing_blobs:
+        i = index[bid]
+        # the handle the reader already opened (open_blob is idempotent)
+        h = reader.cache.open_blob(bs.blobs[i], table=table_digest(bs, i))
+        absent = reader.cache.missing(h, sorted(wanted[i]))
+        if absent:
+            raise BlobNotFoundError(f"{message}, and the cache lacks {len(absent)} of its "
+                                    f"{len(wanted[i])} chunks that files use")
+        log.warning("%s; every chunk of it that files use is cached: mounting from the cache",
+                    message)
 
 
 def _make_reader(opened, work_dir: str, req: MountRequest, metrics: Metrics,
@@ -198,7 +245,8 @@ def _make_reader(opened, work_dir: str, req: MountRequest, metrics: Metrics,
     from nydus_py.io.reader import FileReader
 
     max_size = req.cache_max_size if req.cache_max_size is not None else req.config.cache.max_size
-    cache = ChunkCache(work_dir, max_size=max_size or None, metrics=metrics)
+    cache = ChunkCache(work_dir, max_size=max_size or None, metrics=metrics,
+                       validate=req.config.digest_validate)
     close = getattr(cache, "close", None)
     if close is not None:
         stack.callback(close)
@@ -220,12 +268,15 @@ def serve(ops: pyfuse3.Operations, mountpoint: str, options: set[str], *,
         except RuntimeError as e:
             raise MountError(f"{mountpoint}: FUSE mount failed ({e}); "
                              "is /dev/fuse available and are you allowed to mount?") from None
+        watchdog = _StopWatchdog(mountpoint, STOP_GRACE)
         try:
-            trio.run(_main, old_mask, on_ready, max_tasks, services)
+            trio.run(_main, old_mask, on_ready, max_tasks, services, watchdog.arm)
         finally:
             # A second Ctrl-C/SIGTERM must not interrupt the unmount: we are stopping anyway.
             signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            watchdog.arm()          # an error path too: the unmount itself may hang
             pyfuse3.close(unmount=True)
+            watchdog.cancel()
             log.info("unmounted %s", mountpoint)
     finally:
         # Unblock with the signals ignored, so stop signals that arrived meanwhile are dropped.
@@ -235,25 +286,62 @@ def serve(ops: pyfuse3.Operations, mountpoint: str, options: set[str], *,
             signal.signal(s, h)
 
 
-async def _main(old_mask, on_ready, max_tasks: int, services=None) -> None:
+async def _main(old_mask, on_ready, max_tasks: int, services=None, stopping=None) -> None:
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         # Pending stop signals are delivered now, to trio's handler.
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signal, signals)
+            nursery.start_soon(_stop_on_signal, signals, stopping)
             if services is not None:        # API socket bound before we report "ready"
                 await nursery.start(services)
             if on_ready is not None:
                 on_ready()
             await pyfuse3.main(min_tasks=1, max_tasks=max_tasks)
+            if stopping is not None:        # an external unmount: the same bound applies
+                stopping()
             nursery.cancel_scope.cancel()
 
 
-async def _stop_on_signal(signals) -> None:
+async def _stop_on_signal(signals, stopping=None) -> None:
     async for signum in signals:
         log.info("received %s, unmounting", signal.Signals(signum).name)
+        if stopping is not None:
+            stopping()
         pyfuse3.terminate()
         return
+
+
+class _StopWatchdog:
+    """Once stopping, the process ends within `grace` seconds whatever is in flight.
+
+    Cancelling trio tasks does not interrupt a worker thread: a read or a prefetch stuck in a
+    backend that never answers (a hung NFS blob dir, a registry that stops sending) would keep
+    trio.run, and so the daemon and its mount, alive forever after SIGTERM. `arm()` (on a stop
+    signal or an external unmount) starts a timer thread that detaches the mount
+    (`fusermount3 -u -z`: the kernel fails the stuck requests) and exits with status 1;
+    `cancel()` (the normal end of serve) stops it."""
+
+    def __init__(self, mountpoint: str, grace: float):
+        self.mountpoint = mountpoint
+        self.grace = grace
+        self._timer: threading.Timer | None = None
+
+    def arm(self) -> None:
+        if self._timer is None:
+            self._timer = threading.Timer(self.grace, self._fire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _fire(self) -> None:
+        log.error("shutdown did not finish within %.0f s (requests stuck in the backend?): "
+                  "detaching %s and exiting", self.grace, self.mountpoint)
+        lazy_unmount(self.mountpoint)
+        logging.shutdown()
+        os._exit(1)
 
 
 def mount(req: MountRequest, *, on_ready: Callable[[], None] | None = None) -> None:
@@ -270,6 +358,9 @@ def mount(req: MountRequest, *, on_ready: Callable[[], None] | None = None) -> N
                 on_ready()
         serve(fs.ops, mountpoint, fuse_options(req), on_ready=ready, max_tasks=req.max_tasks,
               services=_services(req, fs, mountpoint))
+        if fs.learned is not None and fs.learned.recorder is not None:
+            # a run shorter than the recording window: keep (and push) what it read
+            fs.learned.finish(timeout=PUSH_TIMEOUT_AT_EXIT)
 
 
 def set_readahead(mountpoint: str, kb: int) -> None:
@@ -292,17 +383,19 @@ def set_readahead(mountpoint: str, kb: int) -> None:
 
 def make_prefetcher(req: MountRequest, fs: Filesystem):
     """The background prefetcher, or None when there is nothing to prefetch (module
-    docstring of io/prefetch.py; enabled by fs_prefetch.enable, --prefetch-files, or a
-    prefetch list in the bootstrap unless --no-prefetch)."""
+    docstring of io/prefetch.py; enabled by fs_prefetch.enable, --prefetch-files, a
+    prefetch list in the bootstrap unless --no-prefetch, or learned_prefetch.enable)."""
     from nydus_py.io.prefetch import Prefetcher
 
     pf = req.config.fs_prefetch
     bs = fs.vfs.bootstrap
-    if not (pf.enable or req.prefetch_files or (bs.prefetch and not req.no_prefetch)):
+    learned = fs.learned.find_async if fs.learned is not None and fs.learned.enable else None
+    if not (pf.enable or req.prefetch_files or (bs.prefetch and not req.no_prefetch) or learned):
         return None
     return Prefetcher(fs.reader, bs, threads_count=pf.threads_count, merging_size=pf.merging_size,
                       bandwidth_rate=pf.bandwidth_rate, prefetch_all=pf.prefetch_all and pf.enable,
-                      paths=req.prefetch_files, metrics=fs.metrics, image=fs.description)
+                      paths=req.prefetch_files, metrics=fs.metrics, image=fs.description,
+                      learned=learned, bootstrap_list=not req.no_prefetch)
 
 
 def _services(req: MountRequest, fs: Filesystem, mountpoint: str):
@@ -315,7 +408,8 @@ def _services(req: MountRequest, fs: Filesystem, mountpoint: str):
                 from nydus_py.daemon.api import DaemonApi, serve_unix
                 api = DaemonApi(daemon_id=req.daemon_id or f"nydusd-{os.getpid()}",
                                 mountpoint=mountpoint, fs=fs, stop=pyfuse3.terminate,
-                                prefetcher=prefetcher, access_pattern=req.config.access_pattern,
+                                prefetcher=prefetcher, learned=fs.learned,
+                                access_pattern=req.config.access_pattern,
                                 iostats_files=req.config.iostats_files,
                                 backend_config=req.config.backend)
                 await nursery.start(serve_unix, req.apisock, api.handle)
@@ -325,6 +419,8 @@ def _services(req: MountRequest, fs: Filesystem, mountpoint: str):
                 nursery.start_soon(trio.to_thread.run_sync, _tune_readahead, mountpoint, req.readahead_kb)
             if prefetcher is not None:
                 nursery.start_soon(prefetcher.run)
+            if fs.learned is not None and fs.learned.recorder is not None:
+                nursery.start_soon(fs.learned.run_window)
     return run
 
 

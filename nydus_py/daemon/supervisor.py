@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from nydus_py.cache import safedir
 from nydus_py.daemon import api as api_mod
 from nydus_py.daemon.api import ApiError, Request, Response, json_response
 from nydus_py.errors import ConfigError
@@ -51,6 +52,11 @@ READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
 RESTART_LIMIT = 3
 PR_SET_PDEATHSIG = 1
+
+
+def _create(path: str) -> int:
+    """A state file, 0600, never through a symlink planted under its name."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
 
 def _die_with_parent() -> None:  # preexec_fn: runs in the child between fork and exec
@@ -126,12 +132,10 @@ class Supervisor:
         self.cache_max_size = cache_max_size
         self._own_state = state_dir is None
         self.state_dir = state_dir or tempfile.mkdtemp(prefix="nydusd-serve-")
-        os.makedirs(self.state_dir, exist_ok=True)
+        # 0700 whatever the umask; as root, refused if a non-root user owns or can write to it
+        safedir.ensure_dir(self.state_dir, what="state directory")
         self.cache_dir = cache_dir or os.path.join(self.state_dir, "cache")
-        try:
-            os.makedirs(self.cache_dir, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"{self.cache_dir}: cannot create cache directory ({e.strerror})") from None
+        safedir.ensure_dir(self.cache_dir, what="cache directory")
         self.log_level = log_level
         self.mounts: dict[str, Child] = {}
         self.state = "RUNNING"
@@ -206,7 +210,7 @@ class Supervisor:
             except ConfigError as e:
                 raise ApiError(400, "BadConfig", f"config: {e}") from None
             path = os.path.join(self.state_dir, f"mount-{n}.json")
-            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:  # may hold registry auth
+            with open(_create(path), "w") as f:  # may hold registry auth
                 json.dump(body["config"], f)
             argv += ["--config", path]
         files = body.get("prefetch_files")
@@ -214,7 +218,7 @@ class Supervisor:
             if not isinstance(files, list) or not all(isinstance(p, str) for p in files):
                 raise ApiError(400, "BadRequest", "prefetch_files: expected a list of paths")
             path = os.path.join(self.state_dir, f"mount-{n}.prefetch")
-            with open(path, "w") as f:
+            with open(_create(path), "w") as f:
                 f.write("".join(p + "\n" for p in files))
             argv += ["--prefetch-files", path]
         argv.append(mountpoint)
@@ -228,7 +232,7 @@ class Supervisor:
                 os.unlink(p)
             except FileNotFoundError:
                 pass
-        err = await trio.to_thread.run_sync(open, child.err_file, "wb")
+        err = await trio.to_thread.run_sync(lambda: open(_create(child.err_file), "wb"))
         try:
             child.proc = _ChildProcess(child.argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                                        preexec_fn=_die_with_parent)

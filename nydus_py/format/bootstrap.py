@@ -18,17 +18,34 @@ import stat
 import struct
 import sys
 from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 import msgpack
 import zstandard
 
-from nydus_py.errors import FormatError
+from nydus_py.errors import FormatError, NydusError
+from nydus_py.format import validate
+from nydus_py.format.compression import CODECS
+from nydus_py.format.docparse import read_document
+from nydus_py.format.limits import (
+    MAX_BLOB_SIZE,
+    MAX_BLOBS,
+    MAX_BOOTSTRAP_SIZE,
+    MAX_CHUNK_SIZE,
+    MAX_META_ENTRIES,
+    MAX_SYMLINK_LEN,
+    MAX_XATTR_NAME_LEN,
+    MAX_XATTR_VALUE_LEN,
+    MAX_XATTRS_PER_INODE,
+)
+from nydus_py.oci.digest import parse as parse_digest
 
 MAGIC = "nydus-py.bootstrap"
 VERSION = 1
 ROOT_INO = 1
+MAX_PATH_DEPTH = 4096       # levels path_of walks up before it gives up ("…")
 
 INODE = struct.Struct("<IIIIQqIQIQIII")
 DIRENT = struct.Struct("<III")          # name_off, name_len, ino
@@ -38,7 +55,7 @@ U32 = struct.Struct("<I")
 DIGEST_SIZE = 32
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-MAX_BOOTSTRAP = 1 << 30  # decompressed; a bigger one is hostile, not an image
+MAX_BOOTSTRAP = MAX_BOOTSTRAP_SIZE  # decompressed or not; a bigger one is hostile, not an image
 CHUNK_COMPRESSED = 1  # flags bit: stored compressed with the blob's compressor (else raw)
 
 
@@ -261,39 +278,116 @@ def compress_layer(msgpack_bytes: bytes) -> bytes:
     return zstandard.ZstdCompressor(level=9, write_content_size=True).compress(msgpack_bytes)
 
 
-def decompress_layer(layer: bytes) -> bytes:
+def decompress_layer(layer: bytes | memoryview) -> bytes:
+    """The msgpack bytes of a zstd bootstrap layer. The frame must declare its content size
+    (compress_layer always does), at most MAX_BOOTSTRAP_SIZE; decoding is streamed in bounded
+    steps, so memory follows the bytes actually produced, not the declared size, and output
+    beyond the declared size is refused as it is produced."""
     try:
-        return zstandard.ZstdDecompressor().decompress(layer, max_output_size=MAX_BOOTSTRAP)
+        declared = zstandard.frame_content_size(layer)
     except zstandard.ZstdError as e:
         raise FormatError(f"bootstrap is not valid zstd ({e})") from None
+    if not 0 <= declared <= MAX_BOOTSTRAP_SIZE:
+        raise FormatError(f"bootstrap layer: zstd frame content size {declared} is unknown or "
+                          f"over {MAX_BOOTSTRAP_SIZE}")
+    parts: list[bytes] = []
+    total = 0
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(layer, read_size=1 << 20,
+                                                         read_across_frames=False) as r:
+            while True:
+                piece = r.read(min(declared + 1 - total, 8 << 20))
+                if not piece:
+                    break
+                total += len(piece)
+                if total > declared:
+                    raise FormatError(f"bootstrap: decompresses to more than its declared {declared} bytes")
+                parts.append(piece)
+    except zstandard.ZstdError as e:
+        raise FormatError(f"bootstrap is not valid zstd ({e})") from None
+    if total != declared:
+        raise FormatError(f"bootstrap is not valid zstd (truncated: {total} of {declared} bytes)")
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _bin(doc: dict, key: str, rec: struct.Struct | None = None) -> memoryview:
     v = doc.get(key)
-    if not isinstance(v, bytes):
+    if not isinstance(v, (bytes, memoryview)):
         raise FormatError(f"bootstrap: column {key!r} missing or not binary")
     if rec is not None and len(v) % rec.size:
         raise FormatError(f"bootstrap: column {key!r} length {len(v)} is not a multiple of {rec.size}")
-    return memoryview(v)
+    return memoryview(v).cast("B")
+
+
+def _int(v, what: str, lo: int, hi: int) -> int:
+    if type(v) is not int or not lo <= v <= hi:
+        raise FormatError(f"bootstrap: {what}: {v!r} is not an integer in {lo}..{hi}")
+    return v
+
+
+def _str(v, what: str) -> str:
+    if type(v) is not str:
+        raise FormatError(f"bootstrap: {what}: {v!r} is not a string")
+    return v
+
+
+_BLOB_KEYS = {"id", "compressor", "compressed_size", "uncompressed_size", "chunk_start",
+              "chunk_count", "source_layer"}
+
+
+def _blob(b, i: int) -> BlobInfo:
+    w = f"blobs[{i}]"
+    if not isinstance(b, dict):
+        raise FormatError(f"bootstrap: {w}: not a map")
+    extra = set(b) - _BLOB_KEYS
+    if extra:
+        raise FormatError(f"bootstrap: {w}: unknown field {min(extra)!r}")
+    blob_id = _str(b.get("id"), f"{w}.id")
+    try:
+        parse_digest(blob_id)
+    except NydusError:
+        raise FormatError(f"bootstrap: {w}.id: {blob_id!r} is not a digest") from None
+    compressor = _str(b.get("compressor"), f"{w}.compressor")
+    if compressor not in CODECS:
+        raise FormatError(f"bootstrap: {w}.compressor: unknown compressor {compressor!r}")
+    return BlobInfo(blob_id, compressor,
+                    _int(b.get("compressed_size"), f"{w}.compressed_size", 0, MAX_BLOB_SIZE),
+                    _int(b.get("uncompressed_size"), f"{w}.uncompressed_size", 0, MAX_BLOB_SIZE),
+                    _int(b.get("chunk_start"), f"{w}.chunk_start", 0, 0xFFFFFFFF),
+                    _int(b.get("chunk_count"), f"{w}.chunk_count", 0, 0xFFFFFFFF),
+                    _str(b.get("source_layer", ""), f"{w}.source_layer"))
 
 
 class Bootstrap:
-    """Read-only, lazily decoded view of a bootstrap. Thread-safe (immutable)."""
+    """Read-only, lazily decoded view of a bootstrap. Thread-safe (immutable).
+
+    The constructor checks the header, the tables and the tree (format/validate.py): after
+    it, walks from the root end and lookups stay in range. Per-record ranges that a load-time
+    pass would cost too much for are checked in O(1) where the record is used (chunk(),
+    file_chunk_ids(), readlink(), xattrs()): a FormatError there is EIO for that file."""
 
     def __init__(self, doc: dict):
         if not isinstance(doc, dict) or doc.get("magic") != MAGIC:
             raise FormatError("not a nydus-py bootstrap (bad magic)")
-        if doc.get("version") != VERSION:
+        if doc.get("version") != VERSION or type(doc.get("version")) is not int:
             raise FormatError(f"bootstrap version {doc.get('version')!r} not supported (want {VERSION})")
-        try:
-            self.chunk_size = int(doc["chunk_size"])
-            self.digester = str(doc["digester"])
-            self.meta = dict(doc.get("meta") or {})
-            self.blobs = [BlobInfo(**b) for b in doc["blobs"]]
-        except (KeyError, TypeError, ValueError) as e:
-            raise FormatError(f"bootstrap: malformed header ({e!r})") from None
-        if self.chunk_size <= 0:
-            raise FormatError("bootstrap: chunk_size must be positive")
+        cs = _int(doc.get("chunk_size"), "chunk_size", 1, MAX_CHUNK_SIZE)
+        if cs & (cs - 1):
+            raise FormatError(f"bootstrap: chunk_size: {cs} is not a power of two")
+        self.chunk_size = cs
+        self.digester = _str(doc.get("digester"), "digester")
+        if self.digester != "sha256":
+            raise FormatError(f"bootstrap: digester: {self.digester!r} is not supported (only sha256)")
+        meta = doc.get("meta") or {}
+        if not isinstance(meta, dict) or len(meta) > MAX_META_ENTRIES:
+            raise FormatError(f"bootstrap: meta: not a map of at most {MAX_META_ENTRIES} entries")
+        self.meta = {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool))}
+        blobs = doc.get("blobs")
+        if not isinstance(blobs, list) or len(blobs) > MAX_BLOBS:
+            raise FormatError(f"bootstrap: blobs: not a list of at most {MAX_BLOBS} blobs")
+        self.blobs = [_blob(b, i) for i, b in enumerate(blobs)]
+        if len({b.id for b in self.blobs}) != len(self.blobs):
+            raise FormatError("bootstrap: blobs: the same blob id listed twice")
         self._inodes = _bin(doc, "inodes", INODE)
         self._dirents = _bin(doc, "dirents", DIRENT)
         self._refs = _bin(doc, "chunk_refs", U32)
@@ -301,33 +395,34 @@ class Bootstrap:
         self._digests = _bin(doc, "digests")
         self._xattrs = _bin(doc, "xattrs", XATTR)
         self._strings = _bin(doc, "strings")
+        pf = _bin(doc, "prefetch", U32)
+        self._check(pf)
         self.inode_count = len(self._inodes) // INODE.size
         self.xattr_count = len(self._xattrs) // XATTR.size
         self.chunk_count = len(self._chunks) // CHUNK.size
-        if len(self._digests) != self.chunk_count * DIGEST_SIZE:
-            raise FormatError("bootstrap: digest column does not match chunk table")
-        if self.inode_count < 1 or not stat.S_ISDIR(self._raw(ROOT_INO)[0]):
-            raise FormatError("bootstrap: no root directory")
-        self._chunk_blob_index = [b.chunk_start for b in self.blobs]
-        pf = _bin(doc, "prefetch", U32)
-        self.prefetch = [U32.unpack_from(pf, i)[0] for i in range(0, len(pf), U32.size)]
+        # inode numbers of files to prefetch: a view, never materialised here
+        self.prefetch: Sequence[int] = pf.cast("I") if len(pf) else ()
+        self._up: tuple[array, array] | None = None     # path_of's index, built on first use
+
+    def _check(self, prefetch: memoryview) -> None:
+        validate.check(blobs=self.blobs, inodes=self._inodes, dirents=self._dirents,
+                       chunks=self._chunks, digests=self._digests, strings=self._strings,
+                       prefetch=prefetch)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Bootstrap":
+    def from_bytes(cls, data: bytes | memoryview) -> Bootstrap:
         """Plain msgpack, or the zstd-compressed form stored as the image's bootstrap layer."""
-        if data[:4] == ZSTD_MAGIC:
+        if len(data) > MAX_BOOTSTRAP_SIZE:
+            raise FormatError(f"bootstrap: {len(data)} bytes (limit {MAX_BOOTSTRAP_SIZE})")
+        if bytes(data[:4]) == ZSTD_MAGIC:
             data = decompress_layer(data)
-        try:
-            doc = msgpack.unpackb(data, raw=False, strict_map_key=False)
-        except Exception as e:  # msgpack raises a zoo of types on garbage
-            raise FormatError(f"bootstrap: not valid msgpack ({e.__class__.__name__}: {e})") from None
-        return cls(doc)
+        return cls(read_document(data))
 
     @classmethod
-    def from_file(cls, path) -> "Bootstrap":
+    def from_file(cls, path) -> Bootstrap:
         try:
             with open(path, "rb") as f:
-                data = f.read()
+                data = f.read(MAX_BOOTSTRAP_SIZE + 1)
         except OSError as e:
             raise FormatError(f"{path}: cannot read bootstrap ({e.strerror})") from None
         try:
@@ -382,41 +477,83 @@ class Bootstrap:
             off, ln, child = DIRENT.unpack_from(self._dirents, (base + i) * DIRENT.size)
             yield i, self._name(off, ln), child
 
+    def _string(self, off: int, length: int, limit: int, what: str) -> bytes:
+        if length > limit or off + length > len(self._strings):
+            raise FormatError(f"bootstrap: {what}: {off}+{length} bytes beyond strings "
+                              f"({len(self._strings)}) or over the limit ({limit})")
+        return bytes(self._strings[off:off + length])
+
     def readlink(self, ino: int) -> bytes:
         raw = self._raw(ino)
         if not stat.S_ISLNK(raw[0]):
             raise ValueError(f"inode {ino} is not a symlink")
-        return self._name(raw[9], raw[10])
+        return self._string(raw[9], raw[10], MAX_SYMLINK_LEN, f"inode {ino}: symlink target")
 
     def xattrs(self, ino: int) -> dict[bytes, bytes]:
         raw = self._raw(ino)
+        start, count = raw[11], raw[12]
+        if count > MAX_XATTRS_PER_INODE or start + count > self.xattr_count:
+            raise FormatError(f"bootstrap: inode {ino}: xattrs {start}+{count} beyond the xattr "
+                              f"table ({self.xattr_count}) or over {MAX_XATTRS_PER_INODE}")
         out = {}
-        for i in range(raw[11], raw[11] + raw[12]):
+        for i in range(start, start + count):
             no, nl, vo, vl = XATTR.unpack_from(self._xattrs, i * XATTR.size)
-            out[self._name(no, nl)] = self._name(vo, vl)
+            name = self._string(no, nl, MAX_XATTR_NAME_LEN, f"inode {ino}: xattr name")
+            out[name] = self._string(vo, vl, MAX_XATTR_VALUE_LEN, f"inode {ino}: xattr value")
         return out
 
+    def _up_index(self) -> tuple[array, array]:
+        """(dirent, dir) per inode: the first dirent that names it (+1; 0: none) and the
+        directory holding that dirent. Built once, on the first path_of (an error path or the
+        access-pattern API): one pass over the dirents, 8 bytes per inode."""
+        if self._up is None:
+            n = self.inode_count
+            where, lister = array("I", bytes(4 * (n + 1))), array("I", bytes(4 * (n + 1)))
+            kids = self._dirents.cast("I")[2::3]
+            for d in range(1, n + 1):
+                raw = self._raw(d)
+                if not stat.S_ISDIR(raw[0]):
+                    continue
+                for j in range(raw[9], raw[9] + raw[10]):
+                    c = kids[j]
+                    if not where[c]:
+                        where[c], lister[c] = j + 1, d
+            self._up = (where, lister)
+        return self._up
+
     def path_of(self, ino: int) -> str:
-        """A path for log lines (the first parent, for hardlinks). Not on the hot path."""
+        """A path for log lines (the first dirent naming each inode). O(depth): one index
+        lookup per level, at most MAX_PATH_DEPTH levels (a longer chain, or a cycle among
+        unreachable directories, is cut and shown as "…")."""
+        where, lister = self._up_index()
         parts = []
-        seen = 0
-        while ino != ROOT_INO and seen < 4096:
-            parent = self.parent(ino)
-            name = next((n for _, n, c in self.readdir(parent) if c == ino), b"?")
-            parts.append(name.decode("utf-8", "backslashreplace"))
-            ino, seen = parent, seen + 1
+        for _ in range(MAX_PATH_DEPTH):
+            if ino == ROOT_INO:
+                break
+            if not 1 <= ino <= self.inode_count or not where[ino]:
+                parts.append(f"<inode {ino}>")          # in no directory
+                break
+            off, ln, _ = DIRENT.unpack_from(self._dirents, (where[ino] - 1) * DIRENT.size)
+            parts.append(self._name(off, ln).decode("utf-8", "backslashreplace"))
+            ino = lister[ino]
+        else:
+            parts.append("…")
         return "/" + "/".join(reversed(parts))
 
     def iter_paths(self) -> Iterator[tuple[bytes, int]]:
-        """Depth-first (path, ino) for every dirent; used by tools and prefetch-by-pattern."""
+        """Depth-first (path, ino) for every dirent; used by tools and prefetch-by-pattern.
+        Each directory is entered once (load-time checks make the tree acyclic; the visited
+        set keeps this walk finite whatever the columns say)."""
         stack = [(b"", ROOT_INO)]
+        seen = {ROOT_INO}
         yield b"/", ROOT_INO
         while stack:
             prefix, ino = stack.pop()
             for _, name, child in self.readdir(ino):
                 path = prefix + b"/" + name
                 yield path, child
-                if stat.S_ISDIR(self._raw(child)[0]):
+                if stat.S_ISDIR(self._raw(child)[0]) and child not in seen:
+                    seen.add(child)
                     stack.append((path, child))
 
     # -- chunks -----------------------------------------------------------------------------
@@ -425,16 +562,36 @@ class Bootstrap:
         raw = self._raw(ino)
         if not stat.S_ISREG(raw[0]):
             return memoryview(b"").cast("I")
-        start = raw[9] * 4
-        return self._refs[start:start + raw[10] * 4].cast("I")
+        start, count = raw[9], raw[10]
+        if start + count > len(self._refs) // 4 or count != -(-raw[4] // self.chunk_size):
+            raise FormatError(f"bootstrap: inode {ino}: chunk refs {start}+{count} do not fit "
+                              f"chunk_refs ({len(self._refs) // 4}) or size {raw[4]}")
+        return self._refs[start * 4:(start + count) * 4].cast("I")
 
     def chunk(self, chunk_id: int) -> Chunk:
         if not 0 <= chunk_id < self.chunk_count:
             raise FormatError(f"bootstrap: chunk id {chunk_id} out of range")
         blob, coff, csize, off, size, flags = CHUNK.unpack_from(self._chunks, chunk_id * CHUNK.size)
+        b = self.blobs[blob]        # load-time checks: the blob column matches the blob ranges
+        # O(1) per use instead of a pass over every chunk at load: nothing is allocated or
+        # fetched for a chunk before this passes
+        if not (0 < size <= self.chunk_size and coff + csize <= b.compressed_size
+                and off + size <= b.uncompressed_size and (flags & CHUNK_COMPRESSED or csize == size)):
+            raise FormatError(f"bootstrap: chunk {chunk_id}: size {size}, stored {coff}+{csize}, "
+                              f"at {off} does not fit chunk_size {self.chunk_size} or blob {b.id}")
         digest = bytes(self._digests[chunk_id * DIGEST_SIZE:(chunk_id + 1) * DIGEST_SIZE])
-        return Chunk(chunk_id, blob, chunk_id - self.blobs[blob].chunk_start, coff, csize, off, size,
+        return Chunk(chunk_id, blob, chunk_id - b.chunk_start, coff, csize, off, size,
                      bool(flags & CHUNK_COMPRESSED), digest)
+
+    def blob_chunk_rows(self, blob: int) -> tuple[memoryview, memoryview]:
+        """The raw CHUNK rows and the sha256 digests of blob `blob`'s chunks, in index order
+        (what the chunk cache keys a blob's cache entry by)."""
+        b = self.blobs[blob]
+        start, n = b.chunk_start, b.chunk_count
+        if start < 0 or n < 0 or start + n > self.chunk_count:
+            raise FormatError(f"bootstrap: blob {b.id} chunks [{start}, {start + n}) out of range")
+        return (self._chunks[start * CHUNK.size:(start + n) * CHUNK.size],
+                self._digests[start * DIGEST_SIZE:(start + n) * DIGEST_SIZE])
 
     def blob_chunks(self, blob: int) -> range:
         b = self.blobs[blob]

@@ -63,9 +63,18 @@ def compress(codec: str, data: bytes, level: int | None = None) -> bytes | None:
 
 
 def decompress(codec: str, data: bytes, size: int, what: str) -> bytes:
-    """Decode exactly `size` bytes; any decoder error or wrong size is an IntegrityError."""
+    """Decode exactly `size` bytes; any decoder error or wrong size is an IntegrityError.
+
+    Never produces more than `size` bytes (the size the bootstrap declares, itself bounded by
+    MAX_CHUNK_SIZE): python-zstandard sizes its output by the frame's own content-size field
+    and ignores max_output_size when that field is present, so a frame claiming more than
+    `size` is refused before any decoding (a few stored bytes could otherwise expand to GiBs
+    before the sha256 check)."""
     try:
         if codec == "zstd":
+            declared = zstandard.frame_content_size(data)
+            if declared >= 0 and declared != size:
+                raise IntegrityError(f"{what}: zstd frame declares {declared} bytes, expected {size}")
             out = _zd().decompress(data, max_output_size=size)
         elif codec == "lz4":
             out = lz4.block.decompress(data, uncompressed_size=size)

@@ -25,6 +25,7 @@ from typing import Iterator, NamedTuple, Protocol
 from nydus_py.errors import NydusError
 from nydus_py.format.bootstrap import ROOT_INO, Bootstrap
 from nydus_py.fs.access import AccessRecorder, Inflight
+from nydus_py.io.learned import ChunkRecorder
 from nydus_py.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ class Vfs:
         self.image = image              # named in log lines
         # access_pattern / iostats_files: which files are read, first-read order
         self.access = AccessRecorder(bootstrap) if record_access else None
+        self.learn: ChunkRecorder | None = None     # chunks read, for learned prefetch
         self.inflight = Inflight()
         self.xattrs = xattrs            # nydusd's enable_xattr: False hides all xattrs
         self.reader = reader
@@ -144,12 +146,15 @@ class Vfs:
     def readlink(self, ino: int) -> bytes:
         if not stat.S_ISLNK(self._attr(ino).mode):
             raise FsError(errno.EINVAL)
-        return self.bootstrap.readlink(ino)
+        try:
+            return self.bootstrap.readlink(ino)
+        except NydusError as e:
+            raise self._bad_record("readlink", ino, e) from None
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         self._attr(ino)
         self._check_xattr_support()
-        value = self.bootstrap.xattrs(ino).get(name)
+        value = self._xattrs(ino).get(name)
         if value is None:
             raise FsError(errno.ENODATA)
         return value
@@ -157,7 +162,21 @@ class Vfs:
     def listxattr(self, ino: int) -> list[bytes]:
         self._attr(ino)
         self._check_xattr_support()
-        return list(self.bootstrap.xattrs(ino))
+        return list(self._xattrs(ino))
+
+    def _xattrs(self, ino: int) -> dict[bytes, bytes]:
+        try:
+            return self.bootstrap.xattrs(ino)
+        except NydusError as e:
+            raise self._bad_record("xattrs of", ino, e) from None
+
+    def _bad_record(self, op: str, ino: int, e: NydusError) -> FsError:
+        """A record that failed its use-time check (format/validate.py): EIO for this inode,
+        one log line, the mount serves on."""
+        self._count("read_errors")
+        log.error("%s %s (inode %d)%s failed: %s", op, self.bootstrap.path_of(ino), ino,
+                  f" of image {self.image}" if self.image else "", e)
+        return FsError(errno.EIO, str(e))
 
     def _check_xattr_support(self) -> None:
         """An image without a single xattr (or enable_xattr off) answers ENOSYS: the kernel then
@@ -204,6 +223,8 @@ class Vfs:
         size = min(size, a.size - offset)
         if self.access is not None:
             self.access.record(ino, size)
+        if self.learn is not None:
+            self.learn.record(ino, offset, size)
         token = self.inflight.begin("read", ino, offset, size)
         try:
             return await self.reader.read(ino, offset, size)

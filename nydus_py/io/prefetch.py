@@ -2,6 +2,9 @@
 the background, without getting in the way of the workload's own reads.
 
 What is prefetched (in this order, each chunk once):
+  0. a learned list (daemon/learned.py: chunk ids an earlier run read, first access first),
+     when `learned` finds one: merged into ranges per blob, the ranges ordered by the earliest
+     access among their chunks, ahead of everything else,
   1. the bootstrap's `prefetch` list (files named by `nydusify convert --prefetch-patterns`),
   2. the paths of `nydusd mount --prefetch-files FILE` (absolute paths, one a line, "#"
      comments; a directory means every file below it),
@@ -33,10 +36,11 @@ import os
 import stat
 import time
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Awaitable, Callable, Iterable, Sequence
 
 import trio
 
+from nydus_py.errors import NydusError
 from nydus_py.format.bootstrap import ROOT_INO, Bootstrap, Chunk
 from nydus_py.io.fetch import plan_ranges
 from nydus_py.metrics import Metrics
@@ -50,6 +54,7 @@ IDLE, RUNNING, DONE, STOPPED = 0, 1, 2, 3
 class PrefetchPlan:
     inodes: tuple[int, ...]
     chunks: tuple[Chunk, ...]           # deduplicated, sorted by (blob, comp_offset)
+    errors: int = 0                     # files skipped because their records are bad
 
     @property
     def bytes(self) -> int:
@@ -90,19 +95,39 @@ def resolve(bs: Bootstrap, path: str) -> int | None:
 
 
 def _files_under(bs: Bootstrap, ino: int) -> Iterable[int]:
+    """Regular files below `ino`, depth first. Each directory is entered once (a visited set:
+    the walk ends whatever the bootstrap's dirents say)."""
     stack = [ino]
+    seen_dirs: set[int] = set()
     while stack:
         cur = stack.pop()
         mode = bs.attr(cur).mode
         if stat.S_ISREG(mode):
             yield cur
-        elif stat.S_ISDIR(mode):
+        elif stat.S_ISDIR(mode) and cur not in seen_dirs:
+            seen_dirs.add(cur)
             stack.extend(child for _, _, child in reversed(list(bs.readdir(cur))))
 
 
-def plan(bs: Bootstrap, *, paths: Sequence[str] = (), prefetch_all: bool = False) -> PrefetchPlan:
+def learned_batches(bs: Bootstrap, ids: Sequence[int], *, max_gap: int, limit: int) -> list:
+    """Ranges over the learned chunk ids (validated by io/learned.py): neighbours in a blob
+    merged, ranges ordered by the first access among their chunks."""
+    rank = {cid: i for i, cid in reversed(list(enumerate(ids)))}
+    chunks = []
+    for cid in rank:
+        try:
+            chunks.append(bs.chunk(cid))
+        except NydusError:          # a chunk record failing its use-time check is skipped
+            continue
+    ranges = plan_ranges(chunks, max_gap=max_gap, limit=limit)
+    ranges.sort(key=lambda r: min(rank[c.id] for c in r.chunks))
+    return ranges
+
+
+def plan(bs: Bootstrap, *, paths: Sequence[str] = (), prefetch_all: bool = False,
+         bootstrap_list: bool = True) -> PrefetchPlan:
     """Blocking (walks the bootstrap): call it from a worker thread."""
-    inodes: list[int] = list(bs.prefetch)
+    inodes: list[int] = list(bs.prefetch) if bootstrap_list else []
     for p in paths:
         ino = resolve(bs, p)
         if ino is None:
@@ -115,6 +140,7 @@ def plan(bs: Bootstrap, *, paths: Sequence[str] = (), prefetch_all: bool = False
     seen_chunk: set[int] = set()
     chunks: list[Chunk] = []
     order: list[int] = []
+    errors = 0
     for ino in inodes:
         if ino in seen_ino:
             continue
@@ -122,21 +148,26 @@ def plan(bs: Bootstrap, *, paths: Sequence[str] = (), prefetch_all: bool = False
         try:
             if not stat.S_ISREG(bs.attr(ino).mode):
                 continue
-        except KeyError:
+            mine = [bs.chunk(cid) for cid in bs.file_chunk_ids(ino) if cid not in seen_chunk]
+        except (KeyError, NydusError) as e:   # a bad record costs this file, not the prefetch
+            errors += 1
+            log.warning("prefetch: inode %d skipped: %s", ino, e)
             continue
         order.append(ino)
-        for cid in bs.file_chunk_ids(ino):
-            if cid not in seen_chunk:
-                seen_chunk.add(cid)
-                chunks.append(bs.chunk(cid))
+        for c in mine:
+            if c.id not in seen_chunk:
+                seen_chunk.add(c.id)
+                chunks.append(c)
     chunks.sort(key=lambda c: (c.blob, c.comp_offset))
-    return PrefetchPlan(inodes=tuple(order), chunks=tuple(chunks))
+    return PrefetchPlan(inodes=tuple(order), chunks=tuple(chunks), errors=errors)
 
 
 class Prefetcher:
     def __init__(self, reader, bootstrap: Bootstrap, *, threads_count: int = 4,
                  merging_size: int = 1 << 20, bandwidth_rate: int = 0, prefetch_all: bool = False,
-                 paths: Sequence[str] = (), metrics: Metrics | None = None, image: str = ""):
+                 paths: Sequence[str] = (), metrics: Metrics | None = None, image: str = "",
+                 learned: Callable[[], Awaitable[Sequence[int]]] | None = None,
+                 bootstrap_list: bool = True):
         self.reader = reader
         self.bootstrap = bootstrap
         self.threads = max(threads_count, 1)
@@ -145,6 +176,8 @@ class Prefetcher:
         self.prefetch_all = prefetch_all
         self.paths = list(paths)
         self.image = image
+        self.learned = learned
+        self.bootstrap_list = bootstrap_list
         self.limiter = trio.CapacityLimiter(self.threads)
         m = (metrics or Metrics()).group("prefetch")
         self.m = m
@@ -156,19 +189,31 @@ class Prefetcher:
         self._skipped = m.counter("skipped_chunks")
         self._errors = m.counter("errors")
         self._elapsed = m.gauge("elapsed_ms")
+        self._learned = m.gauge("learned_chunks")
         self.done = trio.Event()
 
     async def run(self) -> None:
         t0 = time.perf_counter()
         self._state.set(RUNNING)
         try:
-            p = await trio.to_thread.run_sync(
-                lambda: plan(self.bootstrap, paths=self.paths, prefetch_all=self.prefetch_all))
-            self._planned.set(len(p.chunks))
-            self._planned_bytes.set(p.bytes)
-            log.info("prefetch of %s: %d files, %d chunks, %d bytes", self.image or "image",
-                     len(p.inodes), len(p.chunks), p.bytes)
-            batches = plan_ranges(p.chunks, max_gap=self.reader.max_gap, limit=self.merging_size)
+            ids = await self.learned() if self.learned is not None else ()
+            gap, limit = self.reader.max_gap, self.merging_size
+
+            def make() -> tuple[PrefetchPlan, list]:
+                p = plan(self.bootstrap, paths=self.paths, prefetch_all=self.prefetch_all,
+                         bootstrap_list=self.bootstrap_list)
+                first = learned_batches(self.bootstrap, ids, max_gap=gap, limit=limit)
+                done = {c.id for r in first for c in r.chunks}
+                rest = [c for c in p.chunks if c.id not in done]
+                return p, first + plan_ranges(rest, max_gap=gap, limit=limit)
+            p, batches = await trio.to_thread.run_sync(make)
+            self._errors.inc(p.errors)
+            nchunks = sum(len(r.chunks) for r in batches)
+            self._learned.set(len(ids))
+            self._planned.set(nchunks)
+            self._planned_bytes.set(sum(c.size for r in batches for c in r.chunks))
+            log.info("prefetch of %s: %d learned chunks, %d files, %d chunks in all",
+                     self.image or "image", len(ids), len(p.inodes), nchunks)
             send, recv = trio.open_memory_channel(len(batches) or 1)
             for r in batches:
                 send.send_nowait(r.chunks)
@@ -181,6 +226,10 @@ class Prefetcher:
             log.info("prefetch of %s done in %.2fs: %d chunks fetched, %d already cached, "
                      "%d errors", self.image or "image", time.perf_counter() - t0,
                      self._fetched.value, self._skipped.value, self._errors.value)
+        except Exception as e:  # noqa: BLE001  (never fatal: the mount serves on without prefetch)
+            self._errors.inc()
+            self._state.set(STOPPED)
+            log.error("prefetch of %s stopped: %s", self.image or "image", e)
         except BaseException:
             self._state.set(STOPPED)
             raise
@@ -200,7 +249,7 @@ class Prefetcher:
                 try:
                     n, nbytes = await self.reader.prefetch(todo, limiter=self.limiter,
                                                            merging_size=self.merging_size)
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001  (logged and counted; other ranges go on)
                     self._errors.inc()
                     blob = self.bootstrap.blobs[todo[0].blob].id
                     log.warning("prefetch of %s: blob %s, %d chunks: %s", self.image or "image",

@@ -30,6 +30,7 @@ from typing import Sequence
 import trio
 
 from nydus_py.cache.chunk_cache import ChunkCache
+from nydus_py.cache.entry import table_digest
 from nydus_py.errors import CacheError, FormatError, IntegrityError, NydusError
 from nydus_py.format.bootstrap import Bootstrap, Chunk
 from nydus_py.io.fetch import Range, decode_chunk, extend_forward, plan_ranges
@@ -67,6 +68,16 @@ def _copy_error(e: BaseException) -> NydusError:
         new = NydusError(f"chunk fetch failed: {e!r}")
     new.__cause__ = e
     return new
+
+
+def _valid_chunks(bs: Bootstrap, start: int, end: int):
+    """Chunks start.. of one blob for readahead, up to the first whose record is bad: that
+    chunk costs the file that names it (its own read fails), never a neighbour's read."""
+    for cid in range(start, end):
+        try:
+            yield bs.chunk(cid)
+        except FormatError:
+            return
 
 
 class FileReader:
@@ -192,12 +203,12 @@ class FileReader:
         if not mine:
             return 0, 0
         errors: list[BaseException] = []
-        got: Got = {}
         ranges = plan_ranges(mine, max_gap=self.max_gap, limit=max(merging_size, 1))
         try:
             for r in ranges:
-                r.readahead = len(r.chunks)         # nobody asked: results are not kept
-                await self._fetch_range(r, owned, got, errors, limiter)
+                # every chunk counts as wanted, so that a chunk failing verification is
+                # reported (and counted by the prefetcher); its bytes live for this range only
+                await self._fetch_range(r, owned, {}, errors, limiter)
         finally:
             for key, f in owned.items():
                 self._settle(key, f, None, _Interrupted())
@@ -211,14 +222,17 @@ class FileReader:
         if h is None:  # open_blob is idempotent, so racing threads agree on the handle
             info = self.bootstrap.blobs[blob]
             start, chunk = info.chunk_start, self.bootstrap.chunk
+            # keyed by this bootstrap's chunk table: only bytes verified against exactly these
+            # chunk digests are ever served to us (cache/chunk_cache.py, "Trust")
             h = self._handles[blob] = self.cache.open_blob(
-                info, offset_of=lambda i: chunk(start + i).offset)
+                info, offset_of=lambda i: chunk(start + i).offset,
+                table=table_digest(self.bootstrap, blob))
         return h
 
     def _lookup(self, wants: Sequence[Want]) -> Got:
         got = {}
         for c, lo, hi in wants:
-            data = self.cache.read(self._handle(c.blob), c.index, c.offset, c.size, lo, hi)
+            data = self.cache.read(self._handle(c.blob), c.index, c.offset, c.size, lo, hi, c.digest)
             if data is not None:
                 got[(c.blob, c.index)] = (lo, data)
         return got
@@ -288,7 +302,7 @@ class FileReader:
             info = bs.blobs[b]
             h = self._handles[b]
             first = max(c.index for c in r.chunks) + 1
-            following = (bs.chunk(info.chunk_start + i) for i in range(first, info.chunk_count))
+            following = _valid_chunks(bs, info.chunk_start + first, info.chunk_start + info.chunk_count)
 
             def accept(c: Chunk, h=h) -> bool:
                 key = (c.blob, c.index)

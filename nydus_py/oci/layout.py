@@ -119,7 +119,8 @@ class OCILayout:
             raise ImageFormatError(f"{what}: size {desc.size} exceeds limit {limit}")
         p = self.blob_path(desc.digest)
         try:
-            data = p.read_bytes()
+            with open(p, "rb") as f:
+                data = f.read(desc.size + 1)       # a bigger file is refused below, unread
         except FileNotFoundError:
             raise BlobNotFoundError(f"{what}: blob missing from {self.root}") from None
         if len(data) != desc.size:
@@ -151,6 +152,8 @@ class OCILayout:
         entries = self.index().get("manifests", [])
         where = f"{self.root}/index.json"
         if tag is None:
+            # referrer artifacts (learned prefetch lists …) sit beside the image, not instead of it
+            entries = [e for e in entries if not (isinstance(e, dict) and "artifactType" in e)]
             if len(entries) != 1:
                 raise ImageFormatError(
                     f"{self.root}: {len(entries)} images in layout, name one with oci:DIR:TAG "
@@ -205,5 +208,8 @@ class OCILayoutWriter(OCILayout):
             ann[REF_NAME] = tag
         entries.append(Descriptor(desc.media_type, desc.digest, desc.size, ann, desc.platform).to_json())
         idx["manifests"] = entries
+        self.write_index(idx)
+
+    def write_index(self, idx: dict) -> None:
         idx.setdefault("schemaVersion", 2)
         _atomic_write(self.root / "index.json", canonical_json(idx))

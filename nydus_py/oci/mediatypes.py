@@ -25,6 +25,10 @@ DOCKER_LAYER_FOREIGN_GZIP = "application/vnd.docker.image.rootfs.foreign.diff.ta
 NYDUS_PY_BLOB = "application/vnd.oci.image.layer.nydus-py.blob.v1"
 NYDUS_PY_BOOTSTRAP = "application/vnd.oci.image.layer.nydus-py.bootstrap.v1"
 
+# Learned prefetch lists (io/learned.py): an OCI 1.1 referrer artifact of the converted image.
+NYDUS_PY_PREFETCH_ARTIFACT = "application/vnd.nydus-py.prefetch.v1"
+NYDUS_PY_PREFETCH_LIST = "application/vnd.nydus-py.prefetch.v1+json"
+
 # Annotations we put on layer descriptors / manifests.
 ANNO_BOOTSTRAP = "io.nydus-py.bootstrap"          # "true" on the bootstrap layer
 ANNO_BLOB = "io.nydus-py.blob"                    # "true" on data blob layers

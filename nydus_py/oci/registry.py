@@ -223,6 +223,35 @@ class RegistryClient:
             url = urljoin(resp.url, nxt) if nxt else None
         return tags
 
+    def get_referrers(self, repo: str, digest: str, artifact_type: str | None = None) -> dict | None:
+        """The OCI 1.1 referrers index of `digest` (`GET /v2/<repo>/referrers/<digest>`), or
+        None when the registry has no referrers API (it answers 404, which a registry with the
+        API never does: the caller then uses the `sha256-<hex>` tag schema). Not paginated
+        (Link headers are not followed: the first page is plenty for our artifacts)."""
+        check_repository(repo)
+        dg.parse(digest)
+        what = f"referrers of {self.config.host}/{repo}@{digest}"
+        params = {"artifactType": artifact_type} if artifact_type else None
+
+        def attempt() -> dict | None:
+            try:
+                resp = self._request("GET", f"/v2/{repo}/referrers/{digest}", what=what,
+                                     scopes=(pull_scope(repo),), params=params, stream=True,
+                                     headers={"Accept": mt.OCI_INDEX}, not_found="referrers API")
+            except BlobNotFoundError:
+                return None
+            with resp:
+                data = _read_limited(resp, MAX_MANIFEST, what)
+            try:
+                obj = json.loads(data)
+            except ValueError:
+                raise ImageFormatError(f"{what}: not JSON") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("manifests", []), list):
+                raise ImageFormatError(f"{what}: not an OCI index")
+            return obj
+
+        return self._retrying(what, attempt)
+
     # ------------------------------------------------------------------ public API: writes
 
     def push_blob(self, repo: str, src, digest: str, size: int, *, mount_from=(),

@@ -10,8 +10,11 @@ import threading
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from nydus_py.cache import chunk_cache as cc
+from nydus_py.cache import entry as entry_mod
+from nydus_py.cache import gc
 from nydus_py.cache.chunk_cache import HEADER, RECORD, ChunkCache
 from nydus_py.errors import CacheError
 from nydus_py.format.bootstrap import BlobInfo, Chunk
@@ -31,8 +34,9 @@ def _blob(seed: bytes = b"b1") -> tuple[BlobInfo, list[tuple[Chunk, bytes]]]:
 
 
 def _paths(work: Path, info: BlobInfo) -> tuple[Path, Path]:
-    h = info.id.split(":")[1]
-    return work / f"{h}.data", work / f"{h}.meta"
+    """The cache entry of `info` (one table per blob in these tests)."""
+    key = gc.entry_key(info.id.split(":")[1], entry_mod.untabled(info))
+    return work / f"{key}.data", work / f"{key}.meta"
 
 
 def test_store_then_read_and_missing(tmp_path):
@@ -230,3 +234,57 @@ def test_concurrent_store_and_read_from_threads(tmp_path):
         t.join()
     assert bad == []
     assert c.used_bytes == sum(len(d) for _, items in blobs for _, d in items)
+
+
+def _forge(work: Path, info: BlobInfo, ch: Chunk, evil: bytes) -> None:
+    """Someone with write access to the cache replaces a chunk and fixes up its xxh3."""
+    data_path, meta = _paths(work, info)
+    with open(data_path, "r+b") as f:
+        f.seek(ch.offset)
+        f.write(evil)
+    with open(meta, "r+b") as f:
+        f.seek(HEADER.size + ch.index * RECORD.size)
+        f.write(RECORD.pack(1, len(evil), xxhash.xxh3_64_intdigest(evil)))
+
+
+def test_digest_validate_checks_every_hit_against_the_readers_sha256(tmp_path):
+    info, items = _blob()
+    c = ChunkCache(tmp_path)
+    c.store_many(c.open_blob(info), items)
+    c.close()
+    ch, good = items[1]
+    evil = bytes(len(good))
+    _forge(tmp_path, info, ch, evil)
+    plain = ChunkCache(tmp_path)                       # xxh3 alone cannot tell (documented)
+    assert plain.read(plain.open_blob(info), ch.index, ch.offset, ch.size, digest=ch.digest) == evil
+    plain.close()
+    m = Metrics()
+    strict = ChunkCache(tmp_path, validate=True, metrics=m)
+    h = strict.open_blob(info)
+    assert strict.read(h, ch.index, ch.offset, ch.size, digest=ch.digest) is None
+    assert m.blobcache.value("digest_errors") == 1 and strict.missing(h, [ch.index]) == [ch.index]
+    for other, data in (items[0], items[2]):           # good chunks: served, every time
+        for _ in range(2):
+            assert strict.read(h, other.index, other.offset, other.size, 5, 9, other.digest) == data[5:9]
+    strict.store_many(h, [(ch, good)])
+    assert strict.read(h, ch.index, ch.offset, ch.size, digest=ch.digest) == good
+    _forge(tmp_path, info, ch, evil)                   # changed while this process runs
+    strict._blobs[h].records[ch.index * RECORD.size:(ch.index + 1) * RECORD.size] = \
+        RECORD.pack(1, len(evil), xxhash.xxh3_64_intdigest(evil))
+    assert strict.read(h, ch.index, ch.offset, ch.size, digest=ch.digest) is None
+    assert m.blobcache.value("digest_errors") == 2
+
+
+def test_a_store_never_rewrites_a_chunk_another_process_stored(tmp_path, monkeypatch):
+    info, items = _blob()
+    a, b = ChunkCache(tmp_path), ChunkCache(tmp_path)
+    ha, hb = a.open_blob(info), b.open_blob(info)
+    a.store_many(ha, items[:2])
+    writes = []
+    real = cc._pwrite_all
+    monkeypatch.setattr(cc, "_pwrite_all", lambda fd, d, off: (writes.append(off), real(fd, d, off)))
+    b.store_many(hb, items[:3])                        # b has not seen a's chunks in memory
+    assert items[0][0].offset not in writes and items[1][0].offset not in writes
+    assert items[2][0].offset in writes
+    assert b.missing(hb, range(4)) == [3]
+    assert b.read(hb, 0, items[0][0].offset, items[0][0].size) == items[0][1]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from nydus_py.cache import entry as entry_mod
 from nydus_py.cache import gc
 from nydus_py.cache.chunk_cache import ChunkCache
 from nydus_py.errors import CacheError
@@ -31,12 +32,16 @@ def _blob(seed: bytes, n: int = N, size: int = SIZE):
     return info, items
 
 
+def _key(info: BlobInfo) -> str:
+    return gc.entry_key(info.id.split(":")[1], entry_mod.untabled(info))
+
+
 def _open(c: ChunkCache, info: BlobInfo) -> int:
     return c.open_blob(info, offset_of=lambda i: i * SIZE)
 
 
 def _disk(work: Path, info: BlobInfo) -> int:
-    return (work / (info.id.split(":")[1] + ".data")).stat().st_blocks * 512
+    return sum(p.stat().st_blocks * 512 for p in work.glob(info.id.split(":")[1] + "-*.data"))
 
 
 def test_lru_chunks_are_evicted_to_stay_under_the_limit(tmp_path):
@@ -70,7 +75,7 @@ def test_unused_blobs_go_first_least_recently_used_first(tmp_path):
     c = ChunkCache(tmp_path, max_size=(N + N) * SIZE)
     h = _open(c, cur[0])
     c.store_many(h, cur[1][:4])                           # needs room: "old" goes, "new" stays
-    hexes = {p.name.split(".")[0] for p in tmp_path.iterdir()}
+    hexes = {p.name.split(".")[0].split("-")[0] for p in tmp_path.iterdir()}
     assert old[0].id.split(":")[1] not in hexes
     assert new[0].id.split(":")[1] in hexes
     assert all(c.is_ready(h, i) for i in range(4))
@@ -104,13 +109,13 @@ def test_a_blob_another_process_uses_is_never_evicted(tmp_path):
         with pytest.raises(CacheError) as ei:             # only the shared blob could make room
             c.store_many(h, oitems[1:3])
         assert ei.value.errno == errno.ENOSPC
-        assert gc.collect(tmp_path, 0, skip=[other.id.split(":")[1]]).busy_blobs == [info.id.split(":")[1]]
+        assert gc.collect(tmp_path, 0, skip=[_key(other)]).busy_blobs == [_key(info)]
         c.close()
     finally:
         holder.stdin.close()
         holder.wait(10)
     report = gc.collect(tmp_path, 0)                      # released: now collectable
-    assert info.id.split(":")[1] in report.removed_blobs
+    assert _key(info) in report.removed_blobs
 
 
 def test_collect_trims_to_max_size_and_removes_garbage(tmp_path):
@@ -123,7 +128,7 @@ def test_collect_trims_to_max_size_and_removes_garbage(tmp_path):
     (tmp_path / ("f" * 64 + ".data")).write_bytes(b"x" * 100)   # orphan data file
     report = gc.collect(tmp_path, 2 * N * SIZE)
     assert report.before == 3 * N * SIZE and report.after == 2 * N * SIZE
-    assert report.removed_blobs == ["f" * 64, blobs[0][0].id.split(":")[1]]
+    assert report.removed_blobs == ["f" * 64, _key(blobs[0][0])]
     assert gc.collect(tmp_path, 0).after == 0
     assert list(tmp_path.iterdir()) == []
 
@@ -164,3 +169,16 @@ def test_parse_size():
     assert gc.parse_size("1.5GiB") == 3 << 29
     with pytest.raises(ValueError):
         gc.parse_size("lots")
+
+
+def test_collect_removes_the_leftovers_of_a_creator_that_died(tmp_path):
+    info, items = _blob(b"t")
+    c = ChunkCache(tmp_path)
+    c.store_many(_open(c, info), items)
+    key = _key(info)
+    for ext in ("data", "meta"):
+        (tmp_path / f".{key}.{ext}.new").write_bytes(b"x" * 8192)
+    report = gc.collect(tmp_path, 1 << 30)
+    assert report.removed_bytes >= 16384 and report.removed_blobs == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{key}.data", f"{key}.meta"]
+    c.close()

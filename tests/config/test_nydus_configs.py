@@ -39,7 +39,7 @@ def test_v1_sample_registry_without_host_with_ca_cert_files():
     assert cfg.backend.registry.host == ""          # the image reference supplies it
     assert cfg.cache.work_dir == "/var/lib/nydus/cache"
     assert cfg.fs_prefetch.enable and cfg.fs_prefetch.threads_count == 8 and cfg.fs_prefetch.prefetch_all
-    _warned(cfg, "digest_validate")                # false: we always verify, and say so
+    assert not cfg.digest_validate                  # cache hits: xxh3 only (fetches: always sha256)
 
 
 def test_v2_toml_sample_maps_onto_the_v1_fields():

@@ -175,18 +175,19 @@ def test_chunk_size_mismatch_is_a_config_error(tmp_path):
 
 # -- the writer ----------------------------------------------------------------------------------
 
-def spec(n: int) -> ChunkSpec:
-    return ChunkSpec(hashlib.sha256(b"%d" % n).digest(), n * 10, 10, n * 20, 20, True)
+def spec(n: int, k: int = 0) -> ChunkSpec:
+    """Chunk n, the k-th of its blob (a blob's chunks lie back to back from offset 0)."""
+    return ChunkSpec(hashlib.sha256(b"%d" % n).digest(), k * 10, 10, k * 20, 20, True)
 
 
 def test_drop_blobs_patches_blob_indices_and_returns_the_id_mapping():
     w = BootstrapWriter(chunk_size=CS)
     w.add_blob(blob_id="sha256:" + "a" * 64, compressor="zstd", compressed_size=20, uncompressed_size=40,
-               chunks=[spec(0), spec(1)])
+               chunks=[spec(0), spec(1, 1)])
     w.add_blob(blob_id="sha256:" + "b" * 64, compressor="zstd", compressed_size=10, uncompressed_size=20,
                chunks=[spec(2)])
     w.add_blob(blob_id="sha256:" + "c" * 64, compressor="lz4", compressed_size=30, uncompressed_size=60,
-               chunks=[spec(3), spec(4), spec(5)])
+               chunks=[spec(3), spec(4, 1), spec(5, 2)])
     assert w.drop_blobs(set()) is None
     mapping = w.drop_blobs({1})
     assert mapping == [0, 1, -1, 2, 3, 4]
@@ -196,7 +197,7 @@ def test_drop_blobs_patches_blob_indices_and_returns_the_id_mapping():
     bs = Bootstrap.from_bytes(w.to_bytes())
     assert [(b.id[7], b.chunk_start, b.chunk_count) for b in bs.blobs] == [("a", 0, 2), ("c", 2, 3)]
     c = bs.chunk(mapping[4])
-    assert (c.blob, c.index, c.digest, c.comp_offset) == (1, 1, spec(4).digest, 40)
+    assert (c.blob, c.index, c.digest, c.comp_offset) == (1, 1, spec(4).digest, 10)
     assert list(bs.file_chunk_ids(ino)) == [1, 4]
     with pytest.raises(ValueError):
         w.drop_blobs({0})

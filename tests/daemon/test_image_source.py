@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from nydus_py import image_source
-from nydus_py.errors import BlobNotFoundError, ConfigError, FormatError, ImageFormatError
+from nydus_py.errors import ConfigError, FormatError, ImageFormatError
 from nydus_py.oci import mediatypes as mt
 from nydus_py.oci.layout import OCILayoutWriter
 from tests.fs.rich_image import build_rich
@@ -41,8 +41,9 @@ def test_open_oci_errors_are_one_clear_line(tmp_path, rich):
     with pytest.raises(ImageFormatError, match="no image tagged 'other'"):
         image_source.open_oci(f"oci:{root}:other")
     rich.blob_path_in(root).unlink()
-    with pytest.raises(BlobNotFoundError, match="missing"):
-        image_source.open_oci(f"oci:{root}")
+    # a missing data blob is the mount's decision (a warm cache may hold all of it)
+    (missing,) = image_source.open_oci(f"oci:{root}").missing_blobs
+    assert missing[0] == rich.blob_id and "is missing from" in missing[1] and "\n" not in missing[1]
 
 
 def test_a_plain_oci_image_is_not_a_nydus_image(tmp_path):

@@ -400,8 +400,8 @@ def _cleanup_via_grpc(env: ContainerdEnv) -> None:
 
 
 def _cache_blobs(env: ContainerdEnv) -> set[str]:
-    return {f.name.split(".")[0] for f in env.snap_root.glob("images/*/cache/*.data")} | \
-           {f.name.split(".")[0] for f in env.snap_root.glob("shared/cache/*.data")}
+    return {f.name.split(".")[0].split("-")[0] for f in env.snap_root.glob("images/*/cache/*.data")} | \
+           {f.name.split(".")[0].split("-")[0] for f in env.snap_root.glob("shared/cache/*.data")}
 
 
 @pytest.mark.parametrize("mode", ["dedicated", "shared"])

@@ -31,7 +31,8 @@ def _localfs_config(tmp_path, blobs):
     cfg.write_text(json.dumps({
         "device": {"backend": {"type": "localfs", "config": {"dir": str(blobs)}},
                    "cache": {"type": "blobcache", "config": {"work_dir": str(tmp_path / "cache")}}},
-        "mode": "direct", "digest_validate": False, "iostats_files": False, "enable_xattr": True}))
+        "mode": "direct", "digest_validate": False, "iostats_files": False, "enable_xattr": True,
+        "latest_read_files": True}))
     return cfg
 
 
@@ -48,7 +49,7 @@ def test_nydusd_docs_command_line_mounts(image, tmp_path):
         proc.terminate()
         assert proc.wait(15) == 0
     log = (tmp_path / "log").read_text()
-    assert "warning" in log and "digest_validate" in log       # said once, not ignored silently
+    assert "warning" in log and "latest_read_files" in log     # said once, not ignored silently
 
 
 def test_nydusd_fuse_subcommand_with_localfs_dir(image, tmp_path):

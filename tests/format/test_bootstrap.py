@@ -50,7 +50,7 @@ def test_roundtrip_attributes_names_and_chunks():
     assert bs.attr(bs.lookup(ROOT_INO, b"null")).rdev == 0x0103
     assert bs.attr(ROOT_INO).nlink == 3
     assert bs.lookup(ROOT_INO, b"nope") is None and bs.lookup(f, b"x") is None
-    assert bs.prefetch == [f]
+    assert list(bs.prefetch) == [f]
     assert bs.path_of(f) in ("/etc/zfile", "/etc/afile\\xfe")
 
 

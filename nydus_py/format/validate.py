@@ -1,0 +1,267 @@
+"""Load-time checks of a bootstrap's columns (the header fields are checked in bootstrap.py).
+
+Runs once per mount, before the mount, so it must cost little for 100k files: it works on
+whole columns with C-speed bytes operations (strided slices, translate, count, compare) and
+touches Python objects only per directory, per distinct name and per chunk, never per inode.
+Only the error path, which names the first bad record, loops in Python.
+
+Checked here, at load (a violation refuses the bootstrap with one line naming the record):
+  - every inode's type is valid, st_mode fits 16 bits, st_size fits a signed 64-bit value and
+    mtime in nanoseconds fits a signed 64-bit value; the root is a directory;
+  - chunks: the `blob` column partitions the table exactly as the blobs' chunk_start /
+    chunk_count say, flags are known, compressed sizes are at most MAX_CHUNK_SIZE, and a blob's
+    chunks lie back to back in order inside its uncompressed size (they are placed in the
+    blob's cache file at those offsets);
+  - the tree: directories' dirent ranges tile the dirent table without overlap; every dirent
+    names an inode that exists, with a name of 1..MAX_NAME_LEN bytes, inside `strings`, without
+    '/' or NUL and not '.' or '..'; every directory is listed by exactly one dirent, whose
+    directory is its `parent`; the root is nobody's child and no other directory is its own
+    parent. A walk from the root then reaches each directory once (two paths to a directory
+    would need two dirents naming it), so cycles and shared subtrees are impossible; files
+    may be listed many times (hardlinks);
+  - the prefetch list: at most one entry per inode (each entry is checked where it is used).
+Checked in O(1) where a record is used (bootstrap.py; a violation is EIO for that file):
+chunk sizes and offsets against chunk_size and the blob's sizes, chunk ids, a file's chunk
+refs against its size, symlink and xattr ranges and lengths.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+import stat
+import sys
+from array import array
+from collections.abc import Iterable, Sequence
+from itertools import accumulate
+
+from nydus_py.errors import FormatError
+from nydus_py.format import limits as L
+
+INODE_SIZE, DIRENT_SIZE, CHUNK_REC, XATTR_SIZE = 68, 12, 32, 16
+
+# mode byte 1 (bits 8..15) → file type class: d(ir) r(egular) l(ink) o(ther) x (invalid)
+_TYPES = bytearray(b"x" * 256)
+for _t, _c in ((stat.S_IFDIR, b"d"), (stat.S_IFREG, b"r"), (stat.S_IFLNK, b"l"),
+               (stat.S_IFCHR, b"o"), (stat.S_IFBLK, b"o"), (stat.S_IFIFO, b"o"),
+               (stat.S_IFSOCK, b"o")):
+    for _low in range(16):
+        _TYPES[(_t >> 8) | _low] = _c[0]
+_TYPES_TABLE = bytes(_TYPES)
+_DIR = re.compile(b"d")
+_HIGH_BIT = re.compile(b"[\x80-\xff]")
+
+
+def _col(mv: memoryview, stride: int, field: int) -> array:
+    """Field `field` (in u32 units) of every record of a u32-strided column, as an array."""
+    a = array("I")
+    if len(mv):
+        a.frombytes(mv.cast("I")[field::stride].tobytes())
+    if sys.byteorder != "little":
+        a.byteswap()
+    return a
+
+
+def _col64(mv: memoryview, rec: int, byte_off: int, n: int) -> array:
+    """A u64 field at `byte_off` of `n` records of `rec` bytes (rec a multiple of 8)."""
+    a = array("Q")
+    if n:
+        a.frombytes(mv[byte_off:byte_off + rec * (n - 1) + 8].cast("Q")[::rec // 8].tobytes())
+    if sys.byteorder != "little":
+        a.byteswap()
+    return a
+
+
+def _zero(raw: bytes, rec: int, byte_off: int, width: int) -> bool:
+    """Whether the `width` bytes at `byte_off` of every record of `raw` are zero."""
+    n = len(raw) // rec
+    return all(raw[byte_off + k::rec].count(0) == n for k in range(width))
+
+
+def _first(values: Iterable) -> int:
+    return next(i for i, bad in enumerate(values) if bad)
+
+
+def _fail(msg: str) -> FormatError:
+    return FormatError(f"bootstrap: {msg}")
+
+
+def check(*, blobs: Sequence, inodes: memoryview, dirents: memoryview, chunks: memoryview,
+          digests: memoryview, strings: memoryview, prefetch: memoryview) -> None:
+    n_chunks = len(chunks) // CHUNK_REC
+    _check_chunks(blobs, chunks, n_chunks)
+    if len(digests) != n_chunks * 32:
+        raise _fail(f"digests: {len(digests)} bytes for {n_chunks} chunks (32 each)")
+    types, parents = _check_inodes(inodes)
+    _check_tree(types, parents, inodes, dirents, strings)
+    n = len(types)
+    if len(prefetch) // 4 > n:
+        raise _fail(f"prefetch: {len(prefetch) // 4} entries for {n} inodes")
+    # Each entry's range is checked where it is used (prefetch.plan skips and counts an entry
+    # that names no inode): a pass over a list of 100k entries here would cost more than
+    # the whole tree check.
+
+
+def _check_chunks(blobs: Sequence, mv: memoryview, n: int) -> None:
+    total = 0
+    for i, b in enumerate(blobs):
+        if b.chunk_start != total:
+            raise _fail(f"blobs[{i}].chunk_start: {b.chunk_start}, expected {total} "
+                        "(a blob's chunks follow the previous blob's)")
+        total += b.chunk_count
+    if total != n:
+        raise _fail(f"blobs: chunk_count adds up to {total}, but the chunk table has {n} records")
+    if not n:
+        return
+    raw = mv.tobytes()      # strided slices of bytes are much faster than of a memoryview
+    for k in range(4):      # the blob column, byte by byte, against the blobs' ranges
+        want = b"".join(bytes([(i >> 8 * k) & 0xff]) * b.chunk_count for i, b in enumerate(blobs))
+        if raw[k::CHUNK_REC] != want:
+            i = _first(map(operator.ne, raw[k::CHUNK_REC], want))
+            raise _fail(f"chunk {i}: blob index {_col(mv, 8, 0)[i]} is not the blob whose "
+                        "chunk range holds it")
+    if not _zero(raw, CHUNK_REC, 15, 1):        # comp_size's top byte: < 16 MiB needs no pass
+        csize = _col(mv, 8, 3)
+        if max(csize) > L.MAX_CHUNK_SIZE:
+            i = csize.index(max(csize))
+            raise _fail(f"chunk {i}: compressed size {csize[i]} exceeds {L.MAX_CHUNK_SIZE}")
+    if not _zero(raw, CHUNK_REC, 29, 3) or max(raw[28::CHUNK_REC]) > 1:
+        flags = _col(mv, 8, 7)
+        i = _first(f > 1 for f in flags)
+        raise _fail(f"chunk {i}: unknown flags 0x{flags[i]:x}")
+    # A blob's chunks lie back to back, in order, inside its uncompressed size: they are
+    # written to the blob's cache file at these offsets (docs/format.md "Data blobs").
+    off, size = _col64(mv, CHUNK_REC, 16, n), _col(mv, 8, 6)
+    for bi, b in enumerate(blobs):
+        s, e = b.chunk_start, b.chunk_start + b.chunk_count
+        if s == e:
+            continue
+        if off[e - 1] + size[e - 1] > b.uncompressed_size:
+            raise _fail(f"chunk {e - 1}: bytes {off[e - 1]}+{size[e - 1]} beyond blob {bi}'s "
+                        f"uncompressed_size {b.uncompressed_size}")
+        expect = array("Q", accumulate(size[s:e - 1], initial=off[s]))
+        if expect != off[s:e]:
+            i = s + _first(map(operator.ne, expect, off[s:e]))
+            raise _fail(f"chunk {i}: uncompressed offset {off[i]}, expected {expect[i - s]} "
+                        f"(a blob's chunks lie back to back in order)")
+
+
+def _check_inodes(mv: memoryview) -> tuple[bytes, array]:
+    n = len(mv) // INODE_SIZE
+    if n < 1:
+        raise _fail("inodes: empty (no root directory)")
+    raw = mv.tobytes()
+    if not _zero(raw, INODE_SIZE, 2, 2):
+        i = _first(a or b for a, b in zip(raw[2::INODE_SIZE], raw[3::INODE_SIZE]))
+        raise _fail(f"inode {i + 1}: mode 0x{_col(mv, 17, 0)[i]:x} is not a 16-bit st_mode")
+    types = raw[1::INODE_SIZE].translate(_TYPES_TABLE)
+    bad = types.find(b"x")
+    if bad >= 0:
+        raise _fail(f"inode {bad + 1}: mode 0o{_col(mv, 17, 0)[bad]:o} has no valid file type")
+    if types[0] != ord("d"):
+        raise _fail("inode 1 (the root) is not a directory")
+    if _HIGH_BIT.search(raw[23::INODE_SIZE]):
+        i = _first(b >= 0x80 for b in raw[23::INODE_SIZE])
+        raise _fail(f"inode {i + 1}: size does not fit a signed 64-bit st_size")
+    # st_mtime_ns = sec * 10^9 + nsec must fit 64 bits signed; sec < 2^32 always does (nsec
+    # is a u32), so only inodes with a wider sec are looked at one by one.
+    if not _zero(raw, INODE_SIZE, 28, 4):
+        sec_lo, sec_hi, nsec = _col(mv, 17, 6), _col(mv, 17, 7), _col(mv, 17, 8)
+        for i in (k for k, h in enumerate(sec_hi) if h):
+            sec = (sec_hi[i] << 32) | sec_lo[i]
+            sec -= (sec >> 63) << 64
+            if not -(1 << 63) <= sec * 1_000_000_000 + nsec[i] < 1 << 63:
+                raise _fail(f"inode {i + 1}: mtime_sec {sec} out of range")
+    if not _zero(raw, INODE_SIZE, 52, 4):
+        i = _first(_col(mv, 17, 13))
+        raise _fail(f"inode {i + 1}: data_start does not fit 32 bits")
+    return types, _col(mv, 17, 11)
+
+
+def _check_tree(types: bytes, parents: array, inodes: memoryview, mv: memoryview,
+                strings: memoryview) -> None:
+    n, d = len(types), len(mv) // DIRENT_SIZE
+    start, count = _col(inodes, 17, 12), _col(inodes, 17, 14)
+    at = [m.start() for m in _DIR.finditer(types)]     # O(directories), not O(inodes)
+    dir_inos = [i + 1 for i in at]
+    dstart, dcount = list(map(start.__getitem__, at)), list(map(count.__getitem__, at))
+    # The directories' ranges tile [0, d) without overlap; owner[j] = the directory of dirent j.
+    owner = array("I", bytes(4 * d))
+    covered = 0
+    for k in sorted(range(len(dir_inos)), key=dstart.__getitem__):
+        s, c = dstart[k], dcount[k]
+        if not c:
+            continue
+        if s < covered:
+            raise _fail(f"inode {dir_inos[k]}: dirents {s}+{c} overlap another directory's")
+        if s > covered:
+            break
+        if s + c > d:
+            raise _fail(f"inode {dir_inos[k]}: dirents {s}+{c} beyond the dirent table ({d})")
+        owner[s:s + c] = array("I", [dir_inos[k]]) * c
+        covered = s + c
+    if covered != d:
+        raise _fail(f"dirents: record {covered} belongs to no directory")
+    if parents[0] > 1:
+        raise _fail(f"inode 1 (the root): parent {parents[0]}, expected 0 or 1")
+    for i, p in zip(dir_inos[1:], map(parents.__getitem__, at[1:])):
+        if i == p:
+            raise _fail(f"inode {i}: a directory that is its own parent")
+    if not d:
+        return
+    raw = mv.tobytes()
+    ino = _col(mv, 3, 2)
+    try:        # the type class of every child: 0 maps to b"x", > n raises
+        child_types = bytes(map((b"x" + types).__getitem__, ino))
+    except IndexError:
+        child_types = b""
+    if len(child_types) != d or b"x" in child_types:
+        i = _first(not 1 <= x <= n for x in ino)
+        raise _fail(f"dirent {i} (in directory {owner[i]}): inode {ino[i]} out of range (1..{n})")
+    if not (_zero(raw, DIRENT_SIZE, 5, 3) and raw[4::DIRENT_SIZE].count(0) == 0):
+        ln = _col(mv, 3, 1)
+        i = _first(not 1 <= x <= L.MAX_NAME_LEN for x in ln)
+        raise _fail(f"dirent {i} (in directory {owner[i]}): name of {ln[i]} bytes "
+                    f"(1..{L.MAX_NAME_LEN})")
+    _check_names(mv, owner, strings)
+    # every directory listed once, by the directory its `parent` names; never the root
+    at = [m.start() for m in _DIR.finditer(child_types)]
+    kids = list(map(ino.__getitem__, at))
+    if 1 in kids:
+        i = ino.index(1)
+        raise _fail(f"dirent {i} (in directory {owner[i]}): the root directory listed as a child")
+    if len(set(kids)) != len(kids):
+        seen: set[int] = set()
+        for c in kids:
+            if c in seen:
+                raise _fail(f"inode {c}: a directory listed by more than one dirent")
+            seen.add(c)
+    listers = list(map(owner.__getitem__, at))
+    got = list(map(parents.__getitem__, [c - 1 for c in kids]))
+    if got != listers:
+        k = _first(map(operator.ne, got, listers))
+        raise _fail(f"inode {kids[k]}: a directory with parent {got[k]} listed in "
+                    f"directory {listers[k]}")
+
+
+def _check_names(mv: memoryview, owner: array, strings: memoryview) -> None:
+    """Each distinct (offset, length) once: inside `strings`, no '/' or NUL, not '.' or '..'."""
+    s = strings.tobytes()
+    d = len(mv) // DIRENT_SIZE
+    if sys.byteorder == "little":
+        # name_off | name_len << 32 as one u64 per dirent (even and odd records are 8-aligned
+        # from offsets 0 and 12): a set of ints, no tuples
+        distinct: set[int] = set()
+        for first, k in ((0, (d + 1) // 2), (DIRENT_SIZE, d // 2)):
+            if k:
+                distinct.update(mv[first:first + 24 * (k - 1) + 8].cast("Q")[::3])
+        items: Iterable[tuple[int, int]] = ((p & 0xFFFFFFFF, p >> 32) for p in distinct)
+    else:
+        items = set(zip(_col(mv, 3, 0), _col(mv, 3, 1)))
+    for o, n in items:
+        name = s[o:o + n]
+        if len(name) != n or b"/" in name or b"\0" in name or name == b"." or name == b"..":
+            off, ln = _col(mv, 3, 0), _col(mv, 3, 1)
+            i = _first(a == o and b == n for a, b in zip(off, ln))
+            what = "beyond strings" if len(name) != n else f"invalid name {name!r}"
+            raise _fail(f"dirent {i} (in directory {owner[i]}): {what}")
