@@ -237,11 +237,12 @@ def _request(args) -> MountRequest:
         raise _Unsupported("--mountpoint without --bootstrap (pseudo mounts added later through "
                            "the API), because each image is its own FUSE mount here: run "
                            "`nydusd serve --apisock S` and POST /api/v1/mount?mountpoint=DIR")
-    if args.push_prefetch or args.no_learned_prefetch:
+    # the Nydus-form command line has no learned-prefetch flags (its config has the keys)
+    push, no_learned = getattr(args, "push_prefetch", False), getattr(args, "no_learned_prefetch", False)
+    if push or no_learned:
         import dataclasses
         lp = cfg.learned_prefetch
-        lp = dataclasses.replace(lp, push=lp.push or args.push_prefetch,
-                                 enable=lp.enable and not args.no_learned_prefetch)
+        lp = dataclasses.replace(lp, push=lp.push or push, enable=lp.enable and not no_learned)
         cfg = dataclasses.replace(cfg, learned_prefetch=lp)
     prefetch_files: tuple[str, ...] = ()
     if args.prefetch_files:
