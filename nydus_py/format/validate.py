@@ -163,15 +163,12 @@ def _check_inodes(mv: memoryview) -> tuple[bytes, array]:
     if _HIGH_BIT.search(raw[23::INODE_SIZE]):
         i = _first(b >= 0x80 for b in raw[23::INODE_SIZE])
         raise _fail(f"inode {i + 1}: size does not fit a signed 64-bit st_size")
-    # st_mtime_ns = sec * 10^9 + nsec must fit 64 bits signed; sec < 2^32 always does (nsec
-    # is a u32), so only inodes with a wider sec are looked at one by one.
-    if not _zero(raw, INODE_SIZE, 28, 4):
-        sec_lo, sec_hi, nsec = _col(mv, 17, 6), _col(mv, 17, 7), _col(mv, 17, 8)
-        for i in (k for k, h in enumerate(sec_hi) if h):
-            sec = (sec_hi[i] << 32) | sec_lo[i]
-            sec -= (sec >> 63) << 64
-            if not -(1 << 63) <= sec * 1_000_000_000 + nsec[i] < 1 << 63:
-                raise _fail(f"inode {i + 1}: mtime_sec {sec} out of range")
+    # Any i64 mtime_sec is valid: PAX times before 1678 and after 2262 are kept exactly
+    # (converter/tar), and pyfuse3 takes st_mtime_ns as a Python int of any size.
+    nsec = _col(mv, 17, 8)
+    if nsec and max(nsec) >= 1_000_000_000:
+        i = nsec.index(max(nsec))
+        raise _fail(f"inode {i + 1}: mtime_nsec {nsec[i]} is not below 10^9")
     if not _zero(raw, INODE_SIZE, 52, 4):
         i = _first(_col(mv, 17, 13))
         raise _fail(f"inode {i + 1}: data_start does not fit 32 bits")
