@@ -43,6 +43,7 @@ import trio
 
 from nydus_py.cache import safedir
 from nydus_py.daemon import api as api_mod
+from nydus_py.daemon import forkserver
 from nydus_py.daemon.api import ApiError, Request, Response, json_response
 from nydus_py.errors import ConfigError
 
@@ -109,7 +110,7 @@ class Child:
     log_file: str
     err_file: str
     source: str
-    proc: _ChildProcess | None = None
+    proc: _ChildProcess | forkserver.ForkedChild | None = None
     state: str = "STARTING"       # STARTING, RUNNING, RESTARTING, STOPPING, FAILED
     restarts: int = 0
     started: float = field(default_factory=time.time)
@@ -143,12 +144,24 @@ class Supervisor:
         self._seq = 0
         self._exit = None
         self._nursery = None
+        # Mount children are forked from a pre-imported process (daemon/forkserver.py) unless
+        # NYDUS_PY_NO_FORKSERVER=1; they start ~0.2 s sooner than a new interpreter.
+        self.use_forkserver = os.environ.get("NYDUS_PY_NO_FORKSERVER", "") != "1"
+        self._forkserver: forkserver.ForkServer | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     def run(self) -> None:
         try:
+            if self.use_forkserver:     # before trio: the server must be forked thread-free
+                self._forkserver = forkserver.ForkServer.start()
             trio.run(self._main)
         finally:
+            if self._forkserver is not None:
+                self._forkserver.close()
+                try:
+                    os.waitpid(self._forkserver.pid, 0)
+                except ChildProcessError:
+                    pass
             if self._own_state:
                 shutil.rmtree(self.state_dir, ignore_errors=True)
 
@@ -157,6 +170,8 @@ class Supervisor:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if self._forkserver is not None:
+                    await nursery.start(self._forkserver.run)
                 await nursery.start(api_mod.serve_unix, self.apisock, self.handle)
                 log.info("nydusd %s serving API on %s (cache %s)", self.id, self.apisock,
                          self.cache_dir)
@@ -234,8 +249,7 @@ class Supervisor:
                 pass
         err = await trio.to_thread.run_sync(lambda: open(_create(child.err_file), "wb"))
         try:
-            child.proc = _ChildProcess(child.argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                                       preexec_fn=_die_with_parent)
+            child.proc = await self._start_process(child, err)
         finally:
             err.close()
         child.exited = trio.Event()
@@ -252,9 +266,21 @@ class Supervisor:
                         return
                 except (OSError, trio.TooSlowError, ValueError):
                     pass
-            await trio.sleep(0.05)
+            # mount-ready is ~0.05-0.1 s with the fork server: poll finely at first
+            await trio.sleep(0.005 if trio.current_time() + READY_TIMEOUT - deadline < 1 else 0.05)
         child.proc.terminate()
         raise ApiError(500, "MountFailed", f"{child.mountpoint}: not ready after {READY_TIMEOUT}s")
+
+    async def _start_process(self, child: Child, err) -> _ChildProcess | forkserver.ForkedChild:
+        fs = self._forkserver
+        if fs is not None and fs.alive and child.argv[1:3] == ["-m", "nydus_py.daemon.cli"]:
+            try:
+                return await fs.spawn(child.argv[3:], err.fileno())
+            except OSError as e:
+                log.warning("fork server unavailable (%s); starting %s with a new interpreter",
+                            e, child.mountpoint)
+        return _ChildProcess(child.argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                             preexec_fn=_die_with_parent)
 
     def _child_error(self, child: Child) -> str:
         try:
@@ -265,7 +291,7 @@ class Supervisor:
         msg = lines[-1].removeprefix("nydusd: error: ") if lines else "exited before it was ready"
         return f"mount of {child.source} at {child.mountpoint} failed: {msg}"
 
-    async def _watch(self, child: Child, proc: _ChildProcess) -> None:
+    async def _watch(self, child: Child, proc: _ChildProcess | forkserver.ForkedChild) -> None:
         code = await proc.wait()
         child.exited.set()
         if child.stopping or child.state == "STARTING" or self.state != "RUNNING":

@@ -1,0 +1,103 @@
+"""`nydusd serve` forks its mounts from a pre-imported process (daemon/forkserver.py): the
+mount runs without a new interpreter, behaves like one started with exec, and dies with its
+daemon."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from nydus_py.daemon.api import call_sync, get_json
+from tests.e2e.test_daemon_ops import force_unmount, image, mounted, nydusd_cmd, read_all, wait_for  # noqa: F401
+
+pytestmark = pytest.mark.e2e
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
+
+
+def _serve(tmp_path: Path, env: dict | None = None) -> tuple[subprocess.Popen, Path, Path]:
+    sock, log = tmp_path / "sup.sock", tmp_path / "sup.log"
+    with open(log, "wb") as out:
+        sup = subprocess.Popen([*nydusd_cmd(), "serve", "--apisock", str(sock), "--cache-dir",
+                                str(tmp_path / "cache"), "--state-dir", str(tmp_path / "state")],
+                               stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               env={**os.environ, **(env or {})})
+    wait_for(sock.exists, "supervisor socket", log=log)
+    return sup, sock, log
+
+
+def _mount(sock: Path, mnt: Path, root: Path) -> dict:
+    mnt.mkdir()
+    st, info = get_json(str(sock), f"/api/v1/mount?mountpoint={mnt}", "POST",
+                        {"bootstrap": str(root / "bootstrap"), "blob_dir": str(root / "blobs")})
+    assert st == 200 and info["state"] == "RUNNING", info
+    return info
+
+
+def test_serve_forks_mounts_from_the_fork_server_and_they_die_with_the_daemon(tmp_path, image):
+    root, built = image
+    sup, sock, log = _serve(tmp_path)
+    m1, m2 = tmp_path / "m1", tmp_path / "m2"
+    try:
+        info = _mount(sock, m1, root)
+        info2 = _mount(sock, m2, root)
+        pid = info["pid"]
+        server = _ppid(pid)
+        assert server != sup.pid and _ppid(server) == sup.pid      # forked by the server
+        assert _ppid(info2["pid"]) == server
+        assert _comm(pid) == "nydusd-mount"
+        read_all(m1, built)
+        read_all(m2, built)
+        # a failing mount reports its own error line through the server, as an exec'd one does
+        st, bad = get_json(str(sock), f"/api/v1/mount?mountpoint={tmp_path / 'm3'}", "POST",
+                           {"source": f"oci:{tmp_path}/none:v1"})
+        assert st == 500 and "none" in bad["message"], bad
+        # exit codes come back through the server: a killed mount is restarted
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: any(x["state"] == "RUNNING" and x["restarts"] == 1 and x["pid"] != pid
+                             for x in get_json(str(sock), "/api/v1/mount")[1]
+                             if x["mountpoint"] == str(m1)), "restart", log=log)
+        read_all(m1, built)
+        assert call_sync(str(sock), "DELETE", f"/api/v1/mount?mountpoint={m2}")[0] == 204
+        assert not mounted(m2)
+        # the daemon killed outright: server and mounts follow (parent-death signals)
+        sup.kill()
+        sup.wait(30)
+        wait_for(lambda: not mounted(m1), "mount to go away with its daemon", log=log)
+        wait_for(lambda: not os.path.exists(f"/proc/{server}"), "fork server to exit", log=log)
+    finally:
+        if sup.poll() is None:
+            sup.terminate()
+            sup.wait(30)
+        force_unmount(m1)
+        force_unmount(m2)
+
+
+def test_without_the_fork_server_mounts_are_new_interpreters(tmp_path, image):
+    root, built = image
+    sup, sock, log = _serve(tmp_path, {"NYDUS_PY_NO_FORKSERVER": "1"})
+    m1 = tmp_path / "m1"
+    try:
+        info = _mount(sock, m1, root)
+        assert _ppid(info["pid"]) == sup.pid
+        read_all(m1, built)
+        assert call_sync(str(sock), "PUT", "/api/v1/daemon/exit")[0] == 204
+        assert sup.wait(30) == 0
+        assert not mounted(m1)
+    finally:
+        if sup.poll() is None:
+            sup.terminate()
+            sup.wait(30)
+        force_unmount(m1)
