@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 APT_PKGS=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv umoci busybox-static skopeo docker-registry zstd
-          containerd runc stargz-snapshotter curl)
+          containerd runc stargz-snapshotter curl patch)
 missing=()
 for p in "${APT_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then
@@ -20,6 +20,21 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -e '.[test]'
   touch "$stamp"
+fi
+# pyfuse3 built from its PyPI sdist with a two-line patch (scripts/pyfuse3-fh-zero-is-inode.patch;
+# why: docs/architecture.md, "pyfuse3 patch"): read()/readdir() get the inode when the kernel sends
+# no OPEN/OPENDIR (no_open), which saves two round trips per opened file. Cython, setuptools and
+# setuptools_scm come from PyPI (build isolation), libfuse3-dev/gcc/pkg-config from APT_PKGS.
+PYFUSE3_VERSION=$(.venv/bin/python -c "from importlib.metadata import version; print(version('pyfuse3'))" | cut -d+ -f1)
+if ! .venv/bin/python -c "import pyfuse3, sys; sys.exit(0 if getattr(pyfuse3, 'FH_ZERO_IS_INODE', 0) else 1)"; then
+  echo "setup: building pyfuse3 $PYFUSE3_VERSION with scripts/pyfuse3-fh-zero-is-inode.patch" >&2
+  src=$(mktemp -d)
+  trap 'rm -rf "$src"' EXIT
+  .venv/bin/pip download -q --no-binary pyfuse3 --no-deps "pyfuse3==$PYFUSE3_VERSION" -d "$src"
+  tar -xzf "$src/pyfuse3-$PYFUSE3_VERSION.tar.gz" -C "$src"
+  patch -s -p1 -d "$src/pyfuse3-$PYFUSE3_VERSION" < scripts/pyfuse3-fh-zero-is-inode.patch
+  SETUPTOOLS_SCM_PRETEND_VERSION="$PYFUSE3_VERSION+nydus.fh0" \
+    .venv/bin/pip install -q --no-deps --force-reinstall "$src/pyfuse3-$PYFUSE3_VERSION"
 fi
 # An editable install gets no .pyc files from pip, and with PYTHONDONTWRITEBYTECODE set every
 # `nydusd mount` would compile nydus_py from source again: ~0.1 s of each mount's start-up.

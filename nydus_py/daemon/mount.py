@@ -107,9 +107,11 @@ def mount_fstype(path: str) -> str | None:
 
 
 def is_stale(path: str) -> bool:
-    """A FUSE mount whose daemon is gone: listing it fails with ENOTCONN."""
+    """A FUSE mount whose daemon is gone: statfs fails with ENOTCONN. statfs, because the kernel
+    always asks the daemon for it, while attributes, directory listings (no_opendir) and file
+    pages of a mount may be answered from the kernel's caches after the daemon died."""
     try:
-        os.listdir(path)
+        os.statvfs(path)
     except OSError as e:
         return e.errno == errno.ENOTCONN
     return False

@@ -4,7 +4,8 @@ Only `FUSEError` leaves a handler: `FsError` becomes its errno, and anything une
 logged with a traceback and answered with EIO, so a bug costs one request, not the daemon.
 The image is immutable, hence long entry/attr timeouts (negative lookups are cached too) and
 `keep_cache` on open: after the first read the kernel page cache serves the data.
-File and directory handles are the inode number itself; there is no per-open state.
+File and directory handles are the inode number itself; there is no per-open state, so with a
+patched pyfuse3 (NO_OPEN below) the kernel is told to skip OPEN/OPENDIR altogether.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ from nydus_py.fs.vfs import FsError, Stat, Vfs
 log = logging.getLogger(__name__)
 
 TIMEOUT = 86400.0  # seconds; nothing in the image ever changes
+# pyfuse3 built with scripts/pyfuse3-fh-zero-is-inode.patch passes the inode as `fh` to read()
+# and readdir() when the kernel sent no OPEN/OPENDIR. Only then can OPEN/OPENDIR answer ENOSYS,
+# which makes the kernel stop sending OPEN/RELEASE and OPENDIR/RELEASEDIR for the rest of the
+# mount (fc->no_open, fc->no_opendir), keep file pages (FOPEN_KEEP_CACHE) and cache directory
+# listings (FOPEN_CACHE_DIR). See docs/architecture.md, "pyfuse3 patch".
+NO_OPEN = bool(getattr(pyfuse3, "FH_ZERO_IS_INODE", False))
 
 
 def _guard(fn):
@@ -77,9 +84,10 @@ class NydusOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, vfs: Vfs):
+    def __init__(self, vfs: Vfs, *, no_open: bool = NO_OPEN):
         super().__init__()
         self.vfs = vfs
+        self.no_open = no_open
 
     @_guard
     async def lookup(self, parent_inode, name, ctx=None):
@@ -105,6 +113,8 @@ class NydusOperations(pyfuse3.Operations):
     @_guard
     async def opendir(self, inode, ctx=None):
         self.vfs.getattr(inode)
+        if self.no_open:    # "no opendir handler": readdir gets fh 0, which pyfuse3 maps to inode
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         return inode
 
     @_guard
@@ -120,6 +130,10 @@ class NydusOperations(pyfuse3.Operations):
     @_guard
     async def open(self, inode, flags, ctx=None):
         self.vfs.open(inode, flags)
+        if self.no_open:
+            # The open is allowed; ENOSYS says so for this and every later open of the mount
+            # (the ro mount refuses write opens before they reach us).
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         fi = pyfuse3.FileInfo(fh=inode)
         fi.keep_cache = True
         fi.direct_io = False

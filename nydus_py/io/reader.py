@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_AMPLIFY_IO = 1 << 20
 DEFAULT_MAX_GAP = 16 << 10
+DEFAULT_READAHEAD_WINDOW = 8 << 20  # per-file sequential readahead cap, bytes (0: off)
+SEQ_FILES = 1024                    # files whose read position is tracked (LRU)
 
 Key = tuple[int, int]           # (blob index, chunk index within the blob)
 Want = tuple[Chunk, int, int]   # a chunk and the span [lo, hi) of it a request needs
@@ -85,7 +87,8 @@ class FileReader:
 
     def __init__(self, bootstrap: Bootstrap, backend: BlobBackend, cache: ChunkCache, *,
                  limiter: trio.CapacityLimiter, amplify_io: int = DEFAULT_AMPLIFY_IO,
-                 max_gap: int = DEFAULT_MAX_GAP, metrics: Metrics | None = None):
+                 max_gap: int = DEFAULT_MAX_GAP, metrics: Metrics | None = None,
+                 readahead_window: int = DEFAULT_READAHEAD_WINDOW):
         if bootstrap.digester != "sha256":
             raise FormatError(f"bootstrap: chunk digester {bootstrap.digester!r} is not supported "
                               "(only sha256)")
@@ -97,6 +100,12 @@ class FileReader:
         self.max_gap = max(max_gap, 0)
         self._handles: list[int | None] = [None] * len(bootstrap.blobs)
         self._inflight: dict[Key, _Flight] = {}
+        # Per-file sequential readahead (see _window): ino -> [next file chunk, window chunks].
+        self.readahead_window = max(readahead_window, 0)
+        self._seq: dict[int, list[int]] = {}
+        # Background readahead gets half the worker slots, so foreground misses never queue
+        # behind a window of readahead ranges.
+        self._ra_limiter = trio.CapacityLimiter(max(1, int(limiter.total_tokens) // 2))
         m = (metrics or Metrics()).fs
         self._m_reads = m.counter("read_count")
         self._m_read_bytes = m.counter("read_bytes")
@@ -123,6 +132,7 @@ class FileReader:
         plan = self._plan(ino, offset, size)
         if not plan:
             return b""
+        nxt, win = self._sequential(ino, offset, offset + size) if self.readahead_window else (0, 0)
         # One want per distinct chunk (a file may repeat a chunk): the span of it we need.
         wants: dict[Key, Want] = {}
         for c, a, b in plan:
@@ -138,6 +148,8 @@ class FileReader:
             missing = [w for k, w in wants.items() if k not in got]
             if missing:
                 self._m_misses.inc(len(missing))
+                if win:
+                    self._read_ahead(ino, nxt, win)
                 await self._resolve(missing, got)
         except NydusError as e:
             raise self._with_path(e, ino) from e
@@ -176,6 +188,62 @@ class FileReader:
                                   f"{min(cs, fsize - base)} at file offset {base}")
             plan.append((c, max(offset - base, 0), min(end - base, c.size)))
         return plan
+
+    # -- per-file sequential readahead -------------------------------------------------------
+    def _sequential(self, ino: int, offset: int, end: int) -> tuple[int, int]:
+        """Tracks where each file's last read ended; returns (the file chunk after this read,
+        the readahead window in chunks: 0 unless this read continues the file's last one)."""
+        cs = self.bootstrap.chunk_size
+        k0, k1 = offset // cs, (min(end, self.bootstrap.attr(ino).size) - 1) // cs
+        st = self._seq.pop(ino, None)
+        if st is not None and k0 in (st[0] - 1, st[0]):    # continues the last read
+            win = min(max(2, st[1] * 2), max(self.readahead_window // cs, 1))
+        else:
+            win = 0
+        self._seq[ino] = [k1 + 1, win]
+        if len(self._seq) > SEQ_FILES:
+            del self._seq[next(iter(self._seq))]
+        # Below chunk 2 the kernel's own readahead (read_ahead_kb, one chunk) is enough: `head`
+        # or a header read of a big file must not pull more of it.
+        return k1 + 1, win if k0 >= 2 else 0
+
+    def _read_ahead(self, ino: int, nxt: int, win: int) -> None:
+        """On a miss in a sequentially read file: fetch its next `win` chunks in the
+        background, concurrently (one range of at most amplify_io per worker slot, half of
+        the slots). Once a file has been read sequentially past its first two chunks the window
+        is 2+ chunks and doubles while reads stay sequential, up to `readahead_window` bytes;
+        a read elsewhere in the file (the page-ins of a mapped library) resets it and fetches
+        nothing extra, so only proven-sequential reads over-fetch. Chunks read ahead are flights like any other: a read that needs one
+        waits for it instead of fetching it again."""
+        bs = self.bootstrap
+        ids = bs.file_chunk_ids(ino)
+        mine: dict[Key, Chunk] = {}
+        for c in self.uncached([bs.chunk(i) for i in ids[nxt:nxt + win]]):
+            mine.setdefault((c.blob, c.index), c)
+        if not mine:
+            return
+        owned = {key: _Flight() for key in mine}
+        self._inflight.update(owned)
+        ranges = plan_ranges(list(mine.values()), max_gap=self.max_gap,
+                             limit=max(self.amplify_io, 1))
+        self._m_readahead.inc(len(owned))
+        trio.lowlevel.spawn_system_task(self._background, ranges, owned)
+
+    async def _background(self, ranges: list[Range], owned: dict[Key, _Flight]) -> None:
+        """Fetches readahead ranges concurrently; never raises (a system task must not)."""
+        errors: list[BaseException] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                for r in ranges:
+                    r.readahead = len(r.chunks)         # nobody asked: results are not kept
+                    nursery.start_soon(self._fetch_range, r, owned, {}, errors, self._ra_limiter)
+        except Exception as e:  # noqa: BLE001 (a system task's error would end the mount)
+            errors.append(e)
+        finally:
+            for key, f in owned.items():
+                self._settle(key, f, None, _Interrupted())
+        if errors:  # the chunks stay missing; a read that needs one fetches it (and reports)
+            log.debug("readahead failed: %s", errors[0])
 
     # -- background prefetch (io/prefetch.py drives it) ----------------------------------------
     def uncached(self, chunks: Sequence[Chunk]) -> list[Chunk]:

@@ -51,10 +51,22 @@ def test_getattr_of_unknown_inode_is_enoent(ops):
 
 
 def test_open_keeps_page_cache_and_refuses_writes(ops):
+    ops.no_open = False     # pyfuse3 without the fh-zero patch
     ino = run(ops.lookup, ROOT_INO, b"big", None).st_ino
     fi = run(ops.open, ino, os.O_RDONLY, None)
     assert fi.fh == ino and fi.keep_cache and not fi.direct_io
     assert fuse_errno(ops.open, ino, os.O_RDWR, None) == errno.EROFS
+
+
+def test_no_open_answers_enosys_after_the_checks_and_reads_by_inode(ops):
+    """With the patched pyfuse3: ENOSYS means "opened; stop sending OPEN" to the kernel, so
+    the checks still come first; read() and readdir() then get the inode as fh."""
+    ops.no_open = True
+    ino = run(ops.lookup, ROOT_INO, b"big", None).st_ino
+    assert fuse_errno(ops.open, ino, os.O_RDONLY, None) == errno.ENOSYS
+    assert fuse_errno(ops.open, ino, os.O_RDWR, None) == errno.EROFS
+    assert fuse_errno(ops.opendir, ROOT_INO, None) == errno.ENOSYS
+    assert run(ops.read, ino, 0, 5) == run(ops.vfs.read, ino, 0, 5) != b""
 
 
 @pytest.mark.parametrize("name, args", [

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from nydus_py.cache import chunk_cache as cc
 from nydus_py.cache.chunk_cache import ChunkCache
@@ -37,7 +38,8 @@ def incompressible(n: int, seed: int) -> bytes:
 
 class Image:
     def __init__(self, tmp: Path, files: dict[str, bytes], *, compressor="zstd", chunk_size=CS,
-                 amplify_io=1 << 20, wrap=None, limiter_tokens=4, work_dir=None):
+                 amplify_io=1 << 20, wrap=None, limiter_tokens=4, work_dir=None,
+                 readahead_window=8 << 20):
         self.tmp = tmp
         self.built = build(files, chunk_size=chunk_size, compressor=compressor)
         self.built.write(tmp / "blobs", tmp / "bootstrap")
@@ -49,7 +51,8 @@ class Image:
         self.cache = ChunkCache(work_dir or tmp / "cache", metrics=self.metrics)
         self.limiter = trio.CapacityLimiter(limiter_tokens)
         self.reader = FileReader(self.bs, backend, self.cache, limiter=self.limiter,
-                                 amplify_io=amplify_io, metrics=self.metrics)
+                                 amplify_io=amplify_io, metrics=self.metrics,
+                                 readahead_window=readahead_window)
 
     def ino(self, path: str) -> int:
         ino = ROOT_INO
@@ -137,6 +140,57 @@ def test_amplify_io_reads_ahead_over_following_uncached_chunks(tmp_path):
     assert img.requests == 1                                 # all from the cache
     assert img.read("f", 8 * CS, 8 * CS) == data[8 * CS:]
     assert img.requests == 2
+
+
+def test_sequential_reads_fetch_the_files_next_chunks_in_the_background_concurrently(tmp_path):
+    data = incompressible(16 * CS, 22)
+    img = Image(tmp_path, {"f": data}, amplify_io=CS, limiter_tokens=8)
+    ino = img.ino("f")
+    seen = []
+
+    async def main():
+        r = img.reader
+        for k in range(3):                  # chunk 2, the third sequential read, opens a window
+            assert await r.read(ino, k * CS, CS) == data[k * CS:(k + 1) * CS]
+        for f in list(r._inflight.values()):    # the readahead flights, started by the miss
+            await f.event.wait()
+        seen.append(img.requests)
+        chunks = img.chunks_of("f")
+        assert r.uncached(chunks[3:7]) == [] and r.uncached(chunks[7:8]) == chunks[7:8]
+        assert await r.read(ino, 3 * CS, 4 * CS) == data[3 * CS:7 * CS]
+        seen.append(img.requests)
+    trio.run(main)
+    # a window of 4 chunks (2, doubled by the second sequential read) as 4 one-chunk ranges
+    # (amplify_io); reading them afterwards costs no request
+    assert seen == [3 + 4, 3 + 4]
+    assert img.metrics.fs.value("readahead_chunks") == 4
+
+
+def test_reads_that_jump_around_a_file_read_nothing_ahead(tmp_path):
+    data = incompressible(16 * CS, 23)
+    img = Image(tmp_path, {"f": data}, amplify_io=CS)
+    ino = img.ino("f")
+
+    async def main():
+        for k in (8, 3, 12, 6, 14):         # page-ins of a mapped library, say
+            assert await img.reader.read(ino, k * CS, 100) == data[k * CS:k * CS + 100]
+        await trio.testing.wait_all_tasks_blocked()
+    trio.run(main)
+    assert img.requests == 5 and img.fetched == 5 * CS
+    assert img.metrics.fs.value("readahead_chunks") == 0
+
+
+def test_readahead_window_zero_turns_the_file_window_off(tmp_path):
+    data = incompressible(16 * CS, 24)
+    img = Image(tmp_path, {"f": data}, amplify_io=CS, readahead_window=0)
+    ino = img.ino("f")
+
+    async def main():
+        for k in range(6):
+            assert await img.reader.read(ino, k * CS, CS) == data[k * CS:(k + 1) * CS]
+        await trio.testing.wait_all_tasks_blocked()
+    trio.run(main)
+    assert img.requests == 6 and img.metrics.fs.value("readahead_chunks") == 0
 
 
 class SlowBackend:
