@@ -71,3 +71,59 @@ def timed_cmd(argv: list[str]) -> float:
     t0 = time.perf_counter()
     subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
     return time.perf_counter() - t0
+
+
+def concurrent_random_reads(root: Path, samples: list[tuple[str, int]], threads: int = 32) -> dict:
+    """`threads` readers, each opening its share of `samples` and doing one 4 KiB pread per
+    file, all started together. p50/p99 over every pread, and per reader: the slowest
+    reader's p99 and total time against the fastest's (a starved reader shows there)."""
+    import threading
+    shares = [samples[i::threads] for i in range(threads)]
+    lats: list[list[float]] = [[] for _ in range(threads)]
+    spans = [0.0] * threads
+    go = threading.Event()
+
+    def reader(i: int) -> None:
+        go.wait()
+        t_start = time.perf_counter()
+        for rel, off in shares[i]:
+            fd = os.open(os.path.join(root, rel), os.O_RDONLY)
+            try:
+                t0 = time.perf_counter()
+                os.pread(fd, 4096, off)
+                lats[i].append(time.perf_counter() - t0)
+            finally:
+                os.close(fd)
+        spans[i] = time.perf_counter() - t_start
+
+    ts = [threading.Thread(target=reader, args=(i,)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    t0 = time.perf_counter()
+    go.set()
+    for t in ts:
+        t.join()
+    wall = time.perf_counter() - t0
+    every = sorted(x for lat in lats for x in lat)
+
+    def pct(xs, q):
+        return xs[min(len(xs) - 1, int(len(xs) * q))] * 1e6
+
+    per_p99 = [pct(sorted(lat), 0.99) for lat in lats if lat]
+    return {"p50_us": pct(every, 0.5), "p99_us": pct(every, 0.99), "n": len(every), "threads": threads,
+            "seconds": wall, "ops_s": len(every) / wall if wall else None,
+            "worst_reader_p99_us": max(per_p99), "slowest_reader_s": max(spans), "fastest_reader_s": min(spans)}
+
+
+def chroot_start(root: Path, argv: list[str], times: int = 2) -> list[float]:
+    """Wall time of running `argv` chrooted into `root`, `times` times in a row (the first
+    start pays for page-ins, later ones show the per-exec cost of the filesystem)."""
+    import shutil
+    chroot = shutil.which("chroot") or "/usr/sbin/chroot"
+    out = []
+    for _ in range(times):
+        t0 = time.perf_counter()
+        subprocess.run([chroot, str(root), *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       check=True, env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/"})
+        out.append(time.perf_counter() - t0)
+    return out

@@ -92,8 +92,8 @@ def tables(res: dict) -> tuple[str, list[tuple[str, str, bool | None]]]:
             if state in ("warm", "hot") and ny and na:
                 want = 0.5 if state == "warm" else 0.9
                 targets.append((f"{state} sequential ≥{want}× native", f"{ny / na:.2f}×", ny / na >= want))
-            if state in ("warm", "hot") and ny and ra:
-                targets.append((f"{state} sequential ahead of ratarmount", f"{ny / ra:.2f}×", ny > ra))
+            if state == "warm" and ny and ra:       # issue 10: ≥2× ratarmount warm
+                targets.append(("warm sequential ≥2× ratarmount", f"{ny / ra:.2f}×", ny >= 2 * ra))
         md.append("")
         md.append(f"| random 4 KiB pread ({rp['samples']} samples) | nydus-py p50/p99 µs | native p50/p99 µs | "
                   f"ratarmount p50/p99 µs |")
@@ -105,6 +105,29 @@ def tables(res: dict) -> tuple[str, list[tuple[str, str, bool | None]]]:
                 cells.append(f"{_f(m['p50_us'], 0)} / {_f(m['p99_us'], 0)}" if m else "–")
             md.append(f"| {state} | " + " | ".join(cells) + " |")
         md.append("")
+        cn, cl = med.get("nydus", {}).get("conc_warm"), med.get("native", {}).get("conc_warm")
+        if cn:
+            md.append("| 32 concurrent readers, random 4 KiB pread, warm | p50 µs | p99 µs | "
+                      "slowest reader's p99 µs | preads/s | slowest / fastest reader s |")
+            md.append("|---|---:|---:|---:|---:|---:|")
+            for name, m in (("nydus-py", cn), ("native", cl)):
+                if m:
+                    md.append(f"| {name} | {_f(m['p50_us'], 0)} | {_f(m['p99_us'], 0)} | "
+                              f"{_f(m['worst_reader_p99_us'], 0)} | {_f(m['ops_s'], 0)} | "
+                              f"{_f(m['slowest_reader_s'])} / {_f(m['fastest_reader_s'])} |")
+            md.append("")
+        sn, sl = med.get("nydus", {}).get("start"), med.get("native", {}).get("start")
+        if sn and sl:
+            cmd = " ".join(rp.get("cmd", []))
+            md.append(f"| `{cmd}` in a chroot (warm chunk cache) | 1st start s | 2nd start s | 2nd / native 2nd |")
+            md.append("|---|---:|---:|---:|")
+            md.append(f"| nydus-py | {_f(sn['first_s'], 3)} | {_f(sn['second_s'], 3)} | "
+                      f"{_f(_ratio(sn['second_s'], sl['second_s']), 2, '×')} |")
+            md.append(f"| native | {_f(sl['first_s'], 3)} | {_f(sl['second_s'], 3)} | 1.00× |")
+            md.append("")
+            r = _ratio(sn["second_s"], sl["second_s"])
+            if r:
+                targets.append(("second start on the same mount ≤1.1× native", f"{r:.2f}×", r <= 1.1))
     if "metadata" in sc and "error" not in sc["metadata"]:
         md.append("### 4. Metadata (converted image in a local OCI layout; seconds)\n")
         md.append("| image | entries | mount-ready s | RSS ready MB | RSS after walks MB | find 1st | find 2nd | "
@@ -117,10 +140,23 @@ def tables(res: dict) -> tuple[str, list[tuple[str, str, bool | None]]]:
                       f"{_f(na['find_1'])} / {_f(na['find_2'])} | {_f(ny['ls_lR_1'])} | {_f(ny['ls_lR_2'])} | "
                       f"{_f(na['ls_lR_1'])} / {_f(na['ls_lR_2'])} |")
             if im["entries"] >= 100_000:
-                targets.append(("mount-ready ≤0.5 s (100k files)", f"{ny['mount_ready_s']:.2f} s", ny["mount_ready_s"] <= 0.5))
+                targets.append(("mount-ready ≤0.3 s (100k files)", f"{ny['mount_ready_s']:.2f} s", ny["mount_ready_s"] <= 0.3))
                 rss = max(ny["rss_ready"], ny["rss_after"]) / 2**20
                 targets.append(("daemon RSS ≤100 MB (100k files)", f"{rss:.0f} MB", rss <= 100))
         md.append("")
+        served = [im for im in sc["metadata"]["images"] if "serve" in im]
+        if served:
+            md.append("| image | mount-ready standalone s (`nydusd mount`) | added to `nydusd serve` s "
+                      "(fork server) | added to `nydusd serve` s (new interpreter) |")
+            md.append("|---|---:|---:|---:|")
+            for im in served:
+                sv = im["serve"]
+                md.append(f"| {im['image']} | {_f(im['median']['nydus']['mount_ready_s'])} | "
+                          f"{_f(sv['forkserver']['mount_ready_s'])} | {_f(sv['exec']['mount_ready_s'])} |")
+                if im["entries"] >= 100_000:
+                    v = sv["forkserver"]["mount_ready_s"]
+                    targets.append(("mount-ready added to serve ≤0.1 s (100k files)", f"{v:.2f} s", v <= 0.1))
+            md.append("")
     if "storage" in sc and "error" not in sc["storage"]:
         st = sc["storage"]
         md.append("### 5. Storage (MB; \"stored\" counts each distinct blob once, as a registry does)\n")

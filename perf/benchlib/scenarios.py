@@ -283,12 +283,13 @@ def read_path(b: Bench) -> dict:
     native = b.native[tag]
     files = readers.list_files(native)
     samples = readers.random_samples(files, 300 if b.quick else 2000)
+    conc = readers.random_samples(files, 640 if b.quick else 4000, seed=11)   # other pages
     out = {"image": tag, "files": len(files), "bytes": sum(s for _, s in files), "samples": len(samples),
-           "runs": {"nydus": [], "native": [], "ratarmount": []}}
+           "cmd": b.cold_cmd, "runs": {"nydus": [], "native": [], "ratarmount": []}}
     for rep in range(b.reps):
         log.info("read path rep %d", rep)
-        out["runs"]["nydus"].append(_read_nydus(b, tag, files, samples))
-        out["runs"]["native"].append(_read_local(native, files, samples))
+        out["runs"]["nydus"].append(_read_nydus(b, tag, files, samples, conc))
+        out["runs"]["native"].append(_read_local(native, files, samples, conc, b.cold_cmd))
         r = _read_ratarmount(b, tag, files, samples)
         if r:
             out["runs"]["ratarmount"].append(r)
@@ -306,11 +307,18 @@ def read_path(b: Bench) -> dict:
             if "rand_" + state in runs[0]:
                 med["rand_" + state] = {m: median([r["rand_" + state][m] for r in runs])
                                         for m in ("p50_us", "p99_us")}
+        if "conc_warm" in runs[0]:
+            med["conc_warm"] = {m: median([r["conc_warm"][m] for r in runs])
+                                for m in ("p50_us", "p99_us", "worst_reader_p99_us", "ops_s",
+                                          "slowest_reader_s", "fastest_reader_s")}
+        if "start" in runs[0]:
+            med["start"] = {"first_s": median([r["start"][0] for r in runs]),
+                            "second_s": median([r["start"][1] for r in runs])}
         out["median"][k] = med
     return out
 
 
-def _read_nydus(b: Bench, tag: str, files, samples) -> dict:
+def _read_nydus(b: Bench, tag: str, files, samples, conc) -> dict:
     d = b.tmp("read-nydus")
     reg = (b.registry.host, f"bench/{tag}", "nydus")
     r = {}
@@ -327,6 +335,10 @@ def _read_nydus(b: Bench, tag: str, files, samples) -> dict:
             r["rand_warm"] = readers.random_reads(m.mp, samples)
             r["rand_hot"] = readers.random_reads(m.mp, samples)
         drop_caches()
+        with Mount(d / "mnt", d / "w5", registry=reg, cache_dir=d / "cache") as m:
+            r["conc_warm"] = readers.concurrent_random_reads(m.mp, conc)
+            r["start"] = readers.chroot_start(m.mp, b.cold_cmd)     # [first, second] on this mount
+        drop_caches()
         with Mount(d / "mnt", d / "w4", registry=reg, cache_dir=d / "cache2") as m:
             r["rand_cold"] = readers.random_reads(m.mp, samples)
     finally:
@@ -335,7 +347,7 @@ def _read_nydus(b: Bench, tag: str, files, samples) -> dict:
     return r
 
 
-def _read_local(root: Path, files, samples) -> dict:
+def _read_local(root: Path, files, samples, conc=None, cmd=None) -> dict:
     r = {}
     drop_caches()
     r["warm"] = readers.read_all(root, files)       # from disk: what a warm chunk cache competes with
@@ -343,6 +355,11 @@ def _read_local(root: Path, files, samples) -> dict:
     drop_caches()
     r["rand_warm"] = readers.random_reads(root, samples)
     r["rand_hot"] = readers.random_reads(root, samples)
+    if conc:
+        drop_caches()
+        r["conc_warm"] = readers.concurrent_random_reads(root, conc)
+        if cmd:
+            r["start"] = readers.chroot_start(root, cmd)
     return r
 
 
@@ -429,8 +446,51 @@ def metadata(b: Bench) -> dict:
             res["runs"]["native"].append(_meta_walks(native))
             log.info("  rep %d: %s", rep, {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()})
         res["median"] = {k: {m: median([r[m] for r in v]) for m in v[0]} for k, v in res["runs"].items()}
+        res["serve"] = {"forkserver": _serve_ready(b, layout, tag, b.reps),
+                        "exec": _serve_ready(b, layout, tag, b.reps, fork_server=False)}
+        log.info("  added to serve: %s", res["serve"])
         out["images"].append(res)
     return out
+
+
+def _serve_ready(b: Bench, layout: Path, tag: str, reps: int, fork_server: bool = True) -> dict:
+    """Mount-ready of a mount added to a running `nydusd serve`: POST /api/v1/mount until its
+    answer (the supervisor answers once the mount's API says RUNNING). Fork server (default)
+    or a new interpreter per mount (NYDUS_PY_NO_FORKSERVER=1, the old way)."""
+    from nydus_py.daemon.api import call_sync
+    d = b.tmp("serve")
+    sock, mp = d / "sup.sock", d / "mnt"
+    mp.mkdir()
+    env = {**os.environ, **({} if fork_server else {"NYDUS_PY_NO_FORKSERVER": "1"})}
+    sup = subprocess.Popen([str(NYDUSD), "serve", "--apisock", str(sock), "--cache-dir", str(d / "cache"),
+                            "--state-dir", str(d / "state"), "--log-level", "warn"],
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    times = []
+    try:
+        t0 = time.perf_counter()
+        while not sock.exists():
+            if sup.poll() is not None or time.perf_counter() - t0 > 60:
+                raise RuntimeError("nydusd serve did not start")
+            time.sleep(0.02)
+        body = json.dumps({"source": f"oci:{layout}:{tag}"}).encode()
+        for _ in range(reps):
+            drop_caches()
+            t = time.perf_counter()
+            code, raw = call_sync(str(sock), "POST", f"/api/v1/mount?mountpoint={mp}", body, timeout=120)
+            times.append(time.perf_counter() - t)
+            if code != 200:
+                raise RuntimeError(f"serve mount failed: {raw[-300:]!r}")
+            call_sync(str(sock), "DELETE", f"/api/v1/mount?mountpoint={mp}", timeout=60)
+    finally:
+        try:
+            call_sync(str(sock), "PUT", "/api/v1/daemon/exit", timeout=30)
+            sup.wait(60)
+        except Exception:       # noqa: BLE001 (cleanup: kill below)
+            sup.kill()
+            sup.wait()
+        umount_all_under(d)
+        shutil.rmtree(d, ignore_errors=True)
+    return {"mount_ready_s": median(times), "runs": times}
 
 
 def _meta_walks(root: Path) -> dict:
