@@ -46,7 +46,8 @@ MAX_MSG = 1 << 16       # argv of a mount request: paths and flags, far below th
 # Imported by the server before it serves: everything `nydusd mount` imports up to mount-ready.
 PRELOAD = ("pyfuse3", "trio", "nydus_py.daemon.cli", "nydus_py.daemon.mount", "nydus_py.daemon.api",
            "nydus_py.image_source", "nydus_py.cache.chunk_cache", "nydus_py.io.reader",
-           "nydus_py.io.prefetch", "nydus_py.storage.localfs", "nydus_py.format.compression")
+           "nydus_py.io.prefetch", "nydus_py.storage.localfs", "nydus_py.format.compression",
+           "nydus_py.daemon.learned")
 
 
 PR_SET_NAME = 15
