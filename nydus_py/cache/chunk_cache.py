@@ -101,6 +101,7 @@ from nydus_py.storage.backend import blob_hex
 log = logging.getLogger(__name__)
 
 _NOT_READY = bytes(RECORD.size)
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0x8)     # Linux >= 4.14 (buffered reads)
 
 
 LOW_WATERMARK = 0.9     # eviction frees down to this fraction of max_size
@@ -391,6 +392,36 @@ class ChunkCache:
                 b.verified[index] = 1
         self._m_hits.inc()
         return data if (start, stop) == (0, size) else data[start:stop]
+
+    def read_nowait(self, blob: int, index: int, offset: int, size: int,
+                    start: int, stop: int) -> bytes | None:
+        """As `read`, but only for a chunk this process has already checked and only if its
+        bytes are in the page cache (preadv2 with RWF_NOWAIT), so it never blocks on the disk
+        and can run on the event loop. None means "ask `read`", never "missing". Never serves
+        with `validate` (every read is then a full sha256 check, which is `read`'s)."""
+        if self.validate:
+            return None
+        b = self._blob(blob)
+        if not 0 <= start <= stop <= size:
+            raise ValueError(f"bad slice [{start}, {stop}) of a {size}-byte chunk")
+        pos = index * RECORD.size
+        with b.lock:
+            rec = bytes(b.records[pos:pos + RECORD.size])
+            verified = b.verified[index] and not self.revalidate
+            gen = b.gen
+        ready, rsize, _ = RECORD.unpack(rec)
+        if ready != READY or not verified or rsize != size:
+            return None
+        buf = bytearray(stop - start)
+        try:
+            n = os.preadv(b.data_fd, [buf], offset + start, _RWF_NOWAIT)
+        except OSError:         # EAGAIN: not in memory; anything else: `read` reports it
+            return None
+        if n != len(buf) or not self._unchanged(b, pos, rec, gen):
+            return None
+        b.atime[index] = next(self._tick)
+        self._m_hits.inc()
+        return bytes(buf)
 
     @staticmethod
     def _unchanged(b: _Blob, pos: int, rec: bytes, gen: int) -> bool:

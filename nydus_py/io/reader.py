@@ -2,7 +2,9 @@
 
     read(ino, offset, size)
       1. plan      chunk ids covering the range (bootstrap columns, no I/O), clamped at EOF
-      2. lookup    ONE worker-thread call reads every cached chunk (xxh3-checked) of the request
+      2. lookup    chunks this process has checked and whose bytes are in the page cache are
+                   read on the loop (RWF_NOWAIT, never blocks); ONE worker-thread call reads
+                   every other cached chunk (xxh3-checked the first time) of the request
       3. resolve   for each miss: wait for the task already fetching it (single-flight, keyed by
                    (blob, index)), or fetch it: merge into ranges (fetch.plan_ranges), extend
                    the last range of each blob forward over uncached chunks (amplify_io
@@ -142,8 +144,12 @@ class FileReader:
             else:
                 wants[(c.blob, c.index)] = (c, min(w[1], a), max(w[2], b))
         try:
-            got = await trio.to_thread.run_sync(self._lookup, list(wants.values()),
-                                                limiter=self.limiter)
+            # Chunks already checked whose bytes are in memory: read on the loop, no thread
+            # hop (RWF_NOWAIT never blocks); the rest in one worker-thread call.
+            got = self._lookup_nowait(wants)
+            rest = [w for k, w in wants.items() if k not in got]
+            if rest:
+                got.update(await trio.to_thread.run_sync(self._lookup, rest, limiter=self.limiter))
             self._m_hits.inc(len(got))
             missing = [w for k, w in wants.items() if k not in got]
             if missing:
@@ -296,6 +302,16 @@ class FileReader:
                 info, offset_of=lambda i: chunk(start + i).offset,
                 table=table_digest(self.bootstrap, blob))
         return h
+
+    def _lookup_nowait(self, wants: dict[Key, Want]) -> Got:
+        got: Got = {}
+        for key, (c, lo, hi) in wants.items():
+            h = self._handles[c.blob]
+            if h is not None:
+                data = self.cache.read_nowait(h, c.index, c.offset, c.size, lo, hi)
+                if data is not None:
+                    got[key] = (lo, data)
+        return got
 
     def _lookup(self, wants: Sequence[Want]) -> Got:
         got = {}

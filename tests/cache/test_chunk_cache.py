@@ -288,3 +288,23 @@ def test_a_store_never_rewrites_a_chunk_another_process_stored(tmp_path, monkeyp
     assert items[2][0].offset in writes
     assert b.missing(hb, range(4)) == [3]
     assert b.read(hb, 0, items[0][0].offset, items[0][0].size) == items[0][1]
+
+
+def test_read_nowait_serves_only_checked_chunks_and_never_means_missing(tmp_path):
+    info, items = _blob()
+    (c0, d0), (c1, _) = items[0], items[1]
+    cache = ChunkCache(tmp_path)
+    h = cache.open_blob(info)
+    assert cache.read_nowait(h, 0, c0.offset, c0.size, 0, 10) is None      # not stored
+    cache.store_many(h, [(c0, d0)])
+    assert cache.read_nowait(h, 0, c0.offset, c0.size, 100, 300) == d0[100:300]  # stored here
+    assert cache.read_nowait(h, 1, c1.offset, c1.size, 0, 10) is None
+    again = ChunkCache(tmp_path)                    # a new process: nothing checked yet
+    h2 = again.open_blob(info)
+    assert again.read_nowait(h2, 0, c0.offset, c0.size, 0, 10) is None
+    assert again.read(h2, 0, c0.offset, c0.size, 0, 10) == d0[:10]     # the full xxh3 check
+    assert again.read_nowait(h2, 0, c0.offset, c0.size, 4000, 4096) == d0[4000:]
+    strict = ChunkCache(tmp_path, validate=True)    # digest_validate: every hit is read()'s
+    h3 = strict.open_blob(info)
+    assert strict.read(h3, 0, c0.offset, c0.size, 0, 10, c0.digest) == d0[:10]
+    assert strict.read_nowait(h3, 0, c0.offset, c0.size, 0, 10) is None

@@ -424,3 +424,27 @@ def test_waiters_of_a_fetch_that_never_ran_fetch_for_themselves(tmp_path):
     trio.run(main)
     assert got[key] == (0, data)
     assert img.requests == 1
+
+
+def test_a_cached_chunk_in_memory_is_read_on_the_loop_without_a_worker_thread(tmp_path):
+    data = incompressible(4 * CS, 25)
+    img = Image(tmp_path, {"f": data}, amplify_io=CS, limiter_tokens=1)
+    ino = img.ino("f")
+    done = []
+
+    async def read(off, n):
+        done.append(await img.reader.read(ino, off, n))
+
+    async def main():
+        assert await img.reader.read(ino, CS, 100) == data[CS:CS + 100]  # fetched, stored
+        await img.limiter.acquire()         # hold the only worker slot: no thread can run
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read, CS + 200, 300)
+            await trio.testing.wait_all_tasks_blocked()
+            assert done == [data[CS + 200:CS + 500]]    # served without the slot
+            nursery.start_soon(read, 3 * CS, 10)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(done) == 1                       # a miss waits for a worker slot
+            img.limiter.release()
+        assert done[1] == data[3 * CS:3 * CS + 10]
+    trio.run(main)
