@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 
 from nydus_py.daemon.api import call_sync, get_json
-from tests.e2e.test_daemon_ops import force_unmount, image, mounted, nydusd_cmd, read_all, wait_for  # noqa: F401
+from tests.e2e import test_daemon_ops as daemon_ops
+from tests.e2e.test_daemon_ops import (
+    force_unmount,
+    mounted,
+    nydusd_cmd,
+    read_all,
+    wait_for,
+)
+
+image = daemon_ops.image    # the same module-scoped image fixture
 
 pytestmark = pytest.mark.e2e
 
@@ -87,7 +96,7 @@ def test_serve_forks_mounts_from_the_fork_server_and_they_die_with_the_daemon(tm
 
 def test_without_the_fork_server_mounts_are_new_interpreters(tmp_path, image):
     root, built = image
-    sup, sock, log = _serve(tmp_path, {"NYDUS_PY_NO_FORKSERVER": "1"})
+    sup, sock, _ = _serve(tmp_path, {"NYDUS_PY_NO_FORKSERVER": "1"})
     m1 = tmp_path / "m1"
     try:
         info = _mount(sock, m1, root)
