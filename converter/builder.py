@@ -27,6 +27,7 @@ from nydus_py.format import compression
 from nydus_py.format.bootstrap import BlobInfo, Bootstrap, BootstrapWriter, ChunkSpec
 
 MIN_CHUNK, MAX_CHUNK = 0x1000, 0x1000000  # 4 KiB .. 16 MiB, powers of two (as nydus)
+DEFAULT_BATCH = 1 << 20   # measured: base image 51.6 MB -> 43.3 MB at zstd-3 (gzip 48.7 MB)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,11 +38,17 @@ class BuildOptions:
     max_layer_size: int = 64 << 30          # uncompressed bytes per layer (bomb limit)
     workers: int = max(2, os.cpu_count() or 2)
     prefetch_patterns: tuple[str, ...] = ()
+    # chunks smaller than this are compressed together in batches of at most this many bytes
+    # (format v2); 0 = every chunk alone (format v1, as before)
+    batch_size: int = DEFAULT_BATCH
 
     def __post_init__(self) -> None:
         cs = self.chunk_size
         if cs < MIN_CHUNK or cs > MAX_CHUNK or cs & (cs - 1):
             raise ConfigError(f"--chunk-size {cs:#x}: must be a power of two between 0x1000 and 0x1000000")
+        bs = self.batch_size
+        if bs and (bs < MIN_CHUNK or bs > MAX_CHUNK or bs & (bs - 1)):
+            raise ConfigError(f"--batch-size {bs:#x}: must be 0 or a power of two between 0x1000 and 0x1000000")
         compression.check_codec(self.compressor)
         compression.check_level(self.compressor, self.compression_level)
 
@@ -145,7 +152,8 @@ class Builder:
             specs = []
             for cid in dictionary.blob_chunks(b):
                 c = dictionary.chunk(cid)
-                specs.append(ChunkSpec(c.digest, c.comp_offset, c.comp_size, c.offset, c.size, c.compressed))
+                specs.append(ChunkSpec(c.digest, c.comp_offset, c.comp_size, c.offset, c.size, c.compressed,
+                                       c.batch_offset, c.batch_size))
             start = self.writer.chunk_count
             # every chunk of the blob, in blob order: the chunk index inside a blob keys the
             # daemon's cache file, so it must be the same in every image naming the blob
@@ -161,9 +169,12 @@ class Builder:
     def add_layer(self, entries, layer_index: int, source_layer: str, what: str) -> BuiltBlob | None:
         """`entries` yields TarEntry objects of one layer (already decompressed and verified)."""
         base = self.writer.chunk_count
-        blob = BlobWriter(self.work_dir, self.opt.compressor)
+        # "none" gains nothing from batches; keep such images v1
+        batch = self.opt.batch_size if self.opt.compressor != "none" else 0
         pipeline = ChunkPipeline(self.opt.compressor, self.opt.workers, depth=2 * self.opt.workers + 2,
-                                 level=self.opt.compression_level)
+                                 level=self.opt.compression_level, batch_below=batch)
+        blob = BlobWriter(self.work_dir, self.opt.compressor, batch_size=batch,
+                          level=self.opt.compression_level, executor=pipeline.executor)
         touched: list[Inode] = []
 
         def on_done(result, target, k):
@@ -174,11 +185,13 @@ class Builder:
             if cid is not None and cid < self._dict_chunks:
                 self.stats.dict_chunks_used += 1
             if cid is None:
-                cid = base + blob.add(digest, size, stored, compressed, prefetch=prefetch)
+                if size < batch:
+                    cid = base + blob.add_member(digest, stored, prefetch=prefetch)
+                else:
+                    cid = base + blob.add(digest, size, stored, compressed, prefetch=prefetch)
                 self.index.add_new(digest, cid)
                 self.stats.chunks_stored += 1
                 self.stats.stored_uncompressed += size
-                self.stats.stored_compressed += len(stored)
             inode.chunks.append(cid)  # results arrive in submission order: k == len(chunks)
 
         pipeline.on_done = on_done
@@ -205,15 +218,16 @@ class Builder:
                     raise LayerError(f"{what}: {_show(entry.path)}: {e}") from None
                 self.stats.file_bytes += entry.size
             pipeline.drain()
+            fin = blob.finish()   # waits for the batches compressing on the pipeline's threads
         except BaseException:
             blob.close()
             raise
         finally:
             pipeline.close()
         self.stats.layers += 1
-        fin = blob.finish()
         if fin is None:
             return None
+        self.stats.stored_compressed += fin.size
         mapping = _final_ids(fin, base)
         self.index.renumber(mapping)
         remap_ids((i.chunks for i in touched), mapping)

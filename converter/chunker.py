@@ -19,8 +19,11 @@ from nydus_py.format import compression
 Sink = Callable[[bytes, int, bytes, bool], int]
 
 
-def _digest_and_compress(codec: str, level: int | None, data: bytes) -> tuple[bytes, int, bytes, bool]:
+def _digest_and_compress(codec: str, level: int | None, data: bytes,
+                         batch_below: int = 0) -> tuple[bytes, int, bytes, bool]:
     digest = hashlib.sha256(data).digest()
+    if len(data) < batch_below:   # goes into a batch (blob_writer), compressed there
+        return digest, len(data), data, False
     z = compression.compress(codec, data, level)
     return (digest, len(data), data, False) if z is None else (digest, len(data), z, True)
 
@@ -29,18 +32,25 @@ class ChunkPipeline:
     """submit() chunks of file data; each result is handed to `on_done(result, target, k)` in
     submission order, where target/k say where the caller wants the chunk id recorded."""
 
-    def __init__(self, codec: str, workers: int, depth: int, level: int | None = None):
+    def __init__(self, codec: str, workers: int, depth: int, level: int | None = None,
+                 batch_below: int = 0):
         self._codec = codec
         self._level = level
+        self._batch_below = batch_below
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="chunk")
         self._queue: deque[tuple[Future, object, int]] = deque()
         self._depth = max(1, depth)
         self.on_done: Callable[[tuple, object, int], None] | None = None
 
     def submit(self, data: bytes, target: object, k: int) -> None:
-        self._queue.append((self._pool.submit(_digest_and_compress, self._codec, self._level, data), target, k))
+        self._queue.append((self._pool.submit(_digest_and_compress, self._codec, self._level, data,
+                                              self._batch_below), target, k))
         while len(self._queue) > self._depth:
             self._complete_one()
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        return self._pool
 
     def drain(self) -> None:
         while self._queue:

@@ -33,7 +33,6 @@ UNSUPPORTED = {
     "--reverse": "converting a nydus-py image back to OCI is not implemented",
     "--fs-align-chunk": "chunks are not 4K-aligned in blobs (FUSE reads do not need it)",
     "--backend-aligned-chunk": "chunks are not 4K-aligned in blobs (FUSE reads do not need it)",
-    "--batch-size": "chunks are not batched (a RAFS v6 feature)",
     "--nydus-image": "there is no nydus-image binary: the builder is built in",
     "--build-cache": "there is no build cache; --chunk-dict with the previous image dedups instead",
     "--build-cache-tag": "see --build-cache",
@@ -93,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
                    metavar="SIZE", help="power of two, 0x1000..0x1000000 (default 0x100000)")
     c.add_argument("--compressor", default="zstd", choices=["zstd", "lz4_block", "lz4", "none"],
                    help="per-chunk compression (lz4 = lz4_block)")
+    c.add_argument("--batch-size", type=_size, default=1 << 20, metavar="SIZE",
+                   help="compress chunks smaller than this together, in batches of at most this "
+                        "size; 0 = off (format v1). Default 0x100000 (nydusify: 0)")
     c.add_argument("--compression-level", type=int, metavar="N",
                    help="zstd level 1..22 (default 3; 19 is ~10%% smaller and several times slower)")
     c.add_argument("--prefetch-patterns", nargs="?", const="-", metavar="FILE",
@@ -297,6 +299,7 @@ def cmd_convert(args) -> int:
     options = BuildOptions(chunk_size=args.chunk_size,
                            compressor="lz4" if args.compressor == "lz4_block" else args.compressor,
                            compression_level=args.compression_level,
+                           batch_size=args.batch_size,
                            max_layer_size=args.max_layer_size, prefetch_patterns=patterns)
     source, target = parse_source(source_text), parse_source(target_text)
     src_opts = _registry_options(args, "source", source_text)

@@ -43,7 +43,8 @@ from nydus_py.format.limits import (
 from nydus_py.oci.digest import parse as parse_digest
 
 MAGIC = "nydus-py.bootstrap"
-VERSION = 1
+VERSION = 2             # written when any chunk is a batch member; else 1, which v1 readers read
+VERSIONS = (1, 2)
 ROOT_INO = 1
 MAX_PATH_DEPTH = 4096       # levels path_of walks up before it gives up ("…")
 
@@ -52,11 +53,14 @@ DIRENT = struct.Struct("<III")          # name_off, name_len, ino
 CHUNK = struct.Struct("<IQIQII")        # blob, comp_off, comp_size, uncomp_off, uncomp_size, flags
 XATTR = struct.Struct("<IIII")          # name_off, name_len, value_off, value_len
 U32 = struct.Struct("<I")
+BATCH = struct.Struct("<II")            # per chunk (v2): offset inside its batch, batch size (0: none)
 DIGEST_SIZE = 32
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 MAX_BOOTSTRAP = MAX_BOOTSTRAP_SIZE  # decompressed or not; a bigger one is hostile, not an image
 CHUNK_COMPRESSED = 1  # flags bit: stored compressed with the blob's compressor (else raw)
+CHUNK_BATCH = 2       # flags bit (v2): comp_offset/comp_size are a batch shared with other chunks
+MAX_BATCH = 1 << 24   # uncompressed bytes of one batch (what a reader allocates to decode it)
 
 
 class Attr(NamedTuple):
@@ -80,6 +84,8 @@ class Chunk(NamedTuple):
     size: int
     compressed: bool
     digest: bytes           # sha256 of the uncompressed bytes
+    batch_offset: int = 0   # batch member: offset of its bytes inside the decoded batch
+    batch_size: int = 0     # batch member: uncompressed size of the whole batch (0: not one)
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,8 @@ class ChunkSpec:
     offset: int
     size: int
     compressed: bool
+    batch_offset: int = 0   # see Chunk
+    batch_size: int = 0
 
 
 class BootstrapWriter:
@@ -123,6 +131,8 @@ class BootstrapWriter:
         self.blobs: list[BlobInfo] = []
         self._chunks = bytearray()
         self._digests = bytearray()
+        self._batch = bytearray()
+        self._batched = False
         self._nchunks = 0
         self._inodes: list[list] = []          # [mode, uid, gid, size, mtime_ns, rdev, data, xattrs]
         self._children: dict[int, list[tuple[bytes, int]]] = {}
@@ -144,9 +154,11 @@ class BootstrapWriter:
         for c in chunks:
             if len(c.digest) != DIGEST_SIZE:
                 raise ValueError("chunk digest must be 32 bytes")
-            self._chunks += CHUNK.pack(index, c.comp_offset, c.comp_size, c.offset, c.size,
-                                       CHUNK_COMPRESSED if c.compressed else 0)
+            flags = (CHUNK_COMPRESSED if c.compressed else 0) | (CHUNK_BATCH if c.batch_size else 0)
+            self._chunks += CHUNK.pack(index, c.comp_offset, c.comp_size, c.offset, c.size, flags)
             self._digests += c.digest
+            self._batch += BATCH.pack(c.batch_offset, c.batch_size)
+            self._batched = self._batched or bool(c.batch_size)
         self._nchunks += len(chunks)
         return index
 
@@ -159,10 +171,10 @@ class BootstrapWriter:
             return None
         if self._inodes:
             raise ValueError("drop_blobs after add_inode")
-        old_chunks, old_digests = self._chunks, self._digests
+        old_chunks, old_digests, old_batch = self._chunks, self._digests, self._batch
         mapping = [-1] * self._nchunks
         blobs: list[BlobInfo] = []
-        chunks, digests = bytearray(), bytearray()
+        chunks, digests, batch = bytearray(), bytearray(), bytearray()
         n = 0
         for index, b in enumerate(self.blobs):
             if index in drop:
@@ -175,9 +187,12 @@ class BootstrapWriter:
                 U32.pack_into(rec, 0, new_index)          # CHUNK.blob is the first field
                 chunks += rec
                 digests += old_digests[cid * DIGEST_SIZE:(cid + 1) * DIGEST_SIZE]
+                batch += old_batch[cid * BATCH.size:(cid + 1) * BATCH.size]
                 mapping[cid] = n
                 n += 1
         self.blobs, self._chunks, self._digests, self._nchunks = blobs, chunks, digests, n
+        self._batch = batch
+        self._batched = any(BATCH.unpack_from(batch, i)[1] for i in range(0, len(batch), BATCH.size))
         return mapping
 
     def add_inode(self, *, mode: int, uid: int, gid: int, mtime_ns: int, size: int = 0,
@@ -255,7 +270,7 @@ class BootstrapWriter:
             inodes += INODE.pack(mode, uid, gid, nlink, size, sec, nsec, rdev,
                                  self._parent.get(ino, 0), start, count, xstart, len(xa))
         doc = {
-            "magic": MAGIC, "version": VERSION, "chunk_size": self.chunk_size,
+            "magic": MAGIC, "version": VERSION if self._batched else 1, "chunk_size": self.chunk_size,
             "digester": self.digester, "meta": self.meta,
             "blobs": [b.to_msgpack() for b in self.blobs],
             "inodes": bytes(inodes), "dirents": bytes(dirents), "chunk_refs": bytes(refs),
@@ -263,6 +278,8 @@ class BootstrapWriter:
             "xattrs": bytes(xattrs), "strings": bytes(strings),
             "prefetch": struct.pack(f"<{len(self.prefetch)}I", *self.prefetch),
         }
+        if self._batched:
+            doc["batch"] = bytes(self._batch)
         return msgpack.packb(doc, use_bin_type=True)
 
 
@@ -369,8 +386,10 @@ class Bootstrap:
     def __init__(self, doc: dict):
         if not isinstance(doc, dict) or doc.get("magic") != MAGIC:
             raise FormatError("not a nydus-py bootstrap (bad magic)")
-        if doc.get("version") != VERSION or type(doc.get("version")) is not int:
-            raise FormatError(f"bootstrap version {doc.get('version')!r} not supported (want {VERSION})")
+        if doc.get("version") not in VERSIONS or type(doc.get("version")) is not int:
+            raise FormatError(f"bootstrap version {doc.get('version')!r} not supported "
+                              f"(want one of {', '.join(map(str, VERSIONS))})")
+        self.version: int = doc["version"]
         cs = _int(doc.get("chunk_size"), "chunk_size", 1, MAX_CHUNK_SIZE)
         if cs & (cs - 1):
             raise FormatError(f"bootstrap: chunk_size: {cs} is not a power of two")
@@ -400,6 +419,10 @@ class Bootstrap:
         self.inode_count = len(self._inodes) // INODE.size
         self.xattr_count = len(self._xattrs) // XATTR.size
         self.chunk_count = len(self._chunks) // CHUNK.size
+        # v1 has no batches: a v1 chunk with the batch flag is refused in chunk()
+        self._batch = _bin(doc, "batch", BATCH) if self.version >= 2 else None
+        if self._batch is not None and len(self._batch) != self.chunk_count * BATCH.size:
+            raise FormatError("bootstrap: batch column does not match chunk table")
         # inode numbers of files to prefetch: a view, never materialised here
         self.prefetch: Sequence[int] = pf.cast("I") if len(pf) else ()
         self._up: tuple[array, array] | None = None     # path_of's index, built on first use
@@ -407,7 +430,7 @@ class Bootstrap:
     def _check(self, prefetch: memoryview) -> None:
         validate.check(blobs=self.blobs, inodes=self._inodes, dirents=self._dirents,
                        chunks=self._chunks, digests=self._digests, strings=self._strings,
-                       prefetch=prefetch)
+                       prefetch=prefetch, max_flags=CHUNK_COMPRESSED | (CHUNK_BATCH if self.version >= 2 else 0))
 
     @classmethod
     def from_bytes(cls, data: bytes | memoryview) -> Bootstrap:
@@ -576,12 +599,24 @@ class Bootstrap:
         # O(1) per use instead of a pass over every chunk at load: nothing is allocated or
         # fetched for a chunk before this passes
         if not (0 < size <= self.chunk_size and coff + csize <= b.compressed_size
-                and off + size <= b.uncompressed_size and (flags & CHUNK_COMPRESSED or csize == size)):
+                and off + size <= b.uncompressed_size
+                and (flags & (CHUNK_COMPRESSED | CHUNK_BATCH) or csize == size)):
             raise FormatError(f"bootstrap: chunk {chunk_id}: size {size}, stored {coff}+{csize}, "
                               f"at {off} does not fit chunk_size {self.chunk_size} or blob {b.id}")
         digest = bytes(self._digests[chunk_id * DIGEST_SIZE:(chunk_id + 1) * DIGEST_SIZE])
+        boff = bsize = 0
+        if flags & CHUNK_BATCH:
+            if self._batch is None:
+                raise FormatError(f"bootstrap: chunk {chunk_id} is a batch member in a v1 bootstrap")
+            boff, bsize = BATCH.unpack_from(self._batch, chunk_id * BATCH.size)
+            # bounds a reader relies on: the batch it decodes is at most MAX_BATCH bytes and the
+            # member lies inside it; a raw (uncompressed) batch is stored at its full size
+            if not (0 < bsize <= MAX_BATCH and boff + size <= bsize) or \
+                    (not flags & CHUNK_COMPRESSED and csize != bsize):
+                raise FormatError(f"bootstrap: chunk {chunk_id}: bad batch ({boff}+{size} in {bsize}, "
+                                  f"stored {csize})")
         return Chunk(chunk_id, blob, chunk_id - b.chunk_start, coff, csize, off, size,
-                     bool(flags & CHUNK_COMPRESSED), digest)
+                     bool(flags & CHUNK_COMPRESSED), digest, boff, bsize)
 
     def blob_chunk_rows(self, blob: int) -> tuple[memoryview, memoryview]:
         """The raw CHUNK rows and the sha256 digests of blob `blob`'s chunks, in index order

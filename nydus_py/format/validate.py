@@ -87,9 +87,10 @@ def _fail(msg: str) -> FormatError:
 
 
 def check(*, blobs: Sequence, inodes: memoryview, dirents: memoryview, chunks: memoryview,
-          digests: memoryview, strings: memoryview, prefetch: memoryview) -> None:
+          digests: memoryview, strings: memoryview, prefetch: memoryview, max_flags: int = 1) -> None:
+    """`max_flags`: the highest CHUNK flags value the bootstrap's version knows (v2: 3, batch)."""
     n_chunks = len(chunks) // CHUNK_REC
-    _check_chunks(blobs, chunks, n_chunks)
+    _check_chunks(blobs, chunks, n_chunks, max_flags)
     if len(digests) != n_chunks * 32:
         raise _fail(f"digests: {len(digests)} bytes for {n_chunks} chunks (32 each)")
     types, parents = _check_inodes(inodes)
@@ -102,7 +103,7 @@ def check(*, blobs: Sequence, inodes: memoryview, dirents: memoryview, chunks: m
     # the whole tree check.
 
 
-def _check_chunks(blobs: Sequence, mv: memoryview, n: int) -> None:
+def _check_chunks(blobs: Sequence, mv: memoryview, n: int, max_flags: int = 1) -> None:
     total = 0
     for i, b in enumerate(blobs):
         if b.chunk_start != total:
@@ -125,9 +126,9 @@ def _check_chunks(blobs: Sequence, mv: memoryview, n: int) -> None:
         if max(csize) > L.MAX_CHUNK_SIZE:
             i = csize.index(max(csize))
             raise _fail(f"chunk {i}: compressed size {csize[i]} exceeds {L.MAX_CHUNK_SIZE}")
-    if not _zero(raw, CHUNK_REC, 29, 3) or max(raw[28::CHUNK_REC]) > 1:
+    if not _zero(raw, CHUNK_REC, 29, 3) or max(raw[28::CHUNK_REC]) > max_flags:
         flags = _col(mv, 8, 7)
-        i = _first(f > 1 for f in flags)
+        i = _first(f > max_flags for f in flags)
         raise _fail(f"chunk {i}: unknown flags 0x{flags[i]:x}")
     # A blob's chunks lie back to back, in order, inside its uncompressed size: they are
     # written to the blob's cache file at these offsets (docs/format.md "Data blobs").

@@ -7,6 +7,11 @@ within `limit` bytes (`amplify_io`); a single chunk larger than `limit` is a ran
 `extend_forward` then grows a range over the chunks that follow it in the blob, while
 `accept(chunk)` (not cached, not in flight) and the same bounds hold: nydusd's amplify_io
 readahead, which turns a sequential read into a few large requests.
+
+A batch member (format v2: small chunks compressed together) shares `comp_offset/comp_size`
+with the other members of its batch: fetching one fetches the batch, `decode_chunk` decodes it
+once per range (`frames` memo) and slices, and `add_batch_siblings` puts the members nobody
+asked for into the range as readahead, so a batch is fetched once, not once per member.
 """
 
 from __future__ import annotations
@@ -60,7 +65,9 @@ def extend_forward(r: Range, following: Iterable[Chunk], *, max_gap: int, limit:
     order) while they fit and are accepted; stops at the first that is not. Returns how many."""
     n = 0
     for c in following:
-        if c.comp_offset < r.end or not r.fits(c, max_gap, limit) or not accept(c):
+        # a member of a batch the range already holds adds no bytes (format v2)
+        inside = c.batch_size and r.start <= c.comp_offset and c.comp_offset + c.comp_size <= r.end
+        if (c.comp_offset < r.end and not inside) or not r.fits(c, max_gap, limit) or not accept(c):
             break
         r.add(c)
         n += 1
@@ -68,13 +75,51 @@ def extend_forward(r: Range, following: Iterable[Chunk], *, max_gap: int, limit:
     return n
 
 
-def decode_chunk(blob: BlobInfo, c: Chunk, stored: bytes | memoryview) -> bytes:
+def add_batch_siblings(r: Range, chunk_at: Callable[[int], Chunk], count: int,
+                       accept: Callable[[Chunk], bool]) -> int:
+    """Appends (as readahead) the members of every batch in `r` that are not in it yet and are
+    accepted; members of a batch are neighbours in blob order (`chunk_at(index)`, `count`
+    chunks in the blob). They add no bytes to the range. Returns how many."""
+    have = {c.index for c in r.chunks}
+    n = 0
+    for c in [c for c in r.chunks if c.batch_size]:
+        for step in (-1, 1):
+            i = c.index + step
+            while 0 <= i < count:
+                s = chunk_at(i)
+                if s.comp_offset != c.comp_offset or not s.batch_size:
+                    break
+                if i not in have and accept(s):
+                    r.chunks.append(s)
+                    have.add(i)
+                    n += 1
+                i += step
+    r.readahead += n
+    return n
+
+
+def decode_chunk(blob: BlobInfo, c: Chunk, stored: bytes | memoryview,
+                 frames: dict[int, bytes] | None = None) -> bytes:
     """The chunk's uncompressed bytes from its stored form, verified against its sha256;
-    IntegrityError (naming blob and chunk) on any mismatch. Never returns unverified bytes."""
+    IntegrityError (naming blob and chunk) on any mismatch. Never returns unverified bytes.
+    A batch member's `stored` is its whole batch; `frames` (comp_offset → decoded batch, per
+    range) saves decoding a batch once per member."""
     what = f"blob {blob.id} chunk {c.id} (index {c.index})"
     if len(stored) != c.comp_size:
         raise IntegrityError(f"{what}: got {len(stored)} stored bytes, expected {c.comp_size}")
-    if c.compressed:
+    if c.batch_size:
+        batch = frames.get(c.comp_offset) if frames is not None else None
+        if batch is None or len(batch) != c.batch_size:
+            if c.compressed:   # the bootstrap bounded batch_size (MAX_BATCH)
+                batch = decompress(blob.compressor, stored, c.batch_size, what + " batch")
+            elif c.comp_size == c.batch_size:
+                batch = bytes(stored)
+            else:
+                raise IntegrityError(f"{what}: raw batch of {c.comp_size} bytes, expected {c.batch_size}")
+            if frames is not None:
+                frames[c.comp_offset] = batch
+        data = batch[c.batch_offset:c.batch_offset + c.size]
+    elif c.compressed:
         data = decompress(blob.compressor, stored, c.size, what)
     else:
         if c.comp_size != c.size:

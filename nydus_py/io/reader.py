@@ -35,7 +35,7 @@ from nydus_py.cache.chunk_cache import ChunkCache
 from nydus_py.cache.entry import table_digest
 from nydus_py.errors import CacheError, FormatError, IntegrityError, NydusError
 from nydus_py.format.bootstrap import Bootstrap, Chunk
-from nydus_py.io.fetch import Range, decode_chunk, extend_forward, plan_ranges
+from nydus_py.io.fetch import Range, add_batch_siblings, decode_chunk, extend_forward, plan_ranges
 from nydus_py.metrics import Metrics
 from nydus_py.storage.backend import BlobBackend
 
@@ -397,6 +397,19 @@ class FileReader:
 
             n = extend_forward(r, following, max_gap=self.max_gap, limit=self.amplify_io, accept=accept)
             self._m_readahead.inc(n)
+        for r in ranges:   # a batch is fetched whole: cache all of its members
+            info = bs.blobs[r.blob]
+            h = self._handles[r.blob]
+
+            def sibling(c: Chunk, h=h) -> bool:
+                key = (c.blob, c.index)
+                if key in self._inflight or self.cache.is_ready(h, c.index):
+                    return False
+                owned[key] = self._inflight[key] = _Flight()
+                return True
+
+            self._m_readahead.inc(add_batch_siblings(
+                r, lambda i, s=info.chunk_start: bs.chunk(s + i), info.chunk_count, sibling))
 
     async def _fetch_range(self, r: Range, owned: dict[Key, _Flight], got: Got,
                            errors: list, limiter: trio.CapacityLimiter | None = None) -> None:
@@ -437,10 +450,11 @@ class FileReader:
         self._m_fetch_bytes.inc(r.length)
         results: list[tuple[Chunk, bytes | IntegrityError]] = []
         good: list[tuple[Chunk, bytes]] = []
+        frames: dict[int, bytes] = {}   # batches decoded in this range
         for c in r.chunks:
             rel = c.comp_offset - r.start
             try:
-                data = decode_chunk(info, c, raw[rel:rel + c.comp_size])
+                data = decode_chunk(info, c, raw[rel:rel + c.comp_size], frames)
             except IntegrityError as e:
                 self._m_integrity.inc()
                 log.error("%s; not cached", e)

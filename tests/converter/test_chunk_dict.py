@@ -17,7 +17,7 @@ from converter.builder import Builder, BuildOptions, BuildResult
 from converter.chunk_dict import ChunkDictRef, blob_descriptor, parse_chunk_dict
 from nydus_py.errors import ConfigError
 from nydus_py.format.bootstrap import Bootstrap, BootstrapWriter, ChunkSpec
-from nydus_py.format.compression import decompress
+from nydus_py.io.fetch import decode_chunk
 from tests.fixtures.imagegen import Layer
 
 CS = 0x1000
@@ -64,9 +64,7 @@ def read_file(bs: Bootstrap, path: bytes, blob_files: dict[str, Path]) -> bytes:
         with open(blob_files[blob.id], "rb") as f:
             f.seek(c.comp_offset)
             stored = f.read(c.comp_size)
-        piece = decompress(blob.compressor, stored, c.size, path.decode()) if c.compressed else stored
-        assert hashlib.sha256(piece).digest() == c.digest
-        out += piece
+        out += decode_chunk(blob, c, stored)   # verifies the sha256 (of a batch member too)
     return bytes(out)
 
 

@@ -56,13 +56,17 @@ class SyncPipeline:
     """converter.chunker.ChunkPipeline without the thread pool (thread start-up would be most
     of a fuzz case's time); same results, same order."""
 
-    def __init__(self, codec: str, workers: int, depth: int, level: int | None = None):
+    def __init__(self, codec: str, workers: int, depth: int, level: int | None = None,
+                 batch_below: int = 0):
         self._codec = codec
         self._level = level
+        self._batch_below = batch_below
         self.on_done = None
+        self.executor = None    # BlobWriter compresses batches inline then
 
     def submit(self, data: bytes, target, k: int) -> None:
-        self.on_done(chunker._digest_and_compress(self._codec, self._level, data), target, k)
+        self.on_done(chunker._digest_and_compress(self._codec, self._level, data, self._batch_below),
+                     target, k)
 
     def drain(self) -> None:
         pass
