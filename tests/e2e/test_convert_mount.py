@@ -62,7 +62,11 @@ def convert_and_compare(tmp_path: Path, image: Image, tag: str, *extra: str) -> 
 
 
 @pytest.mark.parametrize("extra", [(), ("--compressor", "lz4", "--chunk-size", "0x1000"),
-                                   ("--compressor", "none",)])
+                                   ("--compressor", "none",),
+                                   # format v1 (no batches), as images converted before v2
+                                   ("--batch-size", "0"),
+                                   # many small batches, big files split around them
+                                   ("--chunk-size", "0x1000", "--batch-size", "0x2000")])
 def test_feature_image_mounts_identical_to_umoci(tmp_path, extra):
     assert convert_and_compare(tmp_path, feature_image(), "feat", *extra) == []
 
