@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="compress chunks smaller than this together, in batches of at most this "
                         "size; 0 = off (format v1). Default 0x100000 (nydusify: 0)")
     c.add_argument("--compression-level", type=int, metavar="N",
-                   help="zstd level 1..22 (default 3; 19 is ~10%% smaller and several times slower)")
+                   help="zstd level 1..22 (default 6; 3 is faster and ~5%% bigger)")
     c.add_argument("--prefetch-patterns", nargs="?", const="-", metavar="FILE",
                    help="paths to prefetch, one a line: from stdin (as nydusify) or from FILE")
     c.add_argument("--prefetch-dir", metavar="PATH", help="prefetch this directory of the image")

@@ -13,7 +13,7 @@ CODECS = ("zstd", "lz4", "none")
 _local = threading.local()  # zstd contexts are not thread-safe; one per thread is cheap
 
 
-DEFAULT_ZSTD_LEVEL = 3
+DEFAULT_ZSTD_LEVEL = 6   # with batches: base 0.86x, python 0.90x gzip (level 3: 0.90x, 0.94x)
 ZSTD_LEVELS = range(1, 23)
 
 
