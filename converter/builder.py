@@ -139,8 +139,10 @@ class Builder:
     # -- chunk dictionary -----------------------------------------------------------------------
     def add_chunk_dict(self, dictionary: Bootstrap, what: str) -> None:
         """Registers every blob and chunk of an earlier image's bootstrap, so that a chunk it
-        already stores is referenced, not stored again. Before the first layer; once."""
-        if self.writer.blobs or self.stats.layers:
+        already stores is referenced, not stored again. Before the first layer; may be called
+        once per dictionary (a blob that an earlier dictionary registered is skipped; for a chunk
+        in several, the first dictionary's copy is used)."""
+        if self.stats.layers or len(self.writer.blobs) != self.stats.dict_blobs:
             raise ValueError("add_chunk_dict must come before the first layer")
         if dictionary.chunk_size != self.opt.chunk_size:
             raise ConfigError(f"--chunk-dict {what}: chunk size {dictionary.chunk_size:#x} differs from "
@@ -148,7 +150,11 @@ class Builder:
         if dictionary.digester != self.writer.digester:
             raise ConfigError(f"--chunk-dict {what}: digester {dictionary.digester!r} is not "
                               f"{self.writer.digester!r}")
+        known = {b.id for b in self.writer.blobs}
         for b, info in enumerate(dictionary.blobs):
+            if info.id in known:
+                continue
+            known.add(info.id)
             specs = []
             for cid in dictionary.blob_chunks(b):
                 c = dictionary.chunk(cid)
@@ -162,8 +168,8 @@ class Builder:
                                  uncompressed_size=info.uncompressed_size, chunks=specs)
             for i, spec in enumerate(specs):
                 self.index.add_existing(spec.digest, start + i)
+            self.stats.dict_blobs += 1
         self._dict_chunks = self.writer.chunk_count
-        self.stats.dict_blobs = len(dictionary.blobs)
 
     # -- per layer ----------------------------------------------------------------------------
     def add_layer(self, entries, layer_index: int, source_layer: str, what: str) -> BuiltBlob | None:

@@ -109,8 +109,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="where the data blobs go: with the image (default) or to S3")
     c.add_argument("--backend-config", help="the backend's JSON config (nydusd's backend.config)")
     c.add_argument("--backend-config-file", help="a file holding the backend's JSON config")
-    c.add_argument("--chunk-dict", metavar="SRC",
-                   help="an earlier nydus-py image whose chunks are referenced, not stored again: "
+    c.add_argument("--chunk-dict", metavar="SRC", action="append",
+                   help="an earlier nydus-py image whose chunks are referenced, not stored again "
+                        "(repeat for several; nydusify takes one): "
                         "oci:DIR[:TAG] or HOST/REPO:TAG (nydusify's bootstrap:registry:REF and "
                         "bootstrap:oci:DIR[:TAG] work too)")
     c.add_argument("--chunk-dict-insecure", action="store_true",
@@ -308,7 +309,7 @@ def cmd_convert(args) -> int:
     chunk_dict = None
     if args.chunk_dict:
         from converter.chunk_dict import open_chunk_dict
-        chunk_dict = open_chunk_dict(args.chunk_dict, src_opts, insecure=args.chunk_dict_insecure)
+        chunk_dict = [open_chunk_dict(d, src_opts, insecure=args.chunk_dict_insecure) for d in args.chunk_dict]
     elif args.chunk_dict_insecure:
         raise ConfigError("--chunk-dict-insecure goes with --chunk-dict")
     if args.output_json:
@@ -330,7 +331,7 @@ def cmd_convert(args) -> int:
           f"{res.seconds:.2f}s", file=sys.stderr)
     if chunk_dict is not None:
         kept = res.build.dict_blobs
-        print(f"  chunk dict {args.chunk_dict}: {s.dict_chunks_used} chunks referenced from it, "
+        print(f"  chunk dict {', '.join(args.chunk_dict)}: {s.dict_chunks_used} chunks referenced from it, "
               f"{len(kept)}/{s.dict_blobs} of its blobs used ({sum(b.compressed_size for b in kept)} "
               f"bytes referenced)", file=sys.stderr)
     if res.pushed_digest:

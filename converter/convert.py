@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,17 +55,20 @@ def convert(source: SourceRef, target: SourceRef, options: BuildOptions, *,
             platform: str | None = None, progress: ProgressFn | None = None,
             on_image=None, registry: RegistryOptions | None = None,
             merge_platform: bool = False, blob_store: BlobStore | None = None,
-            chunk_dict: ChunkDict | None = None, target_registry: RegistryOptions | None = None,
+            chunk_dict: ChunkDict | Sequence[ChunkDict] | None = None,
+            target_registry: RegistryOptions | None = None,
             on_layer: Callable[[LayerReport], None] | None = None) -> ConvertResult:
-    """`chunk_dict`: an earlier image (converter/chunk_dict.py) whose chunks are referenced, not
-    stored again; the dictionary blobs the result references become layers of the target.
+    """`chunk_dict`: earlier images (converter/chunk_dict.py; one or several) whose chunks are
+    referenced, not stored again; the dictionary blobs the result references become layers of
+    the target.
     `registry` reaches the source (and the chunk dictionary), `target_registry` (default: the
     same) the target. `on_layer` hears about each layer once it is converted."""
+    dicts = _dict_list(chunk_dict)
     if target.transport not in ("oci", "docker"):
         raise ConfigError(f"target {target}: use oci:DIR[:TAG] or a registry reference HOST/REPO:TAG")
     if merge_platform and target.transport != "docker":
         raise ConfigError("--merge-platform needs a registry target")
-    if chunk_dict is not None and blob_store is not None:
+    if dicts and blob_store is not None:
         raise ConfigError(f"--chunk-dict with --backend-type {blob_store.type} is not supported "
                           f"(the dictionary's blobs would have to be in {blob_store.type} too)")
     registry = registry or RegistryOptions()
@@ -83,15 +86,15 @@ def convert(source: SourceRef, target: SourceRef, options: BuildOptions, *,
             on_image(image)
         if target.transport == "oci":
             manifest, result = _build_into(image, Path(target.path), target.reference, options,
-                                           progress, blob_store, chunk_dict, copy_dict_blobs=True,
+                                           progress, blob_store, dicts, copy_dict_blobs=True,
                                            on_layer=layer_done)
             return ConvertResult(manifest, result, _total(image), time.monotonic() - t0, layers=reports)
         ref = parse_reference(target.path)
         with tempfile.TemporaryDirectory(prefix="nydusify-out-", dir=target_registry.work_dir) as tmp:
             manifest, result = _build_into(image, Path(tmp) / "oci", None, options, progress, blob_store,
-                                           chunk_dict, copy_dict_blobs=False, on_layer=layer_done)
+                                           dicts, copy_dict_blobs=False, on_layer=layer_done)
             from converter.push import push_converted
-            external = _dict_blob_sources(chunk_dict, result, ref, Path(tmp)) if chunk_dict else None
+            external = _dict_blob_sources(dicts, result, ref, Path(tmp)) if dicts else None
             t_push = time.monotonic()
             with target_registry.client(ref) as client:
                 pushed = push_converted(Path(tmp) / "oci", manifest, ref, client, source_image=image,
@@ -105,13 +108,13 @@ def convert(source: SourceRef, target: SourceRef, options: BuildOptions, *,
 
 def _build_into(image: SourceImage, target_dir: Path, tag: str | None, options: BuildOptions,
                 progress: ProgressFn | None, blob_store: BlobStore | None = None,
-                chunk_dict: ChunkDict | None = None, *, copy_dict_blobs: bool = True,
+                dicts: Sequence[ChunkDict] = (), *, copy_dict_blobs: bool = True,
                 on_layer: Callable[[LayerReport], None] | None = None
                 ) -> tuple[Descriptor, BuildResult]:
     with Staging(target_dir) as staging:
         builder = Builder(options, staging.work_dir, progress)
-        if chunk_dict is not None:
-            builder.add_chunk_dict(chunk_dict.bootstrap, chunk_dict.name)
+        for d in dicts:
+            builder.add_chunk_dict(d.bootstrap, d.name)
         for layer in image.layers:
             # iter_entries reads the stream to EOF, so the digest and diff_id checks have fired
             # (or raised) by the time add_layer returns.
@@ -135,7 +138,7 @@ def _build_into(image: SourceImage, target_dir: Path, tag: str | None, options: 
                 # a target layout that already holds the blob (e.g. the dictionary's own
                 # layout, another tag) keeps it at commit; otherwise copy it in, verified
                 if not staging.target_has_blob(info.id):
-                    tmp = chunk_dict.fetch_blob(info, staging.work_dir)
+                    tmp = _owner(dicts, info.id).fetch_blob(info, staging.work_dir)
                     staging.layout.adopt_file(tmp, info.id, info.compressed_size, "")
         if blob_store is not None:
             for blob in result.blobs:
@@ -149,13 +152,28 @@ def _build_into(image: SourceImage, target_dir: Path, tag: str | None, options: 
     return manifest, result
 
 
-def _dict_blob_sources(chunk_dict: ChunkDict, result: BuildResult, target, tmp: Path) -> dict:
+def _dict_list(chunk_dict) -> list[ChunkDict]:
+    if chunk_dict is None:
+        return []
+    return [chunk_dict] if isinstance(chunk_dict, ChunkDict) else list(chunk_dict)
+
+
+def _owner(dicts: Sequence[ChunkDict], blob_id: str) -> ChunkDict:
+    """The first dictionary naming the blob (the builder registered the blob from that one)."""
+    for d in dicts:
+        if any(b.id == blob_id for b in d.bootstrap.blobs):
+            return d
+    raise ValueError(f"blob {blob_id} is in no chunk dictionary")
+
+
+def _dict_blob_sources(dicts: Sequence[ChunkDict], result: BuildResult, target, tmp: Path) -> dict:
     """digest → ExternalBlob for the dictionary blobs the image references: a cross-repository
     mount when the dictionary lives in the target's registry, else an upload from the
     dictionary's layout file or (only if the target lacks it) a download from its registry."""
     from converter.push import ExternalBlob
     out = {}
     for info in result.dict_blobs:
+        chunk_dict = _owner(dicts, info.id)
         path = chunk_dict.local_path(info)
         if path is not None:
             if not path.is_file():
@@ -164,7 +182,7 @@ def _dict_blob_sources(chunk_dict: ChunkDict, result: BuildResult, target, tmp: 
             out[info.id] = ExternalBlob(path)
             continue
         same = chunk_dict.reference.api_host == target.api_host
-        out[info.id] = ExternalBlob(lambda info=info: chunk_dict.fetch_blob(info, tmp),
+        out[info.id] = ExternalBlob(lambda info=info, d=chunk_dict: d.fetch_blob(info, tmp),
                                     mount_from=(chunk_dict.reference.repository,) if same else ())
     return out
 

@@ -164,6 +164,35 @@ def test_dictionary_with_another_compressor_reads_back(tmp_path):
     assert read_file(bs, b"b", blob_files(a, b)) == d + bytes(CS)
 
 
+def build_multi(tmp: Path, layers: list[Layer], dictionaries: list[Bootstrap]) -> BuildResult:
+    work = tmp / f"work-{len(list(tmp.glob('work-*')))}"
+    work.mkdir()
+    b = Builder(BuildOptions(chunk_size=CS, workers=2), work)
+    for i, d in enumerate(dictionaries):
+        b.add_chunk_dict(d, f"dict-{i}")
+    for i, l in enumerate(layers):
+        b.add_layer(tarlayer.iter_entries(io.BytesIO(l.tar_bytes()), "l"), i, f"sha256:{i:064x}", "l")
+    return b.finish()
+
+
+def test_several_dictionaries_each_provide_their_chunks_and_a_shared_blob_counts_once(tmp_path):
+    shared, only_a, only_b, new = data(1, 3 * CS), data(2, 3 * CS), data(3, 3 * CS), data(4, 2 * CS)
+    base = build(tmp_path, [layer({"s": shared})])
+    a = build(tmp_path, [layer({"s": shared}), layer({"a": only_a})])     # base's blob + its own
+    b = build(tmp_path, [layer({"s": shared}), layer({"b": only_b})])
+    assert a.blobs[0].digest == b.blobs[0].digest == base.blobs[0].digest
+    c = build_multi(tmp_path, [layer({"x/a": only_a, "x/b": only_b, "x/s": shared, "x/n": new + b"tail"})],
+                    [Bootstrap.from_bytes(a.bootstrap), Bootstrap.from_bytes(b.bootstrap)])
+    assert c.stats.dict_blobs == 3             # base's blob once, a's and b's own
+    assert sorted(x.id for x in c.dict_blobs) == sorted({base.blobs[0].digest, a.blobs[1].digest,
+                                                         b.blobs[1].digest})
+    assert c.stats.chunks_stored == 3          # only "new" (2 chunks) and its tail
+    bs = Bootstrap.from_bytes(c.bootstrap)
+    files = blob_files(a, b, c)
+    for name, want in [(b"x/a", only_a), (b"x/b", only_b), (b"x/s", shared), (b"x/n", new + b"tail")]:
+        assert read_file(bs, name, files) == want
+
+
 def test_chunk_size_mismatch_is_a_config_error(tmp_path):
     a = build(tmp_path, [layer({"a": data(1, CS)})])
     b = Builder(BuildOptions(chunk_size=2 * CS), tmp_path)
