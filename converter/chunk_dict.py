@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from converter.sources import RegistryOptions
-from nydus_py.errors import ConfigError, ImageFormatError, NydusError
+from nydus_py.errors import BlobNotFoundError, ConfigError, ImageFormatError, NydusError
 from nydus_py.format.bootstrap import BlobInfo, Bootstrap
 from nydus_py.oci import mediatypes as mt
 from nydus_py.oci.layout import Descriptor, OCILayout
@@ -73,12 +73,16 @@ class ChunkDict:
     layout_dir: Path | None = None         # an OCI layout holding the blobs, or
     reference: Reference | None = None     # a registry repository holding them
     registry: RegistryOptions | None = None
+    external: str = ""                     # or: its blobs live in this backend (e.g. "s3"), not the image
 
     def fetch_blob(self, info: BlobInfo, dest_dir: Path) -> Path:
         """Copies one of the dictionary's blobs into a temp file under dest_dir, verified against
         its digest and size; returns the path."""
         desc = Descriptor(mt.NYDUS_PY_BLOB, info.id, info.compressed_size)
         what = f"--chunk-dict {self.name}: blob {info.id}"
+        if self.external:
+            raise BlobNotFoundError(f"{what} lives in the dictionary's {self.external} backend, "
+                                    f"not in the image")
         fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix="dict-blob-")
         try:
             with os.fdopen(fd, "wb") as out:
@@ -113,17 +117,20 @@ def blob_descriptor(info: BlobInfo) -> Descriptor:
         mt.ANNO_CHUNK_COUNT: str(info.chunk_count)})
 
 
-def open_chunk_dict(text: str, registry: RegistryOptions, *, insecure: bool = False) -> ChunkDict:
+def open_chunk_dict(text: str, registry: RegistryOptions, *, insecure: bool = False,
+                    blob_backend: str | None = None) -> ChunkDict:
     """Reads the dictionary image's bootstrap. Every failure is one line naming the dictionary;
-    an image that is not a nydus-py image says so."""
+    an image that is not a nydus-py image says so. `blob_backend` (the target's
+    --backend-type, e.g. "s3"): a dictionary whose blobs live in that backend type is accepted
+    (the target's store must then hold them; convert checks)."""
     ref = parse_chunk_dict(text)
     try:
         if ref.transport == "oci":
-            return _open_oci(text, ref.path)
+            return _open_oci(text, ref.path, blob_backend)
         if insecure:
             registry = RegistryOptions(plain_http=True, skip_verify=True, ca_file=registry.ca_file,
                                        work_dir=registry.work_dir, concurrency=registry.concurrency)
-        return _open_registry(text, parse_reference(ref.path), registry)
+        return _open_registry(text, parse_reference(ref.path), registry, blob_backend)
     except NydusError as e:
         msg = f"--chunk-dict: {e}"
         if "not a nydus-py image" in msg:
@@ -131,29 +138,44 @@ def open_chunk_dict(text: str, registry: RegistryOptions, *, insecure: bool = Fa
         raise e.__class__(msg, permanent=e.permanent, errno=e.errno) from None
 
 
-def _open_oci(name: str, ref: str) -> ChunkDict:
+def _open_oci(name: str, ref: str, blob_backend: str | None = None) -> ChunkDict:
     from nydus_py.image_source import open_oci, parse_oci_ref
     from nydus_py.storage.backend import close_backend
-    _check_nydus_manifest_oci(ref)
+    external = _check_nydus_manifest_oci(ref, blob_backend)
+    if external:
+        return ChunkDict(name, _oci_bootstrap(ref), external=external)
     opened = open_oci(ref)   # also proves every blob the bootstrap names is in the layout
     close_backend(opened.backend)
     return ChunkDict(name, opened.bootstrap, layout_dir=parse_oci_ref(ref)[0])
 
 
-def _check_nydus_manifest_oci(ref: str) -> None:
+def _check_nydus_manifest_oci(ref: str, blob_backend: str | None = None) -> str:
     from nydus_py.image_source import layout_manifest, parse_oci_ref
     root, tag = parse_oci_ref(ref)
     if not root.is_dir():
         raise ImageFormatError(f"{ref}: no such directory {root}")
     layout = OCILayout(root)
-    _check_external(layout_manifest(layout, layout.resolve(tag), ref), ref)
+    return _check_external(layout_manifest(layout, layout.resolve(tag), ref), ref, blob_backend)
 
 
-def _open_registry(name: str, r: Reference, options: RegistryOptions) -> ChunkDict:
+def _oci_bootstrap(ref: str) -> Bootstrap:
+    from nydus_py.image_source import MAX_BOOTSTRAP, layout_manifest, parse_oci_ref
+    root, tag = parse_oci_ref(ref)
+    layout = OCILayout(root)
+    layers = find_layers(layout_manifest(layout, layout.resolve(tag), ref), ref)
+    data = layout.read_blob(layers.bootstrap, f"{ref}: bootstrap layer", limit=MAX_BOOTSTRAP)
+    return Bootstrap.from_bytes(data)
+
+
+def _open_registry(name: str, r: Reference, options: RegistryOptions,
+                   blob_backend: str | None = None) -> ChunkDict:
     from nydus_py.image_source import fetch_registry_image
     what = str(r)
     with options.client(r) as c:
-        _, layers, bootstrap = fetch_registry_image(c, r, what)
+        manifest, layers, bootstrap = fetch_registry_image(c, r, what)
+    external = _check_external(manifest, what, blob_backend)
+    if external:
+        return ChunkDict(name, bootstrap, external=external)
     listed = {d.digest for d in layers.blobs}
     for blob in bootstrap.blobs:
         if blob.id not in listed:
@@ -161,9 +183,12 @@ def _open_registry(name: str, r: Reference, options: RegistryOptions) -> ChunkDi
     return ChunkDict(name, bootstrap, reference=r, registry=options)
 
 
-def _check_external(manifest: dict, what: str) -> None:
+def _check_external(manifest: dict, what: str, blob_backend: str | None = None) -> str:
+    """The backend type holding the image's blobs when they are outside it ("" when inside)."""
     find_layers(manifest, what)   # "not a nydus-py image" for anything else
     backend = (manifest.get("annotations") or {}).get("io.nydus-py.blob-backend")
-    if backend:
+    if backend and backend != blob_backend:
         raise ConfigError(f"{what}: its data blobs live in {backend}, outside the image; "
-                          f"a chunk dictionary must carry its blobs")
+                          f"a chunk dictionary must carry its blobs (or convert with "
+                          f"--backend-type {backend})")
+    return backend or ""

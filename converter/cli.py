@@ -309,7 +309,9 @@ def cmd_convert(args) -> int:
     chunk_dict = None
     if args.chunk_dict:
         from converter.chunk_dict import open_chunk_dict
-        chunk_dict = [open_chunk_dict(d, src_opts, insecure=args.chunk_dict_insecure) for d in args.chunk_dict]
+        chunk_dict = [open_chunk_dict(d, src_opts, insecure=args.chunk_dict_insecure,
+                                      blob_backend=blob_store.type if blob_store is not None else None)
+                      for d in args.chunk_dict]
     elif args.chunk_dict_insecure:
         raise ConfigError("--chunk-dict-insecure goes with --chunk-dict")
     if args.output_json:

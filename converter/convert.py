@@ -68,9 +68,10 @@ def convert(source: SourceRef, target: SourceRef, options: BuildOptions, *,
         raise ConfigError(f"target {target}: use oci:DIR[:TAG] or a registry reference HOST/REPO:TAG")
     if merge_platform and target.transport != "docker":
         raise ConfigError("--merge-platform needs a registry target")
-    if dicts and blob_store is not None:
-        raise ConfigError(f"--chunk-dict with --backend-type {blob_store.type} is not supported "
-                          f"(the dictionary's blobs would have to be in {blob_store.type} too)")
+    for d in dicts:
+        if d.external and (blob_store is None or blob_store.type != d.external):
+            raise ConfigError(f"--chunk-dict {d.name}: its blobs live in {d.external}; convert with "
+                              f"--backend-type {d.external}")
     registry = registry or RegistryOptions()
     target_registry = target_registry or registry
     t0 = time.monotonic()
@@ -94,7 +95,7 @@ def convert(source: SourceRef, target: SourceRef, options: BuildOptions, *,
             manifest, result = _build_into(image, Path(tmp) / "oci", None, options, progress, blob_store,
                                            dicts, copy_dict_blobs=False, on_layer=layer_done)
             from converter.push import push_converted
-            external = _dict_blob_sources(dicts, result, ref, Path(tmp)) if dicts else None
+            external = _dict_blob_sources(dicts, result, ref, Path(tmp)) if dicts and not blob_store else None
             t_push = time.monotonic()
             with target_registry.client(ref) as client:
                 pushed = push_converted(Path(tmp) / "oci", manifest, ref, client, source_image=image,
@@ -133,7 +134,9 @@ def _build_into(image: SourceImage, target_dir: Path, tag: str | None, options: 
                     uncompressed_size=built.uncompressed_size if built else 0,
                     chunks=built.chunk_count if built else 0, seconds=time.monotonic() - t))
         result = builder.finish()
-        if copy_dict_blobs:
+        if blob_store is not None:
+            _store_dict_blobs(dicts, result, blob_store, staging.work_dir)
+        elif copy_dict_blobs:
             for info in result.dict_blobs:
                 # a target layout that already holds the blob (e.g. the dictionary's own
                 # layout, another tag) keeps it at commit; otherwise copy it in, verified
@@ -150,6 +153,25 @@ def _build_into(image: SourceImage, target_dir: Path, tag: str | None, options: 
                                external_blobs=blob_store.type if blob_store is not None else None)
         staging.commit(manifest, tag)
     return manifest, result
+
+
+def _store_dict_blobs(dicts: Sequence[ChunkDict], result: BuildResult, blob_store: BlobStore,
+                      work_dir: Path) -> None:
+    """--backend-type: the image's blobs, dictionary ones included, must all be in the store
+    (its manifest lists none of them). Blobs already there (e.g. the dictionary was converted
+    into the same bucket) are not copied again."""
+    for info in result.dict_blobs:
+        if blob_store.backend.has_blob(info.id):
+            continue
+        d = _owner(dicts, info.id)
+        if d.external:
+            raise BlobNotFoundError(f"--chunk-dict {d.name}: blob {info.id} is not in the target's "
+                                    f"{blob_store.type} store")
+        tmp = d.fetch_blob(info, work_dir)
+        try:
+            blob_store.backend.put_blob(info.id, tmp)
+        finally:
+            tmp.unlink()
 
 
 def _dict_list(chunk_dict) -> list[ChunkDict]:

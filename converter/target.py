@@ -77,7 +77,7 @@ def write_image(layout: OCILayoutWriter, result, source, *, chunk_size: int, com
     annotated `io.nydus-py.chunk-dict`; their files are the caller's business (copied into the
     layout, or pushed to the registry), so that the image stays self-contained."""
     from converter.chunk_dict import blob_descriptor
-    layers: list[Descriptor] = [blob_descriptor(b) for b in result.dict_blobs]
+    layers: list[Descriptor] = [] if external_blobs else [blob_descriptor(b) for b in result.dict_blobs]
     for b in ([] if external_blobs else result.blobs):
         ann = {mt.ANNO_BLOB: "true", mt.ANNO_SOURCE_LAYER: b.source_layer,
                mt.ANNO_UNCOMPRESSED_SIZE: str(b.uncompressed_size), mt.ANNO_CHUNK_COUNT: str(b.chunk_count)}
