@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""Storage on the realistic dedup series (perf/benchlib/series.py): bytes a registry stores for
+series-1..4 as gzip OCI and as nydus-py without / with chunk dictionaries, plus the chunk-level
+dedup of fixed-size vs content-defined chunking (offline: unique uncompressed bytes).
+
+    sudo .venv/bin/python perf/series.py [--skip-cdc]     → perf/results/series.json + a table
+
+"Stored" counts each distinct blob once (layer digest), as a registry does; nydus-py counts its
+bootstraps too. Conversions are OCI layout → OCI layout (no registry), one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import images, series                      # noqa: E402
+from benchlib.util import CACHE, ROOT, log                 # noqa: E402
+
+NYDUSIFY = [sys.executable, "-m", "converter.cli", "convert", "--quiet"]
+MB = 1e6
+
+
+def manifest_layers(layout: Path, tag: str) -> list[dict]:
+    idx = json.loads((layout / "index.json").read_bytes())
+    d = next(m for m in idx["manifests"] if m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+    m = json.loads((layout / "blobs/sha256" / d["digest"].split(":")[1]).read_bytes())
+    return m["layers"]
+
+
+def convert(tag: str, out: Path, dicts: list[str]) -> float:
+    args = [*NYDUSIFY, "--source", f"oci:{images.OCI}:{tag}", "--target", f"oci:{out}:{tag}"]
+    for d in dicts:
+        args += ["--chunk-dict", d]
+    t0 = time.monotonic()
+    subprocess.run(args, check=True, cwd=ROOT)
+    return time.monotonic() - t0
+
+
+def stored(layers_per_image: list[list[dict]]) -> int:
+    seen = {}
+    for lays in layers_per_image:
+        for l in lays:
+            seen[l["digest"]] = l["size"]
+    return sum(seen.values())
+
+
+def nydus_mode(name: str, work: Path, dict_of) -> dict:
+    per, lays, secs = {}, [], {}
+    for i, tag in enumerate(series.TAGS):
+        out = work / name / tag
+        secs[tag] = round(convert(tag, out, dict_of(i, work / name)), 2)
+        ls = manifest_layers(out, tag)
+        lays.append(ls)
+        per[tag] = sum(l["size"] for l in ls)
+        log.info("%s %s: %.1f MB image, %.1f s", name, tag, per[tag] / MB, secs[tag])
+    return {"per_image": per, "stored": stored(lays), "seconds": secs}
+
+
+def file_datas(tag: str):
+    """Regular-file contents of the image's layers (each layer's files; a file changed in an
+    upper layer is in both, as in the blobs)."""
+    for l in series.build_series()[tag]:
+        with tarfile.open(l["path"], "r:gz") as tf:
+            for m in tf:
+                if m.isreg() and m.size:
+                    yield tf.extractfile(m).read()
+
+
+def cdc_analysis(chunk_size: int) -> dict:
+    from pyfastcdc import FastCDC
+    cdcs = {"cdc-avg1M": FastCDC(1 << 20, min_size=256 << 10, max_size=4 << 20),
+            "cdc-avg64K": FastCDC(64 << 10, min_size=16 << 10, max_size=256 << 10)}
+    seen: dict[str, set] = {"fixed": set(), **{k: set() for k in cdcs}}
+    unique = {k: 0 for k in seen}
+    total = 0
+    out = {}
+    for tag in series.TAGS:
+        for data in file_datas(tag):
+            total += len(data)
+            pieces = {"fixed": [data[o:o + chunk_size] for o in range(0, len(data), chunk_size)]}
+            for k, c in cdcs.items():
+                pieces[k] = [bytes(ch.data) for ch in c.cut_buf(data)]
+            for k, ps in pieces.items():
+                for p in ps:
+                    d = hashlib.sha256(p).digest()
+                    if d not in seen[k]:
+                        seen[k].add(d)
+                        unique[k] += len(p)
+        out[tag] = {"file_bytes_so_far": total, **{k: v for k, v in unique.items()}}
+        log.info("cdc %s: %s", tag, out[tag])
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--skip-cdc", action="store_true")
+    ap.add_argument("--only", default="gzip,plain,prev,all,cdc")
+    a = ap.parse_args()
+    only = a.only.split(",")
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    layers = series.build_series()
+    res: dict = {"images": series.TAGS}
+    res["gzip_oci"] = {"per_image": {t: sum(l["size"] for l in layers[t]) for t in series.TAGS},
+                       "stored": stored([[{"digest": l["digest"], "size": l["size"]} for l in layers[t]]
+                                         for t in series.TAGS])}
+    work = CACHE / "series-out"
+    subprocess.run(["rm", "-rf", str(work)], check=True)
+    if "plain" in only:
+        res["nydus"] = nydus_mode("plain", work, lambda i, d: [])
+    if "prev" in only:
+        res["nydus_prev_dict"] = nydus_mode(
+            "prev", work, lambda i, d: [f"oci:{d / series.TAGS[i - 1]}:{series.TAGS[i - 1]}"] if i else [])
+    if "all" in only:
+        res["nydus_all_dicts"] = nydus_mode(
+            "all", work, lambda i, d: [f"oci:{d / t}:{t}" for t in reversed(series.TAGS[:i])])
+    if "cdc" in only and not a.skip_cdc:
+        res["chunking_unique_bytes"] = cdc_analysis(1 << 20)
+    out = ROOT / "perf/results/series.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    g = res["gzip_oci"]["stored"]
+    print("| format | " + " | ".join(series.TAGS) + " | stored for all four | × gzip |")
+    print("|---|" + "---:|" * (len(series.TAGS) + 2))
+    for key, label in [("gzip_oci", "gzip OCI (layers deduped by digest)"), ("nydus", "nydus-py"),
+                       ("nydus_prev_dict", "nydus-py, previous image as --chunk-dict"),
+                       ("nydus_all_dicts", "nydus-py, every earlier image as --chunk-dict")]:
+        if key in res:
+            r = res[key]
+            print(f"| {label} | " + " | ".join(f"{r['per_image'][t] / MB:.1f}" for t in series.TAGS)
+                  + f" | {r['stored'] / MB:.1f} | {r['stored'] / g:.2f}× |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
