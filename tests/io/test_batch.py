@@ -129,6 +129,7 @@ def test_add_batch_siblings_adds_neighbours_sharing_the_frame_as_readahead():
 
 def test_v1_bootstrap_with_a_batch_flag_or_v2_with_a_bad_batch_is_refused(tmp_path):
     import msgpack
+
     from nydus_py.format import bootstrap as fmt
     built = build(FILES, chunk_size=CS, batch_size=CS)
     doc = msgpack.unpackb(built.bootstrap, raw=False)
