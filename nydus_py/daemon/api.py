@@ -22,6 +22,8 @@ Endpoints of one mount (`DaemonApi`; field reference in docs/operations.md):
     GET  /api/v1/prefetch               learned prefetch: list found at mount, recording
     PUT  /api/v1/prefetch/push          end recording; keep the learned list and push it
     PUT  /api/v1/daemon/exit            unmount and exit 0
+    PUT  /api/v1/daemon/fuse/sendfd     hand the /dev/fuse fd to the --supervisor again
+    PUT  /api/v1/daemon/fuse/takeover   (--upgrade) 204 once the session is taken over
     GET  /metrics                       Prometheus text format
 
 Errors are JSON `{"code": ..., "message": ...}` with 400/404/405/409/500/501, as nydusd does.
@@ -389,7 +391,7 @@ class DaemonApi:
 
     def __init__(self, *, daemon_id: str, mountpoint: str, fs, stop: Callable[[], None],
                  prefetcher=None, access_pattern: bool = False, iostats_files: bool = False,
-                 backend_config=None, learned=None):
+                 backend_config=None, learned=None, handoff=None):
         self.backend_config = backend_config
         self.events = event_log()
         self.id = daemon_id
@@ -400,13 +402,15 @@ class DaemonApi:
         self.learned = learned          # daemon/learned.LearnedPrefetch or None
         self.access_pattern = access_pattern
         self.iostats_files = iostats_files
+        self.handoff = handoff          # takeover.Handoff when a supervisor keeps the session
         self.state = "RUNNING"
         self.started = time.time()
 
     def info(self) -> dict:
         return {"id": self.id, "version": version_info(), "state": self.state,
                 "pid": os.getpid(), "mountpoint": self.mountpoint, "image": self.fs.description,
-                "uptime_secs": round(time.time() - self.started, 3), "supervisor": None}
+                "uptime_secs": round(time.time() - self.started, 3),
+                "supervisor": self.handoff.supervisor if self.handoff else None}
 
     def fs_metrics(self) -> dict:
         fs = self.fs.metrics.fs.snapshot()
@@ -485,6 +489,8 @@ class DaemonApi:
         if route == ("PUT", "/api/v1/daemon/exit"):
             self.state = "STOPPING"
             return Response(204, after=self.stop)
+        if route in (("PUT", "/api/v1/daemon/fuse/sendfd"), ("PUT", "/api/v1/daemon/fuse/takeover")):
+            return await self._fuse_handoff(route[1])
         if route == ("GET", "/metrics"):
             return Response(200, self.fs.metrics.render_prometheus().encode(),
                             "text/plain; version=0.0.4")
@@ -492,7 +498,22 @@ class DaemonApi:
             raise ApiError(501, "NotSupported", "this daemon serves one mount; run `nydusd serve` "
                            "to mount several images from one daemon")
         known = {"/api/v1/daemon", "/api/v1/daemon/exit", "/api/v1/daemon/backend",
-                 "/api/v1/daemon/events", "/metrics", "/api/v1/prefetch", "/api/v1/prefetch/push"}
+                 "/api/v1/daemon/events", "/metrics", "/api/v1/prefetch", "/api/v1/prefetch/push",
+                 "/api/v1/daemon/fuse/sendfd", "/api/v1/daemon/fuse/takeover"}
         if req.path in known or req.path.startswith("/api/v1/metrics"):
             raise ApiError(405, "MethodNotAllowed", f"{req.method} {req.path}")
         raise ApiError(404, "NotFound", f"no endpoint {req.path}")
+
+    async def _fuse_handoff(self, path: str) -> Response:
+        """The API serves only once the session is established (a takeover happens before
+        the loop starts), so takeover just confirms; sendfd gives a (restarted) supervisor
+        the fd again."""
+        from nydus_py.daemon.takeover import TakeoverError
+        if self.handoff is None:
+            raise ApiError(400, "NoSupervisor", "this daemon was started without --supervisor")
+        if path.endswith("/sendfd"):
+            try:
+                await self.handoff.sendfd()
+            except (TakeoverError, OSError) as e:
+                raise ApiError(500, "SendFdFailed", str(e)) from None
+        return Response(204)

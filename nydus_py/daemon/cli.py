@@ -88,6 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-learned-prefetch", action="store_true",
                    help="do not look up or use a prefetch list learned from earlier runs "
                         "(config learned_prefetch.enable=false)")
+    f = m.add_argument_group("failover and hot upgrade (docs/operations.md)")
+    f.add_argument("--supervisor", metavar="SOCK",
+                   help="keep the /dev/fuse fd and session state in the supervisor on this socket")
+    f.add_argument("--upgrade", action="store_true",
+                   help="take the live session over from --supervisor instead of mounting")
+    f.add_argument("--failover-policy", default="resend", choices=["resend"],
+                   help="in-flight requests of a dead daemon are resent by the kernel (Linux >= "
+                        "6.9); nydusd's `flush` is not offered")
+    f.add_argument("--failover", action="store_true",
+                   help="run as the supervisor on --supervisor SOCK: keep the fd, restart the "
+                        "daemon with a takeover when it dies, SIGHUP = hot upgrade (nydus-py)")
     m.add_argument("mountpoint", metavar="MOUNTPOINT")
 
     s = sub.add_parser("serve", help="one daemon for several mounts, driven by the API",
@@ -125,9 +136,10 @@ NYDUS_UNSUPPORTED = {
     "--fuse-threads": "FUSE requests are served by one trio loop; chunk fetches use worker "
                       "threads sized by fs_prefetch.threads_count",
     "--thread-num": "see --fuse-threads",
-    "--failover-policy": "FUSE session takeover is not implemented yet",
-    "--upgrade": "FUSE session takeover is not implemented yet",
-    "--supervisor": "FUSE session takeover is not implemented yet",
+    "--failover-policy": "nydus-py's takeover speaks its own supervisor protocol, not "
+                         "nydus-snapshotter's: use `nydusd mount --failover --supervisor SOCK`",
+    "--upgrade": "see --failover-policy",
+    "--supervisor": "see --failover-policy",
     "--log-rotation-size": "log rotation is logrotate's job (copytruncate)",
     "--rlimit-nofile": "set it with ulimit/systemd LimitNOFILE",
     "--dedup-db": "chunk deduplication happens at conversion (nydusify --chunk-dict)",
@@ -189,7 +201,8 @@ def _nydus_form(argv: list[str]) -> argparse.Namespace:
         cache_dir=None, daemon=False, pid_file=None, log_file=args.log_file,
         log_level=args.log_level, allow_other=False, suid=False, apisock=args.apisock,
         readahead_kb=1024, daemon_id=args.daemon_id, cache_max_size=None,
-        prefetch_files=args.prefetch_files, no_prefetch=False, nydus_form=True)
+        prefetch_files=args.prefetch_files, no_prefetch=False, nydus_form=True,
+        supervisor=None, upgrade=False, failover=False)
 
 
 def _setup_logging(level: str, log_file: str | None) -> None:
@@ -225,7 +238,9 @@ def _request(args) -> MountRequest:
         raise ConfigError("--image cannot be combined with --bootstrap/--blob-dir")
     if args.blob_dir and not args.bootstrap:
         raise ConfigError("--blob-dir needs --bootstrap")
-    if args.apisock:       # before mounting: never take over a live daemon's API socket
+    # before mounting: never take over a live daemon's API socket (a takeover daemon binds
+    # it only once its predecessor has stopped and removed it: serve_unix checks again then)
+    if args.apisock and not args.upgrade:
         from nydus_py.daemon.api import claim_socket_path
         claim_socket_path(os.path.abspath(args.apisock))
     cfg = config_mod.load(args.config) if args.config else config_mod.DaemonConfig()
@@ -259,7 +274,9 @@ def _request(args) -> MountRequest:
                         apisock=os.path.abspath(args.apisock) if args.apisock else None,
                         daemon_id=args.daemon_id, prefetch_files=prefetch_files,
                         no_prefetch=args.no_prefetch,
-                        cache_max_size=_size(args.cache_max_size, "--cache-max-size"))
+                        cache_max_size=_size(args.cache_max_size, "--cache-max-size"),
+                        supervisor=os.path.abspath(args.supervisor) if args.supervisor else None,
+                        upgrade=args.upgrade)
 
 
 def _error(msg: str) -> int:
@@ -309,23 +326,30 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         except NydusError as e:
             return _error(str(e))
-        return _run_mount(args)
+        return _run_mount(args, argv)
     args = build_parser().parse_args(argv)
     if args.command == "cache":
         return _cache_gc(args)
     if args.command == "serve":
         return _serve(args)
-    return _run_mount(args)
+    return _run_mount(args, argv)
 
 
-def _run_mount(args: argparse.Namespace) -> int:
+def _run_mount(args: argparse.Namespace, argv: list[str]) -> int:
     try:
+        if (args.upgrade or args.failover) and not args.supervisor:
+            raise ConfigError("--upgrade and --failover need --supervisor SOCK")
+        if args.upgrade and args.failover:
+            raise ConfigError("--upgrade is for the daemon a --failover supervisor starts")
         req = _request(args)
     except _Unsupported as e:
         print(f"nydusd: not supported by nydus-py: {e}", file=sys.stderr, flush=True)
         return 2
     except NydusError as e:
         return _error(str(e))
+    if args.failover:
+        from nydus_py.daemon.failover_cli import run_failover
+        return run_failover(req, args, argv)
     if args.daemon:
         return _daemonize(req, args)
     _setup_logging(args.log_level, args.log_file)

@@ -79,6 +79,8 @@ class MountRequest:
     no_prefetch: bool = False           # ignore the bootstrap's prefetch list
     cache_max_size: int | None = None   # overrides device.cache.config.max_size
     readahead_kb: int = 1024            # kernel readahead of the mount (bdi read_ahead_kb)
+    supervisor: str | None = None       # keep the FUSE fd in this supervisor (daemon/takeover.py)
+    upgrade: bool = False               # take the session over from the supervisor, no mount
 
 
 def fuse_options(req: MountRequest) -> set[str]:
@@ -261,12 +263,17 @@ def _make_reader(opened, work_dir: str, req: MountRequest, metrics: Metrics,
 
 def serve(ops: pyfuse3.Operations, mountpoint: str, options: set[str], *,
           on_ready: Callable[[], None] | None = None, max_tasks: int = 64,
-          services: Callable | None = None) -> None:
-    """Mount, run the FUSE loop until a stop signal or an external unmount, unmount."""
+          services: Callable | None = None, handoff=None) -> None:
+    """Mount, run the FUSE loop until a stop signal or an external unmount, unmount.
+    With a `handoff` (takeover.Handoff) the session comes from / is kept by a supervisor, and
+    is not unmounted when it was handed to a successor."""
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         try:
-            pyfuse3.init(ops, mountpoint, options)
+            if handoff is not None:
+                handoff.start(ops)
+            else:
+                pyfuse3.init(ops, mountpoint, options)
         except RuntimeError as e:
             raise MountError(f"{mountpoint}: FUSE mount failed ({e}); "
                              "is /dev/fuse available and are you allowed to mount?") from None
@@ -277,9 +284,13 @@ def serve(ops: pyfuse3.Operations, mountpoint: str, options: set[str], *,
             # A second Ctrl-C/SIGTERM must not interrupt the unmount: we are stopping anyway.
             signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
             watchdog.arm()          # an error path too: the unmount itself may hang
-            pyfuse3.close(unmount=True)
+            if handoff is not None:
+                pyfuse3.close(unmount=False)
+                handoff.finish()
+            else:
+                pyfuse3.close(unmount=True)
+                log.info("unmounted %s", mountpoint)
             watchdog.cancel()
-            log.info("unmounted %s", mountpoint)
     finally:
         # Unblock with the signals ignored, so stop signals that arrived meanwhile are dropped.
         handlers = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
@@ -349,17 +360,27 @@ class _StopWatchdog:
 def mount(req: MountRequest, *, on_ready: Callable[[], None] | None = None) -> None:
     """The whole lifecycle; returns after a clean unmount, raises NydusError on bad input."""
     with contextlib.ExitStack() as stack:
-        mountpoint = prepare_mountpoint(req.mountpoint)
+        # a takeover serves the live mount that is already there
+        mountpoint = (os.path.realpath(req.mountpoint) if req.upgrade
+                      else prepare_mountpoint(req.mountpoint))
         fs = open_filesystem(req, stack)
+        handoff = None
+        if req.supervisor:
+            from nydus_py.daemon.takeover import Handoff
+            handoff = Handoff(supervisor=req.supervisor, upgrade=req.upgrade,
+                              daemon_id=req.daemon_id or mountpoint, mountpoint=mountpoint,
+                              options=fuse_options(req))
         log.info("mounting %s at %s (%d inodes)", fs.description, mountpoint,
                  fs.vfs.bootstrap.inode_count)
 
         def ready() -> None:
             log.info("mounted %s at %s", fs.description, mountpoint)
+            if handoff is not None:
+                handoff.ready()
             if on_ready is not None:
                 on_ready()
         serve(fs.ops, mountpoint, fuse_options(req), on_ready=ready, max_tasks=req.max_tasks,
-              services=_services(req, fs, mountpoint))
+              services=_services(req, fs, mountpoint, handoff), handoff=handoff)
         if fs.learned is not None and fs.learned.recorder is not None:
             # a run shorter than the recording window: keep (and push) what it read
             fs.learned.finish(timeout=PUSH_TIMEOUT_AT_EXIT)
@@ -400,7 +421,7 @@ def make_prefetcher(req: MountRequest, fs: Filesystem):
                       learned=learned, bootstrap_list=not req.no_prefetch)
 
 
-def _services(req: MountRequest, fs: Filesystem, mountpoint: str):
+def _services(req: MountRequest, fs: Filesystem, mountpoint: str, handoff=None):
     """The trio tasks that run beside the FUSE loop: API server, then prefetch."""
     prefetcher = make_prefetcher(req, fs)
 
@@ -413,9 +434,11 @@ def _services(req: MountRequest, fs: Filesystem, mountpoint: str):
                                 prefetcher=prefetcher, learned=fs.learned,
                                 access_pattern=req.config.access_pattern,
                                 iostats_files=req.config.iostats_files,
-                                backend_config=req.config.backend)
+                                backend_config=req.config.backend, handoff=handoff)
                 await nursery.start(serve_unix, req.apisock, api.handle)
                 log.info("API listening on %s", req.apisock)
+            if handoff is not None:
+                await nursery.start(handoff.run)
             task_status.started()
             if req.readahead_kb > 0:
                 nursery.start_soon(trio.to_thread.run_sync, _tune_readahead, mountpoint, req.readahead_kb)

@@ -1,0 +1,543 @@
+"""FUSE session handover: failover and hot upgrade of `nydusd mount`.
+
+A mount outlives its daemon when a second process holds the `/dev/fuse` fd (fusefd.py). Nydus
+names, kept here:
+
+    supervisor   the process that holds the fd and the session state (`--supervisor SOCK`)
+    sendfd       a daemon hands its fd and state to the supervisor (done right after the mount,
+                 and again on `PUT /api/v1/daemon/fuse/sendfd`)
+    takeover     a daemon started with `--upgrade` gets the fd and state from the supervisor and
+                 serves the same connection (`PUT /api/v1/daemon/fuse/takeover` waits for it)
+    failover policy `resend`: after a takeover the kernel is asked to resend every request the
+                 old daemon had read and not answered (FUSE_NOTIFY_RESEND)
+
+`FdSupervisor` is nydus-py's supervisor (`nydusd mount --failover`): the foreground process
+keeps the fd and runs the daemon as its child. When the child dies (crash, OOM, kill -9) while
+the connection is alive, a new child is started with `--upgrade` and takes over. SIGHUP is a hot
+upgrade: a new child (the code now installed) opens the image, then asks for the session; the
+supervisor tells the old child to stop (it finishes the requests it holds and exits without
+unmounting) and only then hands the fd over. Either way the kernel only queues requests while
+no daemon reads: the container sees a pause, never an error.
+
+The state passed with the fd is small because everything else is derivable: inode numbers
+are the bootstrap's, file handles are inode numbers (fs/ops.py), the cache is on disk. What
+the new daemon needs is the kernel's FUSE_INIT (to replay it to libfuse), the mountpoint and
+the mount options (a takeover refuses a session mounted with other options).
+
+Wire format on the supervisor socket (a unix stream socket, 0600): messages are fusefd.send_fds
+frames carrying JSON, fds as SCM_RIGHTS. A daemon's connection stays open as its control
+channel: the supervisor sends `{"op": "exit"}` on it to end the daemon for an upgrade, and the
+daemon sends `{"op": "ready"}` once it serves.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+import trio.lowlevel
+
+from nydus_py.daemon import fusefd
+from nydus_py.errors import NydusError
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+STOP_TIMEOUT = 30.0         # old daemon finishing its requests before an upgrade takeover
+FAILURE_WINDOW = 60.0       # this many restarts within the window: give up (a crash loop)
+MAX_FAILURES = 5
+
+
+class TakeoverError(NydusError):
+    """The session could not be handed over (no supervisor, no session, other options)."""
+
+
+@dataclass(frozen=True)
+class SessionState:
+    daemon_id: str
+    mountpoint: str
+    init: bytes                 # the kernel's FUSE_INIT request
+    options: tuple[str, ...]    # fuse mount options, sorted
+
+    def to_json(self) -> dict:
+        return {"version": STATE_VERSION, "id": self.daemon_id, "mountpoint": self.mountpoint,
+                "init": base64.b64encode(self.init).decode(), "options": list(self.options)}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> SessionState:
+        try:
+            if obj["version"] != STATE_VERSION:
+                raise TakeoverError(f"session state version {obj['version']} is not supported")
+            state = cls(str(obj["id"]), str(obj["mountpoint"]), base64.b64decode(obj["init"]),
+                        tuple(str(o) for o in obj["options"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise TakeoverError(f"malformed session state ({e!r})") from None
+        fusefd.init_flags(state.init)       # raises unless it is a FUSE_INIT
+        return state
+
+
+def _send(sock: socket.socket, obj: dict, fds: list[int] | None = None) -> None:
+    fusefd.send_fds(sock, json.dumps(obj).encode(), fds or [])
+
+
+def _recv(sock: socket.socket) -> tuple[dict, list[int]]:
+    data, fds = fusefd.recv_fds(sock)
+    try:
+        obj = json.loads(data)
+        if not isinstance(obj, dict):
+            raise TypeError("not an object")
+    except (TypeError, ValueError) as e:
+        for fd in fds:
+            os.close(fd)
+        raise TakeoverError(f"malformed supervisor message ({e})") from None
+    return obj, fds
+
+
+def _connect(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.connect(path)
+    except OSError as e:
+        s.close()
+        raise TakeoverError(f"supervisor {path}: {e.strerror}") from None
+    return s
+
+
+def _reply(sock: socket.socket) -> tuple[dict, list[int]]:
+    obj, fds = _recv(sock)
+    if not obj.get("ok"):
+        for fd in fds:
+            os.close(fd)
+        raise TakeoverError(f"supervisor refused: {obj.get('error', 'no reason given')}")
+    return obj, fds
+
+
+# ---- daemon side ---------------------------------------------------------------------------
+
+class Handoff:
+    """A daemon's side of the session: mount or take over, keep the control channel, and at
+    the end unmount, unless the session was handed to a successor."""
+
+    def __init__(self, *, supervisor: str, upgrade: bool, daemon_id: str, mountpoint: str,
+                 options: set[str]):
+        self.supervisor = supervisor
+        self.upgrade = upgrade
+        self.daemon_id = daemon_id
+        self.mountpoint = mountpoint
+        self.options = tuple(sorted(options))
+        self.state: SessionState | None = None
+        self.session: fusefd.Session | None = None
+        self.channel: socket.socket | None = None
+        self.handed_over = False        # told to exit by the supervisor: do not unmount
+        self._channels: list[socket.socket] = []
+        self._channel_changed = trio.Event()
+
+    def start(self, ops) -> None:
+        """Before the trio loop: the session for pyfuse3, and the supervisor holds a copy."""
+        if self.upgrade:
+            sock = _connect(self.supervisor)
+            try:
+                _send(sock, {"op": "takeover", "id": self.daemon_id})
+                obj, fds = _reply(sock)
+                if len(fds) != 1:
+                    raise TakeoverError(f"supervisor sent {len(fds)} fds, expected 1")
+                state = SessionState.from_json(obj.get("state") or {})
+                if state.mountpoint != self.mountpoint or state.options != self.options:
+                    os.close(fds[0])
+                    raise TakeoverError(
+                        f"the session is mounted at {state.mountpoint} with options "
+                        f"{','.join(state.options)}; this daemon is for {self.mountpoint} with "
+                        f"{','.join(self.options)}")
+            except BaseException:
+                sock.close()
+                raise
+            conn = fusefd.Connection(fds[0], state.init, state.mountpoint)
+            resend = True
+        else:
+            conn = fusefd.mount_connection(self.mountpoint, set(self.options))
+            state = SessionState(self.daemon_id, self.mountpoint, conn.init, self.options)
+            try:
+                sock = self._sendfd(state, conn.fd)
+            except BaseException:
+                fusefd.unmount(self.mountpoint)
+                os.close(conn.fd)
+                raise
+            resend = False
+        self.state = state
+        self.channel = sock
+        self._channels.append(sock)
+        try:
+            self.session = fusefd.attach(conn, ops, set(self.options), resend=resend)
+        except BaseException:
+            if not self.upgrade:
+                fusefd.unmount(self.mountpoint)
+            raise
+        log.info("%s %s (supervisor %s, failover policy resend)",
+                 "took over the FUSE session of" if self.upgrade else "mounted", self.mountpoint,
+                 self.supervisor)
+
+    def _sendfd(self, state: SessionState, fd: int) -> socket.socket:
+        sock = _connect(self.supervisor)
+        try:
+            _send(sock, {"op": "sendfd", "state": state.to_json()}, [fd])
+            _reply(sock)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def sendfd(self) -> None:
+        """PUT /api/v1/daemon/fuse/sendfd: hand the fd to the supervisor again (a restarted
+        one); the new connection becomes the control channel."""
+        if self.state is None or self.session is None or not self.session.switched:
+            raise TakeoverError("the session is not established yet")
+        sock = await trio.to_thread.run_sync(self._sendfd, self.state, self.session.fd)
+        self.channel = sock
+        self._channels.append(sock)
+        self._channel_changed.set()
+        self._channel_changed = trio.Event()
+
+    def ready(self) -> None:
+        if self.channel is not None:
+            try:
+                _send(self.channel, {"op": "ready", "pid": os.getpid()})
+            except OSError as e:
+                log.warning("supervisor %s: cannot report ready (%s)", self.supervisor, e)
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Watch the control channel: an `exit` hands the session over (stop without unmount)."""
+        import pyfuse3
+
+        task_status.started()
+        while True:
+            chan = self.channel
+            if chan is None:
+                await self._channel_changed.wait()
+                continue
+            try:
+                await trio.lowlevel.wait_readable(chan)
+                obj, fds = _recv(chan)      # a few bytes, already there
+            except (OSError, NydusError):
+                if chan is self.channel:
+                    log.warning("supervisor %s went away: this mount has no failover until a "
+                                "supervisor gets the fd again (PUT /api/v1/daemon/fuse/sendfd)",
+                                self.supervisor)
+                    self.channel = None
+                continue
+            for fd in fds:
+                os.close(fd)
+            if obj.get("op") == "exit":
+                log.info("supervisor asks this daemon to exit for an upgrade; handing over %s",
+                         self.mountpoint)
+                self.handed_over = True
+                pyfuse3.terminate()
+                return
+
+    def finish(self) -> None:
+        """After pyfuse3.close(unmount=False): unmount unless a successor has the session."""
+        if not self.handed_over and fusefd.unmount(self.mountpoint):
+            log.info("unmounted %s", self.mountpoint)
+        for s in self._channels:
+            s.close()
+
+
+# ---- supervisor side -----------------------------------------------------------------------
+
+class _Child:
+    def __init__(self, argv: list[str], **kw):
+        self.popen = subprocess.Popen(argv, **kw)
+        self.pid = self.popen.pid
+        self._pidfd = os.pidfd_open(self.pid)
+        self.exited = trio.Event()
+        self.code: int | None = None
+        self.channel: socket.socket | None = None
+        self.last_error = ""        # last stderr line ("nydusd: error: ...")
+        self.took_over = False
+        self.handing_over = False   # asked to exit for an upgrade
+
+    async def watch(self) -> None:
+        await trio.lowlevel.wait_readable(self._pidfd)
+        self.code = self.popen.wait()
+        os.close(self._pidfd)
+        self.exited.set()
+
+
+def _peer_pid(sock) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[0]
+
+
+class FdSupervisor:
+    """`nydusd mount --failover`: holds the fd, restarts or upgrades the daemon (module doc).
+
+    `child_argv(upgrade)` is the daemon's command line; `on_ready` runs once the first daemon
+    serves. run() returns the exit code: 0 once the mount is gone (unmounted by the daemon on
+    SIGTERM, or from outside), 1 when the first daemon failed or a crash loop gave up."""
+
+    def __init__(self, sock_path: str, mountpoint: str, child_argv: Callable[[bool], list[str]],
+                 *, on_ready: Callable[[], None] | None = None,
+                 on_error: Callable[[str], None] | None = None):
+        self.sock_path = sock_path
+        self.mountpoint = mountpoint
+        self.child_argv = child_argv
+        self.on_ready = on_ready
+        self.on_error = on_error
+        self.fd = -1
+        self.state: SessionState | None = None
+        self.current: _Child | None = None
+        self.children: list[_Child] = []
+        self.stopping = False
+        self.ready = False
+        self.failures: list[float] = []
+        self.upgrades = 0
+        self.restarts = 0
+        self._changed = trio.Event()
+
+    def run(self) -> int:
+        return trio.run(self._main)
+
+    async def _main(self) -> int:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                os.unlink(self.sock_path)
+            except FileNotFoundError:
+                pass
+            old = os.umask(0o177)
+            try:
+                await listener.bind(self.sock_path)
+            finally:
+                os.umask(old)
+            listener.listen(8)
+            try:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._accept, listener)
+                    nursery.start_soon(self._signals, sigs)
+                    code = await self._supervise()
+                    nursery.cancel_scope.cancel()
+                return code
+            finally:
+                listener.close()
+                try:
+                    os.unlink(self.sock_path)
+                except OSError:
+                    pass
+                if self.fd >= 0:
+                    os.close(self.fd)
+
+    def _spawn(self, upgrade: bool) -> _Child:
+        # stderr through a pipe: forwarded to ours (which --daemon points at /dev/null once
+        # ready, so no child keeps the caller's terminal), last line kept as the error message
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            child = _Child(self.child_argv(upgrade), stdin=subprocess.DEVNULL, stderr=w)
+        finally:
+            os.close(w)
+        self.children.append(child)
+        self._nursery.start_soon(self._forward_stderr, child, r)
+        self._nursery.start_soon(self._reap, child)
+        log.info("started daemon pid %d%s", child.pid, " (takeover)" if upgrade else "")
+        return child
+
+    async def _forward_stderr(self, child: _Child, r: int) -> None:
+        stream = trio.lowlevel.FdStream(r)
+        async with stream:
+            while data := await stream.receive_some(65536):
+                try:
+                    os.write(2, data)
+                except OSError:
+                    pass
+                lines = data.decode("utf-8", "replace").strip().splitlines()
+                if lines:
+                    child.last_error = lines[-1].removeprefix("nydusd: error: ")
+
+    async def _reap(self, child: _Child) -> None:
+        await child.watch()
+        self.children.remove(child)
+        self._kick()
+
+    def _kick(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _supervise(self) -> int:
+        self.current = self._spawn(upgrade=False)
+        while True:
+            changed = self._changed
+            cur = self.current
+            if cur is not None and cur.exited.is_set():
+                self.current = None
+                if self.fd < 0:
+                    await trio.lowlevel.checkpoint()     # let the stderr forwarder take the last line
+                    msg = cur.last_error or f"daemon exited with code {cur.code} before the " \
+                        "mount was ready"
+                    if self.on_error:
+                        self.on_error(msg)
+                    return 1
+                if not (cur.handing_over or self.stopping) and fusefd.is_alive(self.fd):
+                    log.warning("daemon pid %d died (code %s) while the mount is alive; "
+                                "failover: a new daemon takes over the FUSE session",
+                                cur.pid, cur.code)
+            if self.stopping:
+                if not self.children:
+                    if self.fd >= 0 and fusefd.is_alive(self.fd):
+                        fusefd.unmount(self.mountpoint)
+                    return 0
+            elif self.current is None and not self.children:
+                if not fusefd.is_alive(self.fd):
+                    log.info("the mount %s is gone; supervisor exits", self.mountpoint)
+                    return 0
+                now = time.monotonic()
+                self.failures = [t for t in self.failures if now - t < FAILURE_WINDOW] + [now]
+                if len(self.failures) > MAX_FAILURES:
+                    log.error("daemon died %d times in %ds; giving up: unmounting %s (requests "
+                              "fail instead of waiting)", len(self.failures), FAILURE_WINDOW,
+                              self.mountpoint)
+                    fusefd.unmount(self.mountpoint)
+                    return 1
+                self.restarts += 1
+                self.current = self._spawn(upgrade=True)
+            await changed.wait()
+
+    async def _signals(self, sigs) -> None:
+        async for signum in sigs:
+            if signum == signal.SIGHUP:
+                if self.stopping or self.fd < 0 or self.current is None \
+                        or len(self.children) > 1:
+                    log.warning("SIGHUP: no running session to upgrade (or an upgrade is "
+                                "already under way)")
+                    continue
+                log.info("SIGHUP: hot upgrade of %s", self.mountpoint)
+                self.upgrades += 1
+                self._spawn(upgrade=True)       # becomes current when it takes over
+                continue
+            log.info("received %s: stopping the daemon and unmounting %s",
+                     signal.Signals(signum).name, self.mountpoint)
+            self.stopping = True
+            for child in list(self.children):
+                child.popen.send_signal(signal.SIGTERM)
+            self._kick()
+
+    async def _accept(self, listener) -> None:
+        while True:
+            sock, _ = await listener.accept()
+            self._nursery.start_soon(self._client, sock)
+
+    def _child_of(self, pid: int) -> _Child | None:
+        return next((c for c in self.children if c.pid == pid), None)
+
+    async def _client(self, tsock) -> None:
+        sock = socket.socket(fileno=tsock.detach())
+        sock.setblocking(True)
+        keep = False
+        try:
+            pid = _peer_pid(sock)
+            await trio.lowlevel.wait_readable(sock)
+            obj, fds = _recv(sock)
+            op = obj.get("op")
+            if op == "sendfd":
+                keep = await self._on_sendfd(sock, pid, obj, fds)
+            elif op == "takeover":
+                for fd in fds:
+                    os.close(fd)
+                keep = await self._on_takeover(sock, pid)
+            else:
+                for fd in fds:
+                    os.close(fd)
+                _send(sock, {"ok": False, "error": f"unknown op {op!r}"})
+        except (OSError, NydusError) as e:
+            log.warning("supervisor connection: %s", e)
+        finally:
+            if not keep:
+                sock.close()
+
+    async def _on_sendfd(self, sock, pid, obj, fds) -> bool:
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            _send(sock, {"ok": False, "error": "sendfd needs exactly one fd"})
+            return False
+        state = SessionState.from_json(obj.get("state") or {})
+        if self.state is not None and state.mountpoint != self.state.mountpoint:
+            os.close(fds[0])
+            _send(sock, {"ok": False, "error": f"this supervisor keeps {self.state.mountpoint}"})
+            return False
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd, self.state = fds[0], state
+        _send(sock, {"ok": True})
+        child = self._child_of(pid)
+        if child is not None:
+            child.took_over = True
+            await self._serve_channel(child, sock)
+            return True
+        return False
+
+    async def _on_takeover(self, sock, pid) -> bool:
+        if self.fd < 0 or self.state is None:
+            _send(sock, {"ok": False, "error": "no session to take over"})
+            return False
+        child = self._child_of(pid)
+        if child is None:
+            _send(sock, {"ok": False, "error": "takeover is for daemons this supervisor started"})
+            return False
+        old = self.current
+        if old is not None and old is not child and not old.exited.is_set():
+            # hot upgrade: the old daemon finishes what it holds and exits without unmounting
+            await self._stop_for_upgrade(old)
+        if self.stopping:
+            _send(sock, {"ok": False, "error": "the supervisor is stopping"})
+            return False
+        _send(sock, {"ok": True, "state": self.state.to_json()}, [self.fd])
+        child.took_over = True
+        self.current = child
+        self._kick()
+        log.info("daemon pid %d took over %s", child.pid, self.mountpoint)
+        await self._serve_channel(child, sock)
+        return True
+
+    async def _stop_for_upgrade(self, old: _Child) -> None:
+        old.handing_over = True
+        try:
+            if old.channel is not None:
+                _send(old.channel, {"op": "exit"})
+            else:
+                raise OSError("no control channel")
+        except OSError:
+            old.popen.send_signal(signal.SIGKILL)   # cannot ask it: resend covers its requests
+        with trio.move_on_after(STOP_TIMEOUT):
+            await old.exited.wait()
+            return
+        log.error("daemon pid %d did not hand over in %ss; killing it", old.pid, STOP_TIMEOUT)
+        old.popen.kill()
+        await old.exited.wait()
+
+    async def _serve_channel(self, child: _Child, sock: socket.socket) -> None:
+        """Read the daemon's control messages (ready) until it goes away."""
+        child.channel = sock
+        while True:
+            try:
+                await trio.lowlevel.wait_readable(sock)
+                obj, fds = _recv(sock)
+            except (OSError, NydusError):
+                if child.channel is sock:
+                    child.channel = None
+                sock.close()
+                return
+            for fd in fds:
+                os.close(fd)
+            if obj.get("op") == "ready" and not self.ready:
+                self.ready = True
+                if self.on_ready:
+                    self.on_ready()
