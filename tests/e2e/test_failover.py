@@ -25,7 +25,7 @@ import requests
 
 from nydus_py.daemon.api import get_json
 from tests.fixtures.nydus_build import build
-from tests.fixtures.registry import Fault, FaultProxy, registry  # noqa: F401 (fixture)
+from tests.fixtures.registry import Fault, FaultProxy, RegistryServer
 
 pytestmark = pytest.mark.e2e
 
@@ -137,9 +137,9 @@ class Supervised:
                      "--log-file", str(self.log), "--id", name, str(self.mnt)]
         self.dev = ""
 
-    def __enter__(self) -> Supervised:
+    def __enter__(self) -> Supervised:  # noqa: PYI034
         self.mnt.mkdir(exist_ok=True)
-        r = subprocess.run(self.args, capture_output=True, text=True, timeout=60)
+        r = subprocess.run(self.args, check=False, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr + (self.log.read_text() if self.log.exists() else "")
         entry = mount_entry(self.mnt)
         assert entry is not None and entry[1] == "fuse.nydus-py", entry
@@ -182,7 +182,7 @@ class Supervised:
             pass
         if self.dev and mount_entry(self.mnt) is not None:
             abort_connection(self.dev)
-            subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True)
+            subprocess.run(["umount", "-l", str(self.mnt)], check=False, capture_output=True)
         assert mount_entry(self.mnt) is None
 
 
@@ -229,6 +229,12 @@ def _push_blobs(host: str, repo: str, blob_dir: Path) -> None:
         assert r.status_code == 201, r.text
 
 
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    with RegistryServer(tmp_path_factory.mktemp("failover-registry")) as reg:
+        yield reg
+
+
 def test_read_in_flight_at_the_kill_is_resent_to_the_new_daemon(tmp_path, image, registry):
     """A delaying proxy makes every backend read take 0.4 s; the daemon is killed while its
     inflight API lists a read. The reader blocked in that read gets the right bytes."""
@@ -266,7 +272,7 @@ def test_failover_needs_a_supervisor_socket(tmp_path, image):
     root, _, _ = image
     r = subprocess.run([str(BIN / "nydusd"), "mount", "--bootstrap", str(root / "bootstrap"),
                         "--blob-dir", str(root / "blobs"), "--failover", str(tmp_path)],
-                       capture_output=True, text=True, timeout=60)
+                       check=False, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and r.stderr.strip().splitlines() == [
         "nydusd: error: --upgrade and --failover need --supervisor SOCK"]
 
@@ -278,7 +284,7 @@ def test_a_bad_image_is_one_error_line_and_no_mount(tmp_path):
     r = subprocess.run([str(BIN / "nydusd"), "mount", "--bootstrap", str(tmp_path / "bootstrap"),
                         "--blob-dir", str(tmp_path / "blobs"), "--failover", "--supervisor",
                         str(tmp_path / "s.sup"), "--daemon", str(tmp_path / "mnt")],
-                       capture_output=True, text=True, timeout=60)
+                       check=False, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("nydusd: error: "), r.stderr
