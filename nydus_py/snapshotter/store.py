@@ -166,7 +166,8 @@ class Store:
             return self._must(key)
 
     def commit(self, key: str, name: str, labels: dict[str, str], *, size: int = 0, inodes: int = 0) -> Snapshot:
-        """Turn active snapshot `key` into committed `name` (same id, same directory)."""
+        """Turn active snapshot `key` into committed `name` (same id, same directory), with
+        exactly `labels` and Created == Updated == now."""
         now = time.time_ns()
         with self._tx():
             s = self._must(key)
@@ -174,11 +175,13 @@ class Store:
                 raise SnapshotPrecondition(f"snapshot {key!r} is {KIND_NAMES.get(s.kind)}, not active")
             if self._get(name) is not None:
                 raise SnapshotExists(f"snapshot {name!r} already exists")
-            merged = dict(s.labels)
-            merged.update(labels)
+            # As containerd's snapshotters (storage.CommitActive): the commit's labels replace
+            # the active snapshot's, and a committed snapshot is created at commit time.
             self._db.execute(
-                "UPDATE snapshots SET key = ?, kind = ?, labels = ?, size = ?, inodes = ?, updated_ns = ?"
-                " WHERE id = ?", (name, KIND_COMMITTED, json.dumps(merged, sort_keys=True), size, inodes, now, s.id))
+                "UPDATE snapshots SET key = ?, kind = ?, labels = ?, size = ?, inodes = ?,"
+                " created_ns = ?, updated_ns = ? WHERE id = ?",
+                (name, KIND_COMMITTED, json.dumps(dict(labels), sort_keys=True), size, inodes,
+                 now, now, s.id))
             return self._must(name)
 
     def remove(self, key: str) -> Snapshot:

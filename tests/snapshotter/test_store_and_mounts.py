@@ -31,10 +31,14 @@ def store(tmp_path):
 
 # ---------------------------------------------------------------------------- store
 
-def test_commit_keeps_id_renames_key_and_merges_labels(store):
+def test_commit_keeps_id_renames_key_and_replaces_labels(store):
+    """containerd's testsuite (checkInfo/checkCommit): the commit's labels replace the active
+    snapshot's, and a committed snapshot's Created equals its Updated."""
     a = store.create("a", "", KIND_ACTIVE, {"x": "1"})
     c = store.commit("a", "layer1", {"y": "2"}, size=10, inodes=3)
-    assert (c.id, c.key, c.kind, c.labels, c.size) == (a.id, "layer1", KIND_COMMITTED, {"x": "1", "y": "2"}, 10)
+    assert (c.id, c.key, c.kind, c.labels, c.size) == (a.id, "layer1", KIND_COMMITTED, {"y": "2"}, 10)
+    assert c.created_ns == c.updated_ns >= a.created_ns
+    assert store.commit(store.create("b", "", KIND_ACTIVE, {"x": "1"}).key, "layer2", {}).labels == {}
     with pytest.raises(SnapshotNotFound):
         store.get("a")
 
@@ -274,7 +278,7 @@ def test_grpc_service_round_trip_and_error_codes(tmp_path):
             stub = pbg.SnapshotsStub(ch)
             r = stub.Prepare(pb.PrepareSnapshotRequest(key="a", labels={"l": "1"}))
             assert r.mounts[0].type == "bind" and list(r.mounts[0].options) == ["rw", "rbind"]
-            stub.Commit(pb.CommitSnapshotRequest(name="L", key="a"))
+            stub.Commit(pb.CommitSnapshotRequest(name="L", key="a", labels={"l": "1"}))
             r = stub.View(pb.ViewSnapshotRequest(key="v", parent="L"))
             assert r.mounts[0].type == "bind" and "ro" in r.mounts[0].options
             info = stub.Stat(pb.StatSnapshotRequest(key="L")).info
