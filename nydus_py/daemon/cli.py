@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache-max-size", metavar="SIZE")
     s.add_argument("--state-dir", metavar="DIR",
                    help="per-mount sockets, configs and logs (default: a temp dir)")
+    s.add_argument("--failover", action="store_true",
+                   help="every mount keeps its FUSE session in a supervisor (mount --failover): "
+                        "a dead mount daemon is replaced on the same mount; SIGHUP = hot upgrade")
     s.add_argument("--log-file", metavar="FILE")
     s.add_argument("--log-level", default="info",
                    choices=["trace", "debug", "info", "warn", "warning", "error"])
@@ -306,7 +309,8 @@ def _serve(args) -> int:
         sup = Supervisor(apisock=os.path.abspath(args.apisock), daemon_id=args.daemon_id,
                          cache_dir=args.cache_dir,
                          cache_max_size=_size(args.cache_max_size, "--cache-max-size"),
-                         state_dir=args.state_dir, log_level=args.log_level)
+                         state_dir=args.state_dir, log_level=args.log_level,
+                         failover=args.failover)
         sup.run()
     except NydusError as e:
         return _error(str(e))

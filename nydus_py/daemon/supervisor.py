@@ -126,9 +126,10 @@ class Child:
 class Supervisor:
     def __init__(self, *, apisock: str, daemon_id: str = "", cache_dir: str | None = None,
                  cache_max_size: int | None = None, state_dir: str | None = None,
-                 log_level: str = "info"):
+                 log_level: str = "info", failover: bool = False):
         api_mod.claim_socket_path(apisock)      # a live daemon's socket is never taken over
         self.apisock = apisock
+        self.failover = failover      # each mount child keeps its FUSE fd (daemon/takeover.py)
         self.id = daemon_id or f"nydusd-{os.getpid()}"
         self.cache_max_size = cache_max_size
         self._own_state = state_dir is None
@@ -167,7 +168,7 @@ class Supervisor:
 
     async def _main(self) -> None:
         self._exit = trio.Event()
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 if self._forkserver is not None:
@@ -186,6 +187,16 @@ class Supervisor:
 
     async def _signals(self, signals) -> None:
         async for signum in signals:
+            if signum == signal.SIGHUP:
+                # hot upgrade: every failover mount child hands its session to a new daemon
+                if not self.failover:
+                    log.warning("SIGHUP ignored: hot upgrade needs `nydusd serve --failover`")
+                    continue
+                log.info("SIGHUP: hot upgrade of every mount")
+                for child in self.mounts.values():
+                    if child.proc is not None and child.state == "RUNNING":
+                        child.proc.send_signal(signal.SIGHUP)
+                continue
             log.info("received %s: unmounting everything", signal.Signals(signum).name)
             self._exit.set()
             return
@@ -206,6 +217,8 @@ class Supervisor:
                 "--log-file", os.path.join(self.state_dir, f"mount-{n}.log")]
         if self.cache_max_size is not None:
             argv += ["--cache-max-size", str(self.cache_max_size)]
+        if self.failover:
+            argv += ["--failover", "--supervisor", os.path.join(self.state_dir, f"mount-{n}.sup")]
         source = body.get("source")
         if source:
             if not isinstance(source, str) or not source.startswith("oci:"):

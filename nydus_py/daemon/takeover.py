@@ -33,6 +33,7 @@ daemon sends `{"op": "ready"}` once it serves.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -103,10 +104,28 @@ def _recv(sock: socket.socket) -> tuple[dict, list[int]]:
     return obj, fds
 
 
+SUN_PATH_MAX = 107
+
+
+@contextlib.contextmanager
+def _sun_path(path: str):
+    """A name for `path` that fits sockaddr_un: a long path (the snapshotter's image
+    directories are) is reached through /proc/self/fd/N of its directory."""
+    if len(os.fsencode(path)) <= SUN_PATH_MAX:
+        yield path
+        return
+    dfd = os.open(os.path.dirname(path) or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{dfd}/{os.path.basename(path)}"
+    finally:
+        os.close(dfd)
+
+
 def _connect(path: str) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        s.connect(path)
+        with _sun_path(path) as name:
+            s.connect(name)
     except OSError as e:
         s.close()
         raise TakeoverError(f"supervisor {path}: {e.strerror}") from None
@@ -272,9 +291,11 @@ class _Child:
         self.exited.set()
 
 
-def _peer_pid(sock) -> int:
+def _peer_cred(sock) -> tuple[int, int]:
+    """(pid, uid) of the peer (SO_PEERCRED)."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)[0]
+    pid, uid, _ = struct.unpack("3i", creds)
+    return pid, uid
 
 
 class FdSupervisor:
@@ -315,7 +336,8 @@ class FdSupervisor:
                 pass
             old = os.umask(0o177)
             try:
-                await listener.bind(self.sock_path)
+                with _sun_path(self.sock_path) as name:
+                    await listener.bind(name)
             finally:
                 os.umask(old)
             listener.listen(8)
@@ -442,7 +464,9 @@ class FdSupervisor:
         sock.setblocking(True)
         keep = False
         try:
-            pid = _peer_pid(sock)
+            pid, uid = _peer_cred(sock)
+            if uid != os.geteuid():     # the socket is 0600; belt and braces
+                raise TakeoverError(f"refused a connection from uid {uid}")
             await trio.lowlevel.wait_readable(sock)
             obj, fds = _recv(sock)
             op = obj.get("op")

@@ -25,7 +25,8 @@ import threading
 from pathlib import Path
 
 from nydus_py.errors import NydusError
-from nydus_py.snapshotter.remote import DAEMON_MODES, DEDICATED, RemoteConfig, default_nydusd
+from nydus_py.snapshotter.remote import (DAEMON_MODES, DEDICATED, RECOVER_POLICIES, RemoteConfig,
+                                         default_nydusd)
 
 log = logging.getLogger("nydus-snapshotter")
 DEFAULT_ROOT = "/var/lib/nydus-py-snapshotter"
@@ -55,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--daemon-timeout", type=float, default=30.0, help="seconds to wait for nydusd's mount")
     p.add_argument("--recover-interval", type=float, default=5.0, metavar="SECONDS",
                    help="check the daemons this often and restart dead ones (0: only at start)")
+    p.add_argument("--recover-policy", choices=RECOVER_POLICIES, default="restart",
+                   help="what happens when a nydusd dies: restart (a new mount; running "
+                        "containers keep the dead one), failover (a new daemon takes over the same "
+                        "FUSE session: running containers only pause), none")
     p.add_argument("--no-remote", action="store_true",
                    help="behave as a plain overlayfs snapshotter (never start nydusd)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -78,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                           plain_http=tuple(args.plain_http), plain_http_loopback=not args.no_plain_http_loopback,
                           skip_verify=args.skip_verify, docker_config=args.docker_config,
                           daemon_timeout=args.daemon_timeout, log_level=args.log_level,
-                          daemon_mode=args.daemon_mode, recover_interval=args.recover_interval)
+                          daemon_mode=args.daemon_mode, recover_interval=args.recover_interval,
+                          recover_policy=args.recover_policy)
     address = Path(args.address)
     try:
         sn = Snapshotter(root, remote=remote, enable_remote=not args.no_remote)

@@ -16,6 +16,13 @@ the snapshotter; what is needed to find or restart it lives in the store. On sta
 snapshotter re-attaches to a daemon that is alive and whose mount is live, and restarts (after
 a lazy unmount) one that is not; a monitor thread does the same every `recover_interval`
 seconds while it runs.
+
+`recover_policy` (nydus-snapshotter's names): "restart" restarts a dead daemon on a fresh mount
+(running containers keep the dead one); "failover" starts every daemon under a supervisor that
+keeps the FUSE connection (`nydusd mount --failover`, `nydusd serve --failover`;
+daemon/takeover.py), so a dead daemon is replaced on the *same* mount by its supervisor and
+running containers only pause; the snapshotter restarts only what lost its mount; "none" never
+restarts anything.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ BLOB_TYPES = {mt.NYDUS_PY_BLOB, "application/vnd.oci.image.layer.nydus-py.blob.v
 BOOTSTRAP_TYPES = {mt.NYDUS_PY_BOOTSTRAP, "application/vnd.oci.image.layer.nydus-py.bootstrap.v1"}
 MANIFEST_CACHE = 64
 DEDICATED, SHARED = "dedicated", "shared"        # nydus-snapshotter's --daemon-mode names
+RECOVER_POLICIES = ("restart", "failover", "none")  # nydus-snapshotter's recover_policy
 DAEMON_MODES = (DEDICATED, SHARED)
 
 
@@ -84,6 +92,7 @@ class RemoteConfig:
     daemon_timeout: float = 30.0           # seconds for nydusd to report its mount ready
     daemon_mode: str = "dedicated"         # DEDICATED: a nydusd per image; SHARED: one supervisor
     recover_interval: float = 5.0          # seconds between liveness checks of the daemons (0: off)
+    recover_policy: str = "restart"        # RECOVER_POLICIES; "failover" keeps the FUSE session
     log_level: str = "info"
     allow_other: bool = True               # non-root container users can read the image
     suid: bool = True                      # honour setuid bits in the image, as overlayfs would
@@ -338,6 +347,8 @@ class SharedDaemon:
             cmd = [*self.config.nydusd, "serve", "--apisock", str(self.apisock), "--id", "nydus-py-shared",
                    "--state-dir", str(self.state_dir), "--cache-dir", str(self.cache_dir),
                    "--log-file", str(self.log_file), "--log-level", self.config.log_level]
+            if self.config.recover_policy == "failover":
+                cmd.append("--failover")
             log.info("starting shared nydusd: %s", " ".join(cmd))
             err_path = self.dir / "nydusd.err"
             try:
@@ -548,6 +559,13 @@ class DaemonManager:
             cmd.append("--allow-other")
         if self.config.suid:
             cmd.append("--suid")
+        if self.config.recover_policy == "failover":
+            # pid file = the supervisor, which keeps the FUSE fd and replaces a dead daemon
+            # (the API socket goes to ROOT/sock/: a unix socket path has at most 107 bytes)
+            sock_dir = self.config.root / "sock"
+            sock_dir.mkdir(mode=0o700, exist_ok=True)
+            cmd += ["--failover", "--supervisor", str(d / "supervisor.sock"), "--id", rec.id,
+                    "--apisock", str(sock_dir / f"{rec.id[:16]}.sock")]
         return [*cmd, rec.mountpoint]
 
     def _start(self, rec: ImageRecord) -> ImageRecord:
@@ -596,9 +614,18 @@ class DaemonManager:
         return rec
 
     def _healthy(self, rec: ImageRecord) -> bool:
+        if self.config.recover_policy == "none":
+            return True         # never restart: the operator decides
         if self.mode_of(rec) == SHARED:
             m = self.shared.mounts().get(os.path.realpath(rec.mountpoint))
             return m is not None and m.get("state") == "RUNNING" and is_live_mount(rec.mountpoint)
+        if is_live_mount(rec.mountpoint) and not pid_alive(rec.pid, rec.mountpoint) and \
+                self.config.recover_policy == "failover":
+            # the supervisor is gone but its daemon still serves the same connection: restarting
+            # would unmount it under running containers
+            log.warning("supervisor pid %d of %s is gone; its daemon still serves %s (no failover "
+                        "until the image is started again)", rec.pid, rec.ref, rec.mountpoint)
+            return True
         return pid_alive(rec.pid, rec.mountpoint) and is_live_mount(rec.mountpoint)
 
     # -- restart and recovery -----------------------------------------------------------------
