@@ -25,8 +25,13 @@ import threading
 from pathlib import Path
 
 from nydus_py.errors import NydusError
-from nydus_py.snapshotter.remote import (DAEMON_MODES, DEDICATED, RECOVER_POLICIES, RemoteConfig,
-                                         default_nydusd)
+from nydus_py.snapshotter.remote import (
+    DAEMON_MODES,
+    DEDICATED,
+    RECOVER_POLICIES,
+    RemoteConfig,
+    default_nydusd,
+)
 
 log = logging.getLogger("nydus-snapshotter")
 DEFAULT_ROOT = "/var/lib/nydus-py-snapshotter"

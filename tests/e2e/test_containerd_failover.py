@@ -17,12 +17,14 @@ from pathlib import Path
 import pytest
 
 from nydus_py.daemon.api import get_json
-from tests.e2e.test_containerd import _big_md5, _kill_task, _rpull
-from tests.e2e.test_containerd import nydus_image, reg  # noqa: F401 (fixtures)
+from tests.e2e import test_containerd as base
 from tests.fixtures.containerd import SNAPSHOTTER, ContainerdEnv, nydusd_processes_under
 from tests.fixtures.registry import Fault, FaultProxy
 
 pytestmark = pytest.mark.e2e
+reg = base.reg                      # module fixtures: the registry and the converted image
+nydus_image = base.nydus_image
+_big_md5, _kill_task, _rpull = base._big_md5, base._kill_task, base._rpull
 BIG = 24 << 20
 TIMEOUT = 60.0
 
