@@ -360,8 +360,9 @@ class _StopWatchdog:
 def mount(req: MountRequest, *, on_ready: Callable[[], None] | None = None) -> None:
     """The whole lifecycle; returns after a clean unmount, raises NydusError on bad input."""
     with contextlib.ExitStack() as stack:
-        # a takeover serves the live mount that is already there
-        mountpoint = (os.path.realpath(req.mountpoint) if req.upgrade
+        # A takeover serves the live mount that is already there, and must not look at it:
+        # a request to it would wait for the daemon that we are about to become.
+        mountpoint = (_path_of_live_mount(req.mountpoint) if req.upgrade
                       else prepare_mountpoint(req.mountpoint))
         fs = open_filesystem(req, stack)
         handoff = None
@@ -384,6 +385,12 @@ def mount(req: MountRequest, *, on_ready: Callable[[], None] | None = None) -> N
         if fs.learned is not None and fs.learned.recorder is not None:
             # a run shorter than the recording window: keep (and push) what it read
             fs.learned.finish(timeout=PUSH_TIMEOUT_AT_EXIT)
+
+
+def _path_of_live_mount(path: str) -> str:
+    """The absolute path of a mountpoint without a stat of the mount itself."""
+    path = os.path.abspath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
 
 
 def set_readahead(mountpoint: str, kb: int) -> None:

@@ -178,6 +178,8 @@ def test_running_container_reads_on_across_daemon_kills_snapshotter_kills_and_up
             assert "restarting" not in env.log_tail("snapshotter", 400)
         finally:
             _kill_task(env, "reader")
+        base._remove_image_and_check_clean(env, ref)      # supervisors and daemons stop too
+        assert nydusd_processes_under(env.dir) == []
 
 
 def test_read_in_flight_when_the_daemon_is_killed_is_answered(reg, nydus_image):
