@@ -264,6 +264,13 @@ class Handoff:
 
     def finish(self) -> None:
         """After pyfuse3.close(unmount=False): unmount unless a successor has the session."""
+        if self.handed_over and self.channel is not None:
+            # we no longer read the connection and have answered all we read: the successor
+            # may start now, not only once this process has finished tearing down
+            try:
+                _send(self.channel, {"op": "released"})
+            except OSError:
+                pass
         if not self.handed_over and fusefd.unmount(self.mountpoint):
             log.info("unmounted %s", self.mountpoint)
         for s in self._channels:
@@ -283,6 +290,7 @@ class _Child:
         self.last_error = ""        # last stderr line ("nydusd: error: ...")
         self.took_over = False
         self.handing_over = False   # asked to exit for an upgrade
+        self.released = trio.Event()  # stopped serving (sent "released", or exited)
 
     async def watch(self) -> None:
         await trio.lowlevel.wait_readable(self._pidfd)
@@ -386,6 +394,7 @@ class FdSupervisor:
 
     async def _reap(self, child: _Child) -> None:
         await child.watch()
+        child.released.set()
         self.children.remove(child)
         self._kick()
 
@@ -435,8 +444,10 @@ class FdSupervisor:
     async def _signals(self, sigs) -> None:
         async for signum in sigs:
             if signum == signal.SIGHUP:
-                if self.stopping or self.fd < 0 or self.current is None \
-                        or len(self.children) > 1:
+                # (an old daemon still tearing down after a handover does not count)
+                pending = [c for c in self.children
+                           if c is not self.current and not c.handing_over]
+                if self.stopping or self.fd < 0 or self.current is None or pending:
                     log.warning("SIGHUP: no running session to upgrade (or an upgrade is "
                                 "already under way)")
                     continue
@@ -541,7 +552,7 @@ class FdSupervisor:
         except OSError:
             old.popen.send_signal(signal.SIGKILL)   # cannot ask it: resend covers its requests
         with trio.move_on_after(STOP_TIMEOUT):
-            await old.exited.wait()
+            await old.released.wait()
             return
         log.error("daemon pid %d did not hand over in %ss; killing it", old.pid, STOP_TIMEOUT)
         old.popen.kill()
@@ -561,6 +572,8 @@ class FdSupervisor:
                 return
             for fd in fds:
                 os.close(fd)
+            if obj.get("op") == "released":
+                child.released.set()
             if obj.get("op") == "ready" and not self.ready:
                 self.ready = True
                 if self.on_ready:
