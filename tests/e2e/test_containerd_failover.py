@@ -182,13 +182,14 @@ def test_running_container_reads_on_across_daemon_kills_snapshotter_kills_and_up
         assert nydusd_processes_under(env.dir) == []
 
 
-def test_read_in_flight_when_the_daemon_is_killed_is_answered(reg, nydus_image):
+@pytest.mark.parametrize("mode", ["dedicated", "shared"])
+def test_read_in_flight_when_the_daemon_is_killed_is_answered(mode, reg, nydus_image):
     """Blob GETs through a proxy that delays each by 0.5 s: the cold first pass is slow, and the
     daemon is killed while its API lists a read in flight, twice. The reader never sees it."""
     proxy = FaultProxy(reg.host)
     try:
         proxy.add(Fault.delay(0.5), method="GET", path=r"/blobs/sha256:", times=None)
-        with ContainerdEnv(snapshotter_args=("--recover-policy", "failover",
+        with ContainerdEnv(snapshotter_args=("--daemon-mode", mode, "--recover-policy", "failover",
                                              "--plain-http", proxy.host)) as env:
             env.start_snapshotter()
             env.start_containerd()
