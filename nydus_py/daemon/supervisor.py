@@ -23,6 +23,10 @@ threads: see docs/operations.md ("One daemon, several mounts").
 A child that dies on its own (crash, kill -9) is restarted (its stale mountpoint is cleared by
 the new child) up to RESTART_LIMIT times; its cache stays valid. When the supervisor itself is
 killed, the children get SIGTERM (PR_SET_PDEATHSIG) and unmount.
+
+With `--failover` each child is a `nydusd mount --failover` (it keeps its FUSE fd and replaces
+its own daemon; daemon/takeover.py): children outlive a killed `serve`, a new one adopts a
+running child when asked to mount its mountpoint again, and SIGHUP hot-upgrades every mount.
 """
 
 from __future__ import annotations
@@ -286,14 +290,17 @@ class Supervisor:
 
     async def _start_process(self, child: Child, err) -> _ChildProcess | forkserver.ForkedChild:
         fs = self._forkserver
-        if fs is not None and fs.alive and child.argv[1:3] == ["-m", "nydus_py.daemon.cli"]:
+        # Failover mounts are exec'd, not forked: they must outlive us (no PDEATHSIG, they hold
+        # their FUSE fd) and be found again by their command line (_adopt).
+        if fs is not None and fs.alive and not self.failover and \
+                child.argv[1:3] == ["-m", "nydus_py.daemon.cli"]:
             try:
                 return await fs.spawn(child.argv[3:], err.fileno())
             except OSError as e:
                 log.warning("fork server unavailable (%s); starting %s with a new interpreter",
                             e, child.mountpoint)
         return _ChildProcess(child.argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                             preexec_fn=_die_with_parent)
+                             preexec_fn=None if self.failover else _die_with_parent)
 
     def _child_error(self, child: Child) -> str:
         try:
@@ -410,6 +417,9 @@ class Supervisor:
         if mp in self.mounts:
             raise ApiError(409, "AlreadyMounted", f"{mp} is already mounted by this daemon")
         self._seq += 1
+        while any(os.path.exists(os.path.join(self.state_dir, f"mount-{self._seq}.{ext}"))
+                  for ext in ("sock", "sup", "log")):
+            self._seq += 1      # files of a mount a previous serve started (maybe adopted)
         n = self._seq
         body = req.json()
         argv, source = await trio.to_thread.run_sync(self._argv, mp, body, n)
@@ -418,7 +428,8 @@ class Supervisor:
                       os.path.join(self.state_dir, f"mount-{n}.err"), source)
         self.mounts[mp] = child
         try:
-            await self._spawn(child)
+            if not (self.failover and await self._adopt(child)):
+                await self._spawn(child)
         except BaseException:
             child.stopping = True
             del self.mounts[mp]
@@ -427,6 +438,32 @@ class Supervisor:
         if isinstance(body, dict) and "fs_type" in body:
             return Response(204)            # nydusd's answer to its own mount body
         return json_response(child.info())
+
+    async def _adopt(self, child: Child) -> bool:
+        """A `mount --failover` supervisor of a previous serve still serving this mountpoint
+        (we were killed and restarted) becomes our child again instead of a new mount."""
+        from nydus_py.daemon.takeover import AdoptedProcess, find_supervisor
+        found = await trio.to_thread.run_sync(find_supervisor, child.mountpoint)
+        if found is None:
+            return False
+        pid, sock = found
+        if sock is None:
+            return False
+        try:
+            status, raw = await api_mod.call(sock, "GET", "/api/v1/daemon", timeout=5)
+            if status != 200 or json.loads(raw).get("state") != "RUNNING":
+                return False
+            child.proc = AdoptedProcess(pid)    # type: ignore[assignment]
+        except (OSError, ValueError, trio.TooSlowError):
+            return False
+        child.sock = sock
+        child.log_file = os.path.join(os.path.dirname(sock), os.path.basename(sock)[:-5] + ".log")
+        child.exited = trio.Event()
+        child.state = "RUNNING"
+        self._nursery.start_soon(self._watch, child, child.proc)
+        log.info("adopted the running failover mount of %s (supervisor pid %d)",
+                 child.mountpoint, pid)
+        return True
 
     async def _ask(self, child: Child, target: str) -> tuple[int, bytes]:
         try:

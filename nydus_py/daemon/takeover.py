@@ -578,3 +578,65 @@ class FdSupervisor:
                 self.ready = True
                 if self.on_ready:
                     self.on_ready()
+
+
+# ---- adoption (nydusd serve --failover restarted) ------------------------------------------
+
+def find_supervisor(mountpoint: str) -> tuple[int, str | None] | None:
+    """(pid, --apisock) of a live `nydusd mount --failover` process serving `mountpoint`,
+    found by its command line; None if there is none."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = [a.decode("utf-8", "surrogateescape") for a in f.read().split(b"\0")]
+        except OSError:
+            continue
+        while args and not args[-1]:
+            args.pop()          # the trailing NUL
+        if not args or args[-1] != mountpoint or "--failover" not in args or "mount" not in args:
+            continue
+        sock = next((a.split("=", 1)[1] for a in args if a.startswith("--apisock=")), None)
+        if sock is None and "--apisock" in args[:-1]:
+            sock = args[args.index("--apisock") + 1]
+        return int(entry), sock
+    return None
+
+
+class AdoptedProcess:
+    """A process this one did not start (a mount supervisor left by a previous `nydusd serve`),
+    with the part of the child-process interface `nydusd serve` uses: wait() polls a pidfd."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self._pidfd = os.pidfd_open(pid)
+        self._done = False
+
+    @property
+    def returncode(self) -> int | None:
+        if self._done:
+            return 0
+        import select
+        if select.select([self._pidfd], [], [], 0)[0]:
+            self._done = True
+            return 0        # not our child: its exit status is not ours to read
+        return None
+
+    async def wait(self) -> int:
+        if not self._done:
+            await trio.lowlevel.wait_readable(self._pidfd)
+            self._done = True
+            os.close(self._pidfd)
+            self._pidfd = -1
+        return 0
+
+    def send_signal(self, sig: int) -> None:
+        if not self._done:
+            signal.pidfd_send_signal(self._pidfd, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)

@@ -570,8 +570,12 @@ class DaemonManager:
 
     def _start(self, rec: ImageRecord) -> ImageRecord:
         mnt = Path(rec.mountpoint)
-        self._stop_process(rec)
-        unmount(mnt)
+        if not (self.config.recover_policy == "failover" and self.mode_of(rec) == SHARED
+                and is_live_mount(mnt)):
+            self._stop_process(rec)
+            unmount(mnt)
+        # else: the shared nydusd died but the image's failover mount lives on; the new one
+        # adopts it (nydusd serve --failover), so running containers keep their rootfs
         mnt.mkdir(parents=True, exist_ok=True)
         if self.mode_of(rec) == SHARED:
             return self._start_shared(rec)
