@@ -49,7 +49,7 @@ def run_failover(req: MountRequest, args, argv: list[str]) -> int:
         _write_pid,
         build_parser,
     )
-    from nydus_py.daemon.takeover import FdSupervisor
+    from nydus_py.daemon.fdsupervisor import FdSupervisor
 
     parser = build_parser()
     pid_file = os.path.abspath(args.pid_file) if args.pid_file else None

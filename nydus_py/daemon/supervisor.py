@@ -442,7 +442,7 @@ class Supervisor:
     async def _adopt(self, child: Child) -> bool:
         """A `mount --failover` supervisor of a previous serve still serving this mountpoint
         (we were killed and restarted) becomes our child again instead of a new mount."""
-        from nydus_py.daemon.takeover import AdoptedProcess, find_supervisor
+        from nydus_py.daemon.fdsupervisor import AdoptedProcess, find_supervisor
         found = await trio.to_thread.run_sync(find_supervisor, child.mountpoint)
         if found is None:
             return False
