@@ -277,9 +277,14 @@ def serve(ops: pyfuse3.Operations, mountpoint: str, options: set[str], *,
         except RuntimeError as e:
             raise MountError(f"{mountpoint}: FUSE mount failed ({e}); "
                              "is /dev/fuse available and are you allowed to mount?") from None
-        watchdog = _StopWatchdog(mountpoint, STOP_GRACE)
+        watchdog = _StopWatchdog(mountpoint, STOP_GRACE, handoff)
+
+        def stopping() -> None:
+            if handoff is not None:     # handed over: the successor may start right now
+                handoff.release()
+            watchdog.arm()
         try:
-            trio.run(_main, old_mask, on_ready, max_tasks, services, watchdog.arm)
+            trio.run(_main, old_mask, on_ready, max_tasks, services, stopping)
         finally:
             # A second Ctrl-C/SIGTERM must not interrupt the unmount: we are stopping anyway.
             signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
@@ -334,9 +339,10 @@ class _StopWatchdog:
     (`fusermount3 -u -z`: the kernel fails the stuck requests) and exits with status 1;
     `cancel()` (the normal end of serve) stops it."""
 
-    def __init__(self, mountpoint: str, grace: float):
+    def __init__(self, mountpoint: str, grace: float, handoff=None):
         self.mountpoint = mountpoint
         self.grace = grace
+        self.handoff = handoff      # a session handed to a successor is never detached
         self._timer: threading.Timer | None = None
 
     def arm(self) -> None:
@@ -350,6 +356,13 @@ class _StopWatchdog:
             self._timer.cancel()
 
     def _fire(self) -> None:
+        if self.handoff is not None and self.handoff.handed_over:
+            log.error("shutdown after a handover did not finish within %.0f s (threads stuck in "
+                      "the backend?): exiting; %s stays with the new daemon", self.grace,
+                      self.mountpoint)
+            self.handoff.release()
+            logging.shutdown()
+            os._exit(1)
         log.error("shutdown did not finish within %.0f s (requests stuck in the backend?): "
                   "detaching %s and exiting", self.grace, self.mountpoint)
         lazy_unmount(self.mountpoint)

@@ -152,6 +152,7 @@ class Handoff:
         self.handed_over = False        # told to exit by the supervisor: do not unmount
         self._channels: list[socket.socket] = []
         self._channel_changed = trio.Event()
+        self._released = False
 
     def start(self, ops) -> None:
         """Before the trio loop: the session for pyfuse3, and the supervisor holds a copy."""
@@ -254,15 +255,21 @@ class Handoff:
                 pyfuse3.terminate()
                 return
 
+    def release(self) -> None:
+        """Once handed over and pyfuse3.main has returned (we no longer read the connection and
+        have answered all we read): the successor may start now, not only once this process
+        has torn down. Idempotent; a no-op unless handed over."""
+        if not self.handed_over or self._released or self.channel is None:
+            return
+        self._released = True
+        try:
+            send_msg(self.channel, {"op": "released"})
+        except OSError:
+            pass
+
     def finish(self) -> None:
         """After pyfuse3.close(unmount=False): unmount unless a successor has the session."""
-        if self.handed_over and self.channel is not None:
-            # we no longer read the connection and have answered all we read: the successor
-            # may start now, not only once this process has finished tearing down
-            try:
-                send_msg(self.channel, {"op": "released"})
-            except OSError:
-                pass
+        self.release()
         if not self.handed_over and fusefd.unmount(self.mountpoint):
             log.info("unmounted %s", self.mountpoint)
         for s in self._channels:
