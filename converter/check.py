@@ -14,6 +14,7 @@ from pathlib import Path
 
 from converter.compare import compare_trees
 from converter.sources import parse_source
+from nydus_py import mountinfo
 from nydus_py.errors import ConfigError, InputError, NydusError
 
 MOUNT_TIMEOUT = 60.0
@@ -99,8 +100,8 @@ class Mounted:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if os.path.ismount(self.mountpoint):
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True)
+        if mountinfo.is_mounted(self.mountpoint):
+            mountinfo.lazy_unmount(self.mountpoint)
 
 
 def check(source: str | None, target: str, *, platform: str | None = None, work_dir: str | None = None,

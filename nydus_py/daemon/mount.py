@@ -26,10 +26,8 @@ import contextlib
 import errno
 import logging
 import os
-import shutil
 import signal
 import stat
-import subprocess
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -38,6 +36,7 @@ from typing import TYPE_CHECKING, Callable
 import pyfuse3
 import trio
 
+from nydus_py import mountinfo
 from nydus_py.config.schema import DaemonConfig
 from nydus_py.errors import ConfigError, NydusError
 from nydus_py.fs.ops import NydusOperations
@@ -90,20 +89,10 @@ def fuse_options(req: MountRequest) -> set[str]:
 
 
 def mount_fstype(path: str) -> str | None:
-    """The filesystem type mounted at `path` (the top of a stack), from /proc/self/mountinfo.
-    Unlike os.path.ismount this never stats the path, which a dead FUSE mount may answer from
-    the kernel's attribute cache (or a hung one never answer)."""
-    found = None
-    try:
-        with open("/proc/self/mountinfo", "rb") as f:
-            for line in f:
-                left, _, right = line.partition(b" - ")
-                mnt = left.split()[4].decode("unicode_escape", "replace")
-                if mnt == path:
-                    found = right.split()[0].decode()
-    except OSError:
-        return None
-    return found
+    """The filesystem type mounted at `path` (the top of a stack), or None (nydus_py/mountinfo.py:
+    never stats the path, which a dead FUSE mount may answer from the attribute cache)."""
+    e = mountinfo.find(path)
+    return e.fstype if e is not None else None
 
 
 def is_stale(path: str) -> bool:
@@ -126,7 +115,7 @@ def prepare_mountpoint(path: str) -> str:
             raise ConfigError(f"{path}: something is already mounted there ({fstype})")
         log.warning("%s: stale FUSE mount (Transport endpoint is not connected); "
                     "clearing it with fusermount3 -u -z", path)
-        lazy_unmount(path)
+        mountinfo.lazy_unmount(path)
         if mount_fstype(path) is not None:
             raise MountError(f"{path}: stale FUSE mount could not be cleared")
     try:
@@ -138,18 +127,6 @@ def prepare_mountpoint(path: str) -> str:
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"{path}: mountpoint is not a directory")
     return path
-
-
-def lazy_unmount(path: str) -> bool:
-    """`fusermount3 -u -z`, falling back to umount2(MNT_DETACH) via umount -l. True if done."""
-    for cmd in (["fusermount3", "-u", "-z", path], ["umount", "-l", path]):
-        if shutil.which(cmd[0]) is None:
-            continue
-        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-        if r.returncode == 0:
-            return True
-        log.debug("%s: %s", " ".join(cmd), r.stderr.strip())
-    return False
 
 
 @dataclass
@@ -341,7 +318,7 @@ class _StopWatchdog:
     def _fire(self) -> None:
         log.error("shutdown did not finish within %.0f s (requests stuck in the backend?): "
                   "detaching %s and exiting", self.grace, self.mountpoint)
-        lazy_unmount(self.mountpoint)
+        mountinfo.lazy_unmount(self.mountpoint)
         logging.shutdown()
         os._exit(1)
 
@@ -373,11 +350,9 @@ def set_readahead(mountpoint: str, kb: int) -> None:
     if kb <= 0:
         return
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            devs = [line.split()[2] for line in f
-                    if line.split()[4] == mountpoint.replace(" ", "\\040")]
-        if devs:
-            with open(f"/sys/class/bdi/{devs[-1]}/read_ahead_kb", "w") as f:
+        e = mountinfo.find(mountpoint)
+        if e is not None:
+            with open(f"/sys/class/bdi/{e.device}/read_ahead_kb", "w") as f:
                 f.write(str(kb))
     except OSError as e:  # not fatal: reads work, in smaller requests
         log.warning("cannot set readahead of %s to %d KiB: %s", mountpoint, kb, e)

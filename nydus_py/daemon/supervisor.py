@@ -327,7 +327,7 @@ class Supervisor:
         log.error("mount %s did not stop in %ss; killing it", child.mountpoint, STOP_TIMEOUT)
         proc.kill()
         await child.exited.wait()
-        from nydus_py.daemon.mount import lazy_unmount
+        from nydus_py.mountinfo import lazy_unmount
         await trio.to_thread.run_sync(lazy_unmount, child.mountpoint)
 
     # -- API ------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         print("nydus-snapshotter: error: must run as root (it mounts overlay and FUSE filesystems)",
               file=sys.stderr)
         return 1
-    from nydus_py.snapshotter.core import Snapshotter          # grpc is imported only when serving
+    from nydus_py.snapshotter.fs import open_snapshotter       # grpc is imported only when serving
     from nydus_py.snapshotter.service import make_server
 
     root = Path(args.root).absolute()
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                           daemon_mode=args.daemon_mode, recover_interval=args.recover_interval)
     address = Path(args.address)
     try:
-        sn = Snapshotter(root, remote=remote, enable_remote=not args.no_remote)
+        sn = open_snapshotter(root, remote, enable_remote=not args.no_remote)
         sn.start()
         address.parent.mkdir(parents=True, exist_ok=True)
         address.unlink(missing_ok=True)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from nydus_py import mountinfo
 from nydus_py.daemon.api import call_sync, get_json
 from nydus_py.format.bootstrap import Bootstrap
 from tests.fixtures.nydus_build import build
@@ -42,9 +43,7 @@ def nydusd_cmd() -> list[str]:
 
 
 def mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
+    return mountinfo.find(os.path.realpath(path)) is not None
 
 
 def force_unmount(path: Path) -> None:
