@@ -21,6 +21,7 @@ from nydus_py.config.parse import (
     split_host,
 )
 from nydus_py.errors import ConfigError
+from nydus_py.retry import DEFAULT_BACKOFF, DEFAULT_LIMIT
 
 SCHEMES = ("http", "https")
 _POSITIVE = {"gt": 0}
@@ -183,8 +184,8 @@ class BackendConfig:
     localfs: LocalFsConfig | None = None
     registry: RegistryBackendConfig | None = None
     s3: S3BackendConfig | None = None
-    retry_limit: int = 2          # extra attempts after a transient error (in `config`, as nydusd)
-    retry_backoff: float = 0.1    # seconds before the first retry; doubles each time
+    retry_limit: int = DEFAULT_LIMIT        # extra attempts after a transient error (in `config`, as nydusd)
+    retry_backoff: float = DEFAULT_BACKOFF  # seconds before the first retry; doubles each time (retry.py)
 
     @property
     def settings(self) -> LocalFsConfig | RegistryBackendConfig | S3BackendConfig | None:
@@ -225,8 +226,8 @@ class BackendConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class _Retry:
-    retry_limit: int = field(default=2, metadata={"min": 0})
-    retry_backoff: float = field(default=0.1, metadata={"min": 0})
+    retry_limit: int = field(default=DEFAULT_LIMIT, metadata={"min": 0})
+    retry_backoff: float = field(default=DEFAULT_BACKOFF, metadata={"min": 0})
 
 
 # -- cache, prefetch, daemon --------------------------------------------------------------------

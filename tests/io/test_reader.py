@@ -19,6 +19,7 @@ from nydus_py.errors import BackendError, BlobNotFoundError, IntegrityError
 from nydus_py.format.bootstrap import ROOT_INO, Bootstrap
 from nydus_py.io.reader import FileReader
 from nydus_py.metrics import Metrics
+from nydus_py.retry import RetryPolicy
 from nydus_py.storage.localfs import LocalFsBackend
 from nydus_py.storage.wrappers import MeteredBackend, RetryingBackend
 from tests.fixtures.nydus_build import build
@@ -295,7 +296,7 @@ class Flaky:
 def test_transient_backend_errors_are_retried(tmp_path):
     data = compressible(2 * CS, 60)
     img = Image(tmp_path, {"f": data}, wrap=Flaky)
-    img.reader.backend = RetryingBackend(img.backend, retry_limit=3, backoff=0, sleep=lambda s: None)
+    img.reader.backend = RetryingBackend(img.backend, RetryPolicy(limit=3, backoff=0, sleep=lambda s: None))
     assert img.read("f", 0, 2 * CS) == data
     assert img.metrics.backend.value("read_errors") == 2
     assert img.requests == 3

@@ -13,6 +13,7 @@ import pytest
 
 from nydus_py.errors import BackendError, BlobNotFoundError
 from nydus_py.metrics import Metrics
+from nydus_py.retry import RetryPolicy
 from nydus_py.storage.backend import BlobBackend, close_backend
 from nydus_py.storage.localfs import LocalFsBackend
 from nydus_py.storage.wrappers import MeteredBackend, RetryingBackend
@@ -45,7 +46,7 @@ def _localfs_in_alt_dir(tmp: Path, blobs: dict[str, bytes]) -> BlobBackend:
 
 def _wrapped_localfs(tmp: Path, blobs: dict[str, bytes]) -> BlobBackend:
     return RetryingBackend(MeteredBackend(_localfs_flat(tmp, blobs), Metrics().backend),
-                           retry_limit=2, backoff=0)
+                           RetryPolicy(limit=2, backoff=0))
 
 
 BACKENDS = {
