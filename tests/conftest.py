@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 
 from tests.fixtures import imagegen
-from tests.fixtures.umoci import umoci, unpack_with_umoci, umoci_reference  # noqa: F401  (fixtures)
+
+# Fixtures shared by many modules, registered once here rather than imported into each test
+# module (an imported fixture shadows nothing and ruff cannot tell it is used).
+pytest_plugins = ["tests.fixtures.registry", "tests.fixtures.s3", "tests.fixtures.umoci"]
 
 
 @pytest.fixture(scope="session")
@@ -19,5 +22,6 @@ def feature_oci(tmp_path_factory):
 @pytest.fixture(scope="session")
 def feature_reference(umoci, feature_oci, tmp_path_factory):
     """umoci's unpack of the feature image: Reference(rootfs, volatile_mtimes). Read-only."""
+    from tests.fixtures.umoci import umoci_reference      # a plugin module: imported by pytest first
     oci_dir, tag = feature_oci
     return umoci_reference(oci_dir, tag, tmp_path_factory.mktemp("feature-ref") / "bundle")

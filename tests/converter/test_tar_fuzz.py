@@ -37,7 +37,7 @@ from converter.decompress import open_layer_stream
 from converter import tar as tarlayer
 from nydus_py.errors import NydusError
 from nydus_py.oci import mediatypes as mt
-from tests.converter.conftest import END, header, member, pax, pax_record
+from tests.fixtures.tarbuild import END, header, member, pax, pax_record
 from tests.fixtures.imagegen import CAP_NET_BIND_SERVICE, Content, Layer
 
 BLOCK = 512

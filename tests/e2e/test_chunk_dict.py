@@ -5,16 +5,14 @@ mounts to the same tree umoci unpacks."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 
 from converter.compare import compare_trees
-from tests.e2e.test_convert_mount import Mount, nydusify
+from tests.fixtures.cli import Mount, nydusify
 from tests.fixtures.containerd import push_oci_layout
 from tests.fixtures.imagegen import Content, Image, Layer
-from tests.fixtures.registry import registry  # noqa: F401 (fixture)
 from tests.fixtures.umoci import umoci_reference
 
 pytestmark = pytest.mark.e2e
@@ -131,13 +129,11 @@ def test_registry_dictionary_in_the_same_registry_is_mounted_not_uploaded(tmp_pa
     push_oci_layout(src, "a", host, "dict/a")
     push_oci_layout(src, "b", host, "dict/b")
     nydusify("convert", "--plain-http", "--source", f"{host}/dict/a:a", "--target", f"{host}/dict/a:nydus")
-    time.sleep(0.2)
     puts = registry.count_requests("PUT", r"/v2/dict/b/blobs/uploads/")
     mounts = registry.count_requests("POST", r"/v2/dict/b/blobs/uploads/\?\S*mount=")
     dict_gets = registry.count_requests("GET", r"/v2/dict/a/blobs/")
     nydusify("convert", "--plain-http", "--source", f"{host}/dict/b:b", "--target", f"{host}/dict/b:nydus",
              "--chunk-dict", f"bootstrap:registry:{host}/dict/a:nydus")
-    time.sleep(0.2)
     # uploaded: B's new blob, its bootstrap and its config; A's two blobs were mounted, and
     # nothing but A's bootstrap was downloaded from the dictionary
     assert registry.count_requests("PUT", r"/v2/dict/b/blobs/uploads/") - puts == 3

@@ -15,10 +15,11 @@ import time
 
 import pytest
 
+from nydus_py.snapshotter.process import pid_alive
 from tests.fixtures import imagegen
 from tests.fixtures.containerd import (SNAPSHOTTER, ContainerdEnv, convert_nydus_busybox, mounts_under,
                                        nydusd_processes_under, push_oci_layout, use_localfs_nydusd)
-from tests.fixtures.registry import RegistryServer, basic_registry  # noqa: F401 (fixture)
+from tests.fixtures.registry import RegistryServer
 
 pytestmark = pytest.mark.e2e
 import grpc  # noqa: F401,E402  (a dependency: missing means a broken install, not a skip)
@@ -115,8 +116,15 @@ def nydus_image(reg, tmp_path_factory):
     return info
 
 
+def _wait_dead(pid: int, timeout: float = 10.0) -> None:
+    """Until `pid` is gone or a zombie (its mount is then dead: the kernel closed /dev/fuse)."""
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid):
+        assert time.monotonic() < deadline, f"pid {pid} still alive {timeout}s after SIGKILL"
+        time.sleep(0.02)
+
+
 def _blob_gets(reg: RegistryServer) -> list[str]:
-    time.sleep(0.3)
     return [m.group(0) for line in reg.access_log()
             if (m := re.search(r'"GET \S*/blobs/(sha256:[0-9a-f]+)', line))]
 
@@ -176,7 +184,7 @@ def test_nydus_image_runs_from_remote_snapshots_localfs_daemon(bare_env, reg, ny
     # a dead daemon is restarted (and remounted) by the next snapshotter start
     env.stop_snapshotter()
     os.kill(pid, signal.SIGKILL)
-    time.sleep(0.3)
+    _wait_dead(pid)
     env.start_snapshotter()
     (pid2,) = env.nydusd_pids()
     assert pid2 != pid

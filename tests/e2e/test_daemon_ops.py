@@ -9,8 +9,6 @@ hits, prefetch progress), so a test cannot pass by accident through the page cac
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 import random

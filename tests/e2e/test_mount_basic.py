@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from nydus_py import mountinfo
-from tests.fs.rich_image import BIG_DIR_ENTRIES, CAP_NET_RAW_EP, MTIME, build_rich
+from tests.fixtures.rich_image import BIG_DIR_ENTRIES, CAP_NET_RAW_EP, MTIME, build_rich
 
 pytestmark = pytest.mark.e2e
 
@@ -332,13 +332,14 @@ def test_daemon_mode_reports_errors_from_the_child(tmp_path):
 
 def test_stale_mountpoint_is_recovered_after_kill_9(oci_image, tmp_path):
     mnt = tmp_path / "mnt"
-    with nydusd(mnt, "--image", f"oci:{oci_image}:v1", log=tmp_path / "log1") as proc:
+    cache = ("--cache-dir", str(tmp_path / "cache"))   # a killed daemon cannot remove a temporary cache
+    with nydusd(mnt, "--image", f"oci:{oci_image}:v1", *cache, log=tmp_path / "log1") as proc:
         proc.kill()
         proc.wait()
         with pytest.raises(OSError) as ei:
             os.statvfs(mnt)     # not listdir: the kernel may answer a listing from its cache
         assert ei.value.errno == errno.ENOTCONN
-        with nydusd(mnt, "--image", f"oci:{oci_image}:v1", log=tmp_path / "log2"):
+        with nydusd(mnt, "--image", f"oci:{oci_image}:v1", *cache, log=tmp_path / "log2"):
             assert (mnt / "etc/hostname").read_bytes() == b"nydus\n"
     assert mount_entry(mnt) is None
 

@@ -13,9 +13,8 @@ import pytest
 from converter.compare import compare_trees
 from nydus_py.oci.layout import OCILayout
 from tests.fixtures.umoci import umoci_reference
-from tests.e2e.test_convert_mount import nydusify
+from tests.fixtures.cli import nydusify
 from tests.fixtures.imagegen import feature_image
-from tests.fixtures.s3 import moto_s3  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent

@@ -3,8 +3,6 @@ real worker threads. Backend traffic is counted by MeteredBackend (metrics.backe
 
 from __future__ import annotations
 
-import hashlib
-import os
 import random
 import time
 from pathlib import Path

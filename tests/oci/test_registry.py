@@ -2,7 +2,6 @@
 
 import os
 import threading
-import time
 
 import pytest
 
@@ -13,8 +12,7 @@ from nydus_py.oci.auth import Credentials
 from nydus_py.oci.layout import canonical_json
 from nydus_py.oci.registry import RegistryClient, RegistryConfig
 from nydus_py.retry import RetryPolicy
-from tests.fixtures.registry import (USERS, Fault, FaultProxy, basic_registry, fault_proxy,  # noqa: F401
-                                     registry, tls_registry, token_registry)
+from tests.fixtures.registry import USERS, Fault, FaultProxy
 
 ALICE = Credentials("alice", USERS["alice"])
 BLOB = os.urandom(300_000) + b"tail-marker"

@@ -15,7 +15,6 @@ from urllib.parse import urlsplit
 
 import pytest
 
-import tests.storage.test_backend_conformance as _conformance
 from nydus_py.errors import AuthError, BackendError, BlobNotFoundError, ConfigError
 from nydus_py.metrics import Metrics
 from nydus_py.oci.auth import Credentials
@@ -25,15 +24,14 @@ from nydus_py.config.schema import BackendConfig
 from nydus_py.storage.factory import make_backend
 from nydus_py.config.schema import RegistryBackendConfig
 from nydus_py.storage.registry import RegistryBackend
-from tests.fixtures.registry import (USERS, Fault, FaultProxy, RegistryServer, basic_registry,  # noqa: F401
-                                     free_port, registry, token_registry)
+from tests.fixtures.backend_contract import BIG, EMPTY, SMALL, blob_id, contract_tests
+from tests.fixtures.registry import USERS, Fault, FaultProxy, RegistryServer, free_port
 
 # The conformance tests, collected again in this module against the `backend` fixture below.
-globals().update({k: v for k, v in vars(_conformance).items() if k.startswith("test_")})
+globals().update(contract_tests())
 
-BIG, SMALL, EMPTY = _conformance.BIG, _conformance.SMALL, _conformance.EMPTY
-BLOBS = {_conformance._blob_id(x): x for x in (BIG, SMALL, EMPTY)}
-BIG_ID = _conformance._blob_id(BIG)
+BLOBS = {blob_id(x): x for x in (BIG, SMALL, EMPTY)}
+BIG_ID = blob_id(BIG)
 REPO = "nydus/blobs"
 AUTH = base64.b64encode(f"alice:{USERS['alice']}".encode()).decode()
 
