@@ -84,7 +84,7 @@ class Mounted:
         deadline = time.monotonic() + MOUNT_TIMEOUT
         while not os.path.ismount(self.mountpoint):
             if self.proc.poll() is not None:
-                err = (self.proc.stderr.read() or "").strip().splitlines()
+                err = (self.proc.stderr.read() if self.proc.stderr else "").strip().splitlines()
                 raise InputError(f"nydusd could not mount the target: {err[-1] if err else self.proc.returncode}")
             if time.monotonic() > deadline:
                 self.__exit__()

@@ -39,8 +39,7 @@ EXIT_ERROR = 1
 
 
 def _version() -> str:
-    # not importlib.metadata: importing it costs ~55 ms of every mount's start-up
-    from nydus_py import __version__
+    from nydus_py import __version__      # not importlib.metadata: ~55 ms of every start-up
     return __version__
 
 
@@ -199,7 +198,7 @@ def _setup_logging(level: str, log_file: str | None) -> None:
             os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
         except OSError:
             pass        # FileHandler reports it
-    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     setattr(handler, "_nydusd", True)  # noqa: B010  (replace only our own handler if called again)
     root = logging.getLogger()

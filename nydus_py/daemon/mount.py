@@ -45,6 +45,8 @@ from nydus_py.metrics import Metrics
 
 if TYPE_CHECKING:
     from nydus_py.daemon.learned import LearnedPrefetch
+    from nydus_py.io.prefetch import Prefetcher
+    from nydus_py.io.reader import FileReader      # imported when mounting (start-up cost)
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +137,7 @@ class Filesystem:
     ops: NydusOperations
     metrics: Metrics
     description: str
-    reader: object = None
+    reader: FileReader | None = None
     cache_dir: str = ""
     backend_type: str = ""
     learned: LearnedPrefetch | None = None   # None when learned_prefetch is all off
@@ -358,7 +360,7 @@ def set_readahead(mountpoint: str, kb: int) -> None:
         log.warning("cannot set readahead of %s to %d KiB: %s", mountpoint, kb, e)
 
 
-def make_prefetcher(req: MountRequest, fs: Filesystem):
+def make_prefetcher(req: MountRequest, fs: Filesystem) -> Prefetcher | None:
     """The background prefetcher, or None when there is nothing to prefetch (module
     docstring of io/prefetch.py; enabled by fs_prefetch.enable, --prefetch-files, a
     prefetch list in the bootstrap unless --no-prefetch, or learned_prefetch.enable)."""
@@ -367,7 +369,8 @@ def make_prefetcher(req: MountRequest, fs: Filesystem):
     pf = req.config.fs_prefetch
     bs = fs.vfs.bootstrap
     learned = fs.learned.find_async if fs.learned is not None and fs.learned.enable else None
-    if not (pf.enable or req.prefetch_files or (bs.prefetch and not req.no_prefetch) or learned):
+    if fs.reader is None or not (pf.enable or req.prefetch_files or (bs.prefetch and not req.no_prefetch)
+                                 or learned):
         return None
     return Prefetcher(fs.reader, bs, threads_count=pf.threads_count, merging_size=pf.merging_size,
                       bandwidth_rate=pf.bandwidth_rate, prefetch_all=pf.prefetch_all and pf.enable,

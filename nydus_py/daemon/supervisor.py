@@ -142,8 +142,8 @@ class Supervisor:
         self.state = "RUNNING"
         self.started = time.time()
         self._seq = 0
-        self._exit = None
-        self._nursery = None
+        self._exit = trio.Event()
+        self._nursery: trio.Nursery | None = None
         # Mount children are forked from a pre-imported process (daemon/forkserver.py) unless
         # NYDUS_PY_NO_FORKSERVER=1; they start ~0.2 s sooner than a new interpreter.
         self.use_forkserver = os.environ.get("NYDUS_PY_NO_FORKSERVER", "") != "1"
@@ -191,7 +191,7 @@ class Supervisor:
             return
 
     # -- children -------------------------------------------------------------------------------
-    def _argv(self, mountpoint: str, body: dict, n: int) -> tuple[list[str], str]:
+    def _argv(self, mountpoint: str, body: object, n: int) -> tuple[list[str], str]:
         if not isinstance(body, dict):
             raise ApiError(400, "BadRequest", "body must be a JSON object")
         unknown = set(body) - {"source", "bootstrap", "blob_dir", "config", "prefetch_files", "fs_type"}
@@ -253,6 +253,7 @@ class Supervisor:
         finally:
             err.close()
         child.exited = trio.Event()
+        assert self._nursery is not None          # set by _main before the API serves
         self._nursery.start_soon(self._watch, child, child.proc)
         deadline = trio.current_time() + READY_TIMEOUT
         while trio.current_time() < deadline:
@@ -410,7 +411,7 @@ class Supervisor:
             child.stopping = True
             del self.mounts[mp]
             raise
-        log.info("mounted %s at %s (pid %d)", source, mp, child.proc.pid)
+        log.info("mounted %s at %s (pid %d)", source, mp, child.proc.pid if child.proc else 0)
         if isinstance(body, dict) and "fs_type" in body:
             return Response(204)            # nydusd's answer to its own mount body
         return json_response(child.info())

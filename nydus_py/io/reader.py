@@ -313,6 +313,10 @@ class FileReader:
                     got[key] = (lo, data)
         return got
 
+    def _is_ready(self, c: Chunk) -> bool:
+        h = self._handles[c.blob]
+        return h is not None and self.cache.is_ready(h, c.index)
+
     def _lookup(self, wants: Sequence[Want]) -> Got:
         got = {}
         for c, lo, hi in wants:
@@ -336,7 +340,7 @@ class FileReader:
                 f = self._inflight.get(key)
                 if f is not None:
                     waits.append((w, f))
-                elif key not in reread_once and self.cache.is_ready(self._handles[c.blob], c.index):
+                elif key not in reread_once and self._is_ready(c):
                     reread.append(w)  # fetched and stored by another task since our lookup
                     reread_once.add(key)
                 else:
@@ -357,6 +361,7 @@ class FileReader:
                 elif f.error is not None:
                     raise _copy_error(f.error)
                 else:
+                    assert f.data is not None     # a flight ends with data or an error
                     got[(w[0].blob, w[0].index)] = (0, f.data)
 
     async def _fetch(self, mine: list[Chunk], owned: dict[Key, _Flight],
@@ -408,8 +413,9 @@ class FileReader:
                 owned[key] = self._inflight[key] = _Flight()
                 return True
 
+            start = info.chunk_start            # the lambda is used within this call only
             self._m_readahead.inc(add_batch_siblings(
-                r, lambda i, s=info.chunk_start: bs.chunk(s + i), info.chunk_count, sibling))
+                r, lambda i: bs.chunk(start + i), info.chunk_count, sibling))
 
     async def _fetch_range(self, r: Range, owned: dict[Key, _Flight], got: Got,
                            errors: list, limiter: trio.CapacityLimiter | None = None) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from typing import Callable, Iterable
 from urllib.parse import urljoin
@@ -47,7 +48,7 @@ MAX_MANIFEST = 4 << 20
 MANIFEST_ACCEPT = (mt.OCI_MANIFEST, mt.OCI_INDEX, mt.DOCKER_MANIFEST, mt.DOCKER_MANIFEST_LIST)
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
-__all__ = ["RegistryClient", "RegistryConfig", "BlobReader", "MANIFEST_ACCEPT", "USER_AGENT"]
+__all__ = ["RegistryClient", "RegistryConfig", "RepositorySink", "BlobReader", "MANIFEST_ACCEPT", "USER_AGENT"]
 
 
 class RegistryClient:
@@ -168,8 +169,9 @@ class RegistryClient:
         tags: list[str] = []
         url: str | None = f"/v2/{repo}/tags/list"
         while url:
-            resp = self.transport.retry_call(what, lambda u=url: self.transport.request(
-                "GET", u, what=what, scopes=(pull_scope(repo),), not_found="repository"))
+            page = url
+            resp = self.transport.retry_call(what, lambda: self.transport.request(
+                "GET", page, what=what, scopes=(pull_scope(repo),), not_found="repository"))
             with resp:
                 try:
                     tags += list(resp.json().get("tags") or [])
@@ -191,13 +193,13 @@ class RegistryClient:
 
         def attempt() -> dict | None:
             try:
-                resp = self._request("GET", f"/v2/{repo}/referrers/{digest}", what=what,
-                                     scopes=(pull_scope(repo),), params=params, stream=True,
-                                     headers={"Accept": mt.OCI_INDEX}, not_found="referrers API")
+                resp = self.transport.request("GET", f"/v2/{repo}/referrers/{digest}", what=what,
+                                              scopes=(pull_scope(repo),), params=params, stream=True,
+                                              headers={"Accept": mt.OCI_INDEX}, not_found="referrers API")
             except BlobNotFoundError:
                 return None
             with resp:
-                data = _read_limited(resp, MAX_MANIFEST, what)
+                data = read_limited(resp, MAX_MANIFEST, what)
             try:
                 obj = json.loads(data)
             except ValueError:
@@ -206,7 +208,7 @@ class RegistryClient:
                 raise ImageFormatError(f"{what}: not an OCI index")
             return obj
 
-        return self._retrying(what, attempt)
+        return self.transport.retry_call(what, attempt)
 
     # ------------------------------------------------------------------ public API: writes
 
@@ -228,6 +230,25 @@ class RegistryClient:
     def put_manifest(self, repo: str, ref: str, data: bytes, media_type: str) -> str:
         """PUT a manifest or index under a tag (or its digest); returns its digest."""
         return upload.put_manifest(self.transport, repo, ref, data, media_type)
+
+
+class RepositorySink:
+    """A repository as a BlobSink (storage/backend.py), like an S3 bucket: put_blob uploads
+    a file unless the repository has it (or can cross-mount it from `mount_from`)."""
+
+    def __init__(self, client: RegistryClient, repo: str, *, mount_from: Iterable[str] = (),
+                 on_progress: Callable[[int], None] | None = None):
+        self.client = client
+        self.repo = repo
+        self.mount_from = tuple(mount_from)
+        self.on_progress = on_progress
+
+    def has_blob(self, blob_id: str) -> bool:
+        return self.client.head_blob(self.repo, blob_id) is not None
+
+    def put_blob(self, blob_id: str, path: str | os.PathLike[str]) -> str:
+        return self.client.push_blob(self.repo, path, blob_id, os.path.getsize(path), mount_from=self.mount_from,
+                                     on_progress=self.on_progress)
 
 
 class BlobReader(dg.VerifyingReader):

@@ -26,7 +26,9 @@ from urllib.parse import urljoin, urlsplit
 import requests
 import urllib3
 
-from nydus_py.errors import AuthError, BackendError, BlobNotFoundError, ConfigError, DigestMismatchError, ImageFormatError
+from nydus_py import __version__
+from nydus_py.errors import (AuthError, BackendError, BlobNotFoundError, ConfigError, DigestMismatchError,
+                             ImageFormatError, NydusError)
 from nydus_py.oci.auth import Authenticator, Credentials, resolve_credentials
 from nydus_py.oci.reference import Reference
 from nydus_py.retry import (DEFAULT_BACKOFF, DEFAULT_LIMIT, DEFAULT_MAX_BACKOFF, DEFAULT_MAX_RETRY_AFTER,
@@ -36,7 +38,7 @@ log = logging.getLogger("nydus_py.oci.registry")
 T = TypeVar("T")
 
 MAX_REDIRECTS = 5
-USER_AGENT = "nydus-py/0.1"
+USER_AGENT = f"nydus-py/{__version__}"
 _REDIRECTS = (301, 302, 303, 307, 308)
 
 
@@ -250,7 +252,7 @@ def registry_error(resp: requests.Response, body: bytes) -> str:
 
 
 def status_error(resp: requests.Response, body: bytes, what: str, not_found: str,
-                 retry: RetryPolicy) -> BackendError:
+                 retry: RetryPolicy) -> NydusError:
     """The error for a non-OK response; 429/5xx are transient and carry their Retry-After."""
     status = resp.status_code
     detail = registry_error(resp, body)

@@ -17,6 +17,7 @@ its image mounted by nydusd and becomes a "bootstrap" snapshot whose files are t
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import shutil
@@ -121,7 +122,7 @@ class Snapshotter:
             self.fs.cleanup()
 
     # -- internals --------------------------------------------------------------------------
-    def _create(self, key: str, parent: str, labels: dict[str, str], kind: int) -> list[overlay.Mount]:
+    def _create(self, key: str, parent: str, labels: dict[str, str], kind: int) -> builtins.list[overlay.Mount]:
         if labels.get(LABEL_TARGET) and self.fs is not None:
             self._maybe_remote(self.fs, parent, labels)
         s = self.store.create(key, parent, kind, labels)
@@ -164,7 +165,7 @@ class Snapshotter:
             labels[LABEL_IMAGE] = image
         self.store.create(target, parent, KIND_COMMITTED, labels, remote=layer.kind, image=image)
 
-    def _lowers(self, s: Snapshot) -> list[str]:
+    def _lowers(self, s: Snapshot) -> builtins.list[str]:      # `list` is a method here
         return overlay.lower_dirs(self.root, self.store.parents(s.key), self._mountpoint)
 
     def _mountpoint(self, image_id: str) -> Path:

@@ -326,7 +326,7 @@ def test_images_sharing_a_chunk_dict_blob_share_its_cache_entry(tmp_path):
         manifest,
         own_blobs,
     )
-    from tests.e2e.test_convert_mount import nydusify
+    from tests.fixtures.cli import nydusify
     from tests.fixtures.imagegen import Image
 
     src = tmp_path / "src"
