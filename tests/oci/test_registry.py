@@ -1,5 +1,6 @@
 """RegistryClient against a real docker-registry process on 127.0.0.1 (plus proxies)."""
 
+import dataclasses
 import os
 import threading
 
@@ -20,9 +21,10 @@ BLOB_D = dg.of_bytes(BLOB)
 
 
 def client(host: str, **kw) -> RegistryClient:
-    kw.setdefault("backoff_base", 0.01)
+    """A client whose retries do not sleep (the schedule itself is tested in tests/test_retry.py)."""
     kw.setdefault("timeout", 5.0)
-    return RegistryClient(config=RegistryConfig(host=host, scheme="http", **kw))
+    cfg = RegistryConfig(host=host, scheme="http", **kw)
+    return RegistryClient(config=cfg, retry=dataclasses.replace(cfg.retry_policy(), sleep=lambda s: None))
 
 
 def push(c: RegistryClient, repo: str, data: bytes = BLOB) -> str:
