@@ -263,7 +263,7 @@ class BlobReader(dg.VerifyingReader):
     def __enter__(self) -> "BlobReader":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
