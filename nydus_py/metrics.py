@@ -11,7 +11,8 @@ threads. A metric is created on first use (`group.counter("read_count")`) and li
 as its group, so hot paths keep a reference instead of looking names up per call.
 
 `snapshot()` gives plain dicts for the API (`/api/v1/metrics/backend` …); `render_prometheus()`
-gives the text exposition format, with names `nydus_<group>_<metric>`.
+gives the Prometheus text format through prometheus_client (prometheus.py: names
+`nydus_<group>_<metric>`, counters `_total`, latency histograms `_seconds`, `# HELP`).
 """
 
 from __future__ import annotations
@@ -127,25 +128,23 @@ class MetricGroup:
             items = sorted(self._metrics.items())
         return {k: (m.snapshot() if isinstance(m, Histogram) else m.value) for k, m in items}
 
-    def render_prometheus(self, prefix: str = "nydus") -> str:
-        lines = []
+    def items(self) -> list[tuple[str, Counter | Histogram]]:
         with self._lock:
-            items = sorted(self._metrics.items())
-        for k, m in items:
-            full = f"{prefix}_{self.name}_{k}"
-            if isinstance(m, Histogram):
-                snap = m.snapshot()
-                lines.append(f"# TYPE {full} histogram")
-                cum = 0
-                for le, c in zip(snap["le"], snap["counts"]):
-                    cum += c
-                    lines.append(f'{full}_bucket{{le="{le}"}} {cum}')
-                lines.append(f"{full}_sum {snap['sum']}")
-                lines.append(f"{full}_count {snap['count']}")
-            else:
-                lines.append(f"# TYPE {full} {'gauge' if isinstance(m, Gauge) else 'counter'}")
-                lines.append(f"{full} {m.value}")
-        return "\n".join(lines) + ("\n" if lines else "")
+            return sorted(self._metrics.items())
+
+    def render_prometheus(self, prefix: str = "nydus") -> str:
+        from nydus_py import prometheus
+        return prometheus.render(prometheus.families(_Only(self), prefix=prefix)).decode()
+
+
+class _Only:
+    """One group passed where a registry is expected."""
+
+    def __init__(self, group: MetricGroup) -> None:
+        self._group = group
+
+    def groups(self) -> list[MetricGroup]:
+        return [self._group]
 
 
 class Metrics:
@@ -180,7 +179,11 @@ class Metrics:
             groups = list(self._groups.values())
         return {g.name: g.snapshot() for g in groups}
 
-    def render_prometheus(self, prefix: str = "nydus") -> str:
+    def groups(self) -> list[MetricGroup]:
         with self._lock:
-            groups = list(self._groups.values())
-        return "".join(g.render_prometheus(prefix) for g in groups)
+            return list(self._groups.values())
+
+    def render_prometheus(self, prefix: str = "nydus") -> str:
+        """The text exposition format (prometheus.py: `_total`, `_seconds`, `# HELP`)."""
+        from nydus_py import prometheus
+        return prometheus.render(prometheus.families(self, prefix=prefix)).decode()

@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache-max-size", metavar="SIZE")
     s.add_argument("--state-dir", metavar="DIR",
                    help="per-mount sockets, configs and logs (default: a temp dir)")
+    s.add_argument("--metrics-address", metavar="HOST:PORT",
+                   help="also serve GET /metrics (Prometheus, every mount) over TCP here")
     s.add_argument("--log-file", metavar="FILE")
     s.add_argument("--log-level", default="info",
                    choices=["trace", "debug", "info", "warn", "warning", "error"])
@@ -288,7 +290,8 @@ def _serve(args) -> int:
         sup = Supervisor(apisock=os.path.abspath(args.apisock), daemon_id=args.daemon_id,
                          cache_dir=args.cache_dir,
                          cache_max_size=_size(args.cache_max_size, "--cache-max-size"),
-                         state_dir=args.state_dir, log_level=args.log_level)
+                         state_dir=args.state_dir, log_level=args.log_level,
+                         metrics_address=args.metrics_address)
         sup.run()
     except NydusError as e:
         return _error(str(e))

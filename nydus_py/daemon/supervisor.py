@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from nydus_py import prometheus
 from nydus_py.cache import safedir
 from nydus_py.daemon import api as api_mod
 from nydus_py.daemon import forkserver
@@ -126,9 +127,10 @@ class Child:
 class Supervisor:
     def __init__(self, *, apisock: str, daemon_id: str = "", cache_dir: str | None = None,
                  cache_max_size: int | None = None, state_dir: str | None = None,
-                 log_level: str = "info"):
+                 log_level: str = "info", metrics_address: str | None = None):
         api_mod.claim_socket_path(apisock)      # a live daemon's socket is never taken over
         self.apisock = apisock
+        self.metrics_address = metrics_address
         self.id = daemon_id or f"nydusd-{os.getpid()}"
         self.cache_max_size = cache_max_size
         self._own_state = state_dir is None
@@ -151,11 +153,21 @@ class Supervisor:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def run(self) -> None:
+        metrics_server = None
         try:
-            if self.use_forkserver:     # before trio: the server must be forked thread-free
+            if self.use_forkserver:     # before trio and the metrics thread: forked thread-free
                 self._forkserver = forkserver.ForkServer.start()
+            if self.metrics_address:
+                try:
+                    metrics_server = prometheus.serve_tcp(self.metrics_address, self.collect_metrics)
+                except (ValueError, OSError) as e:
+                    raise ConfigError(f"--metrics-address {self.metrics_address}: {e}") from None
+                log.info("Prometheus metrics on http://%s/metrics", self.metrics_address)
             trio.run(self._main)
         finally:
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
             if self._forkserver is not None:
                 self._forkserver.close()
                 try:
@@ -448,26 +460,37 @@ class Supervisor:
         return json_response(total if total is not None else {})
 
     async def _prometheus(self) -> Response:
-        families: dict[str, list[str]] = {}
-        for child in list(self.mounts.values()):
-            status, body = await self._ask(child, "/metrics")
-            if status != 200:
+        text = await trio.to_thread.run_sync(self.render_metrics)
+        return Response(200, text, prometheus.CONTENT_TYPE)
+
+    def collect_metrics(self) -> list:
+        """Every mount's metrics labelled mountpoint="M", and the supervisor's own. Runs in a
+        thread (the API's via trio.to_thread, or the TCP listener's): blocking calls are fine."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        children = list(self.mounts.values())
+        groups = []
+        mounts = GaugeMetricFamily("nydusd_mounts", "mounts of this nydusd serve, by state", labels=["state"])
+        by_state: dict[str, int] = {}
+        restarts = CounterMetricFamily("nydusd_mount_restarts", "times a mount's child was restarted",
+                                       labels=["mountpoint"])
+        for child in children:
+            by_state[child.state] = by_state.get(child.state, 0) + 1
+            restarts.add_metric([child.mountpoint], child.restarts)
+            try:
+                status, body = api_mod.call_sync(child.sock, "GET", "/metrics", timeout=5)
+            except OSError:
                 continue
-            label = 'mountpoint="%s"' % child.mountpoint.replace("\\", "\\\\").replace('"', '\\"')
-            fam = None
-            for line in body.decode().splitlines():
-                if line.startswith("# TYPE "):
-                    fam = line.split()[2]
-                    families.setdefault(fam, [line])
-                elif line and fam is not None:
-                    name, _, rest = line.partition(" ")
-                    if "{" in name:
-                        name = name.replace("{", "{" + label + ",", 1)
-                    else:
-                        name = name + "{" + label + "}"
-                    families[fam].append(f"{name} {rest}")
-        text = "".join(line + "\n" for lines in families.values() for line in lines)
-        return Response(200, text.encode(), "text/plain; version=0.0.4")
+            if status == 200:
+                try:
+                    groups.append(prometheus.parse(body.decode(), {"mountpoint": child.mountpoint}))
+                except ValueError as e:
+                    log.warning("metrics of %s unreadable: %s", child.mountpoint, e)
+        for state, n in sorted(by_state.items()):
+            mounts.add_metric([state], n)
+        return prometheus.merge([[mounts, restarts], *groups])
+
+    def render_metrics(self) -> bytes:
+        return prometheus.render(self.collect_metrics())
 
 
 def _nydus_mount_body(body: dict) -> dict:

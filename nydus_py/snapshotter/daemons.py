@@ -19,6 +19,7 @@ from nydus_py.format.limits import MAX_BOOTSTRAP_SIZE as MAX_BOOTSTRAP
 from nydus_py.oci.auth import resolve_credentials
 from nydus_py.snapshotter.process import (is_live_mount, nydusd_env, pid_alive, read_pid, terminate,
                                           unmount)
+from nydus_py.snapshotter.config import host_mirrors, merge_template
 from nydus_py.snapshotter.remote import DEDICATED, SHARED, RemoteConfig, RemoteError, RemoteLayer
 from nydus_py.snapshotter.resolver import Resolver
 from nydus_py.snapshotter.shared import SharedDaemon
@@ -101,12 +102,14 @@ class DaemonManager:
             backend["auth"] = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
         if creds is not None and creds.registry_token:
             backend["registry_token"] = creds.registry_token
+        mirrors = host_mirrors(self.config.mirrors_config_dir, reg["host"]) if self.config.mirrors_config_dir else None
+        if mirrors:
+            backend["mirrors"] = mirrors
         work = self.shared.cache_dir if self.mode_of(rec) == SHARED else self.image_dir(rec.id) / "cache"
-        return {"device": {"backend": {"type": "registry", "config": backend},
-                           "cache": {"type": "blobcache", "config": {"work_dir": str(work)}}},
-                # false: the cache is keyed by chunk table, so images cannot poison each other
-                # (docs/operations.md "Trust model"); true would sha256 every cache hit
-                "mode": "direct", "digest_validate": False}
+        # digest_validate false: the cache is keyed by chunk table, so images cannot poison each
+        # other (docs/operations.md "Trust model"); true would sha256 every cache hit
+        template = self.config.nydusd_template or {"mode": "direct", "digest_validate": False}
+        return merge_template(template, backend, str(work))
 
     def _write_config(self, rec: ImageRecord) -> None:
         if "registry" not in rec.state:        # a record from before configs were rewritten
@@ -143,6 +146,7 @@ class DaemonManager:
         d = self.image_dir(rec.id)
         cmd = [*self.config.nydusd, "mount", "--bootstrap", rec.state["bootstrap"], "--config", rec.state["config"],
                "--daemon", "--pid-file", str(d / "nydusd.pid"), "--log-file", str(d / "nydusd.log"),
+               "--apisock", str(d / "api.sock"),    # metrics for the snapshotter's scrapes
                "--log-level", self.config.log_level]
         if self.config.allow_other:
             cmd.append("--allow-other")

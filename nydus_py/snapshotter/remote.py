@@ -75,6 +75,10 @@ class RemoteConfig:
     daemon_timeout: float = 30.0           # seconds for nydusd to report its mount ready
     daemon_mode: str = "dedicated"         # DEDICATED: a nydusd per image; SHARED: one supervisor
     recover_interval: float = 5.0          # seconds between liveness checks of the daemons (0: off)
+    # nydusd JSON template ([daemon] nydusd_config): proxy, mirrors, prefetch, cache limits
+    # reach every daemon; the snapshotter fills in the registry, credentials and cache dir
+    nydusd_template: dict | None = field(default=None, compare=False)
+    mirrors_config_dir: str | None = None  # containerd-style <dir>/<host>/hosts.toml → nydusd mirrors
     log_level: str = "info"
     allow_other: bool = True               # non-root container users can read the image
     suid: bool = True                      # honour setuid bits in the image, as overlayfs would

@@ -295,8 +295,8 @@ def test_api_endpoints_return_the_documented_fields(tmp_path, image):
         pf = d.api("/api/v1/metrics/prefetch")   # only the learned-list lookup runs: it finds none
         assert pf.get("planned_chunks", 0) == 0 and pf.get("fetched_chunks", 0) == 0, pf
         status, text = call_sync(str(d.sock), "GET", "/metrics")
-        assert status == 200 and b"# TYPE nydus_fs_read_latency histogram" in text
-        assert b"nydus_backend_read_count " in text and b"nydus_blobcache_hits " in text
+        assert status == 200 and b"# TYPE nydus_fs_read_latency_seconds histogram" in text
+        assert b"nydus_backend_read_count_total " in text and b"nydus_blobcache_hits_total " in text
         assert get_json(str(d.sock), "/api/v1/nope")[0] == 404
         assert get_json(str(d.sock), "/api/v1/metrics", "DELETE")[0] == 405
         assert get_json(str(d.sock), "/api/v1/mount?mountpoint=/x", "POST", {})[0] == 501
@@ -499,8 +499,8 @@ def test_one_daemon_serves_several_mounts_through_the_api(tmp_path, image):
         assert both["read_count"] == one["read_count"] + two["read_count"] > 0
         assert get_json(str(sock), "/api/v1/metrics/pattern")[1][str(m1)][0]["path"]
         st, text = call_sync(str(sock), "GET", "/metrics")
-        assert f'nydus_fs_read_count{{mountpoint="{m1}"}}'.encode() in text
-        assert f'nydus_fs_read_count{{mountpoint="{m2}"}}'.encode() in text
+        assert f'nydus_fs_read_count_total{{mountpoint="{m1}"}}'.encode() in text
+        assert f'nydus_fs_read_count_total{{mountpoint="{m2}"}}'.encode() in text
         # a crashed mount is restarted, its stale mountpoint cleared
         os.kill(info2["pid"], signal.SIGKILL)
         wait_for(lambda: any(x["state"] == "RUNNING" and x["restarts"] == 1 and x["pid"] != info2["pid"]

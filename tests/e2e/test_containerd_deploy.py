@@ -1,0 +1,81 @@
+"""Deploying like Nydus: the snapshotter's config.toml with a nydusd template, through real
+containerd + runc + docker-registry, with a Dragonfly-style forward proxy (dfdaemon's stand-in)
+started by the test."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+
+import pytest
+
+from tests.e2e.test_containerd import _blob_gets, _exec, _kill_task, _rpull
+from tests.e2e.test_containerd import nydus_image, reg  # noqa: F401  (module fixtures)
+from tests.fixtures.containerd import SNAPSHOTTER, ContainerdEnv
+from tests.storage.test_registry_backend import ForwardProxy
+
+pytestmark = pytest.mark.e2e
+
+
+def _mib_md5(index: int, seed: int = 7) -> str:
+    """md5 of MiB number `index` of /data/big.bin (Content.random: randbytes, 1 MiB at a time)."""
+    rng = random.Random(seed)
+    return hashlib.md5([rng.randbytes(1 << 20) for _ in range(index + 1)][index]).hexdigest()
+
+
+@pytest.mark.parametrize("mode", ["dedicated", "shared"])
+def test_config_toml_template_sends_chunks_through_the_proxy_and_falls_back(mode, reg, nydus_image, tmp_path):  # noqa: F811
+    px = ForwardProxy()
+    template = tmp_path / "nydusd-config.json"
+    template.write_text(json.dumps({
+        "device": {"backend": {"type": "registry", "config": {
+                       "timeout": 5, "connect_timeout": 2,
+                       "proxy": {"url": px.url, "ping_url": f"{px.url}/server/ping", "fallback": True,
+                                 "check_interval": 0.5}}},
+                   "cache": {"type": "blobcache", "config": {"max_size": 1 << 30}}},
+        "mode": "direct", "digest_validate": True, "amplify_io": 262144}))
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'version = 1\ndaemon_mode = "{mode}"\n[daemon]\nnydusd_config = "{template}"\n'
+                   '[log]\nlevel = "debug"\n')
+    try:
+        with ContainerdEnv(snapshotter_args=("--config", str(cfg))) as env:
+            env.start_snapshotter()
+            env.start_containerd()
+            ref = nydus_image["ref"]
+            big_blob = nydus_image["blobs"][-1]
+            _rpull(env, ref)
+            env.ctr("run", "-d", "--snapshotter", SNAPSHOTTER, ref, "long", "/bin/sleep", "300")
+            try:
+                # the daemon got the template's settings, and the snapshotter's registry + cache dir
+                if mode == "dedicated":
+                    (doc_path,) = (env.snap_root / "images").glob("*/nydusd.json")
+                    doc = json.loads(doc_path.read_text())
+                    assert doc["amplify_io"] == 262144
+                    bconf = doc["device"]["backend"]["config"]
+                    assert bconf["proxy"]["url"] == px.url and bconf["repo"] == "test/busybox-nydus"
+                    assert doc["device"]["cache"]["config"] == {"max_size": 1 << 30,
+                                                                "work_dir": str(doc_path.parent / "cache")}
+                before_reg = len(_blob_gets(reg))
+                before_px = px.count("GET", f"/blobs/{big_blob}")
+                out = _exec(env, "long", "e1", "dd if=/data/big.bin bs=1048576 skip=1 count=1 2>/dev/null | md5sum")
+                assert out.stdout.split()[0] == _mib_md5(1)
+                via_proxy = px.count("GET", f"/blobs/{big_blob}") - before_px
+                assert via_proxy > 0, "chunks must come through the proxy"
+                # the proxy relays to the registry: every GET the registry saw came through it
+                assert sum(big_blob in g for g in _blob_gets(reg)[before_reg:]) == via_proxy
+                for method, url in px.seen:
+                    assert url.startswith(f"http://{reg.host}/v2/test/busybox-nydus/"), url
+
+                # dfdaemon dies: never-read chunks come from the registry directly
+                px.stop()
+                seen = px.count("GET", "/blobs/")
+                before_reg = len(_blob_gets(reg))
+                out = _exec(env, "long", "e2", "dd if=/data/big.bin bs=1048576 skip=5 count=1 2>/dev/null | md5sum")
+                assert out.stdout.split()[0] == _mib_md5(5)
+                assert any(big_blob in g for g in _blob_gets(reg)[before_reg:]), "fallback to the registry"
+                assert px.count("GET", "/blobs/") == seen
+            finally:
+                _kill_task(env, "long")
+    finally:
+        px.stop()
