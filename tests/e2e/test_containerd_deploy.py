@@ -13,6 +13,8 @@ import pytest
 from tests.e2e.test_containerd import _blob_gets, _exec, _kill_task, _rpull
 from tests.e2e.test_containerd import nydus_image, reg  # noqa: F401  (module fixtures)
 from tests.fixtures.containerd import SNAPSHOTTER, ContainerdEnv
+from tests.e2e.test_metrics_tcp import scrape, value
+from tests.fixtures.registry import free_port
 from tests.storage.test_registry_backend import ForwardProxy
 
 pytestmark = pytest.mark.e2e
@@ -36,8 +38,9 @@ def test_config_toml_template_sends_chunks_through_the_proxy_and_falls_back(mode
                    "cache": {"type": "blobcache", "config": {"max_size": 1 << 30}}},
         "mode": "direct", "digest_validate": True, "amplify_io": 262144}))
     cfg = tmp_path / "config.toml"
+    port = free_port()
     cfg.write_text(f'version = 1\ndaemon_mode = "{mode}"\n[daemon]\nnydusd_config = "{template}"\n'
-                   '[log]\nlevel = "debug"\n')
+                   f'[log]\nlevel = "debug"\n[metrics]\naddress = "127.0.0.1:{port}"\n')
     try:
         with ContainerdEnv(snapshotter_args=("--config", str(cfg))) as env:
             env.start_snapshotter()
@@ -66,6 +69,15 @@ def test_config_toml_template_sends_chunks_through_the_proxy_and_falls_back(mode
                 assert sum(big_blob in g for g in _blob_gets(reg)[before_reg:]) == via_proxy
                 for method, url in px.seen:
                     assert url.startswith(f"http://{reg.host}/v2/test/busybox-nydus/"), url
+
+                # Prometheus over TCP ([metrics] address): the snapshotter's own series and its daemon's
+                fams = scrape(port)
+                assert value(fams["nydus_snapshotter_images"], "nydus_snapshotter_images", mode=mode) == 1
+                assert value(fams["nydus_snapshotter_daemon_up"], "nydus_snapshotter_daemon_up",
+                             image_ref=ref, mode=mode) == 1
+                where = {"image_ref": ref} if mode == "dedicated" else {"daemon": "shared"}
+                assert value(fams["nydus_backend_read_count"], "nydus_backend_read_count_total", **where) >= via_proxy
+                assert value(fams["nydus_fs_read_latency_seconds"], "nydus_fs_read_latency_seconds_count", **where) > 0
 
                 # dfdaemon dies: never-read chunks come from the registry directly
                 px.stop()
