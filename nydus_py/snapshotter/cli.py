@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "prefetch, cache limits); the snapshotter fills in registry, credentials, cache dir")
     p.add_argument("--metrics-address", metavar="HOST:PORT",
                    help="serve Prometheus metrics over TCP here (default: none)")
+    p.add_argument("--enable-cri-keychain", dest="cri_keychain", action="store_true",
+                   help="also serve CRI's ImageService on --address, forwarding to "
+                        "--image-service-address, and use PullImage's credentials (Kubernetes pull secrets)")
+    p.add_argument("--image-service-address", metavar="SOCK", default="/run/containerd/containerd.sock",
+                   help="containerd's CRI socket for --enable-cri-keychain (default %(default)s)")
     p.add_argument("--mirrors-config-dir", metavar="DIR",
                    help="containerd-style DIR/<host>/hosts.toml: registry mirrors for nydusd")
     p.add_argument("--root", default=DEFAULT_ROOT, help=f"state directory (default {DEFAULT_ROOT})")
@@ -135,6 +140,14 @@ def main(argv: list[str] | None = None) -> int:
         address.parent.mkdir(parents=True, exist_ok=True)
         address.unlink(missing_ok=True)
         server = make_server(sn, str(address))
+        close_cri = None
+        if args.cri_keychain:
+            from nydus_py.snapshotter import cri
+            from nydus_py.snapshotter.fs import NydusFileSystem
+            if not isinstance(sn.fs, NydusFileSystem):
+                raise ConfigError("--enable-cri-keychain needs the remote snapshotter (not --no-remote)")
+            close_cri = cri.add_to_server(server, args.image_service_address, sn.fs.resolver.keychain)
+            log.info("CRI ImageService proxy on %s -> %s", address, args.image_service_address)
         server.start()
     except NydusError as e:
         print(f"nydus-snapshotter: error: {e}", file=sys.stderr)
@@ -168,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics_server.shutdown()
         metrics_server.server_close()
     server.stop(grace=5).wait()
+    if close_cri is not None:
+        close_cri()
     sn.close()
     address.unlink(missing_ok=True)
     return 0

@@ -20,6 +20,9 @@ Keys are nydus-snapshotter's (misc/snapshotter/config.toml) where the meaning ca
     skip_ssl_verify = false
     [remote.mirrors_config]
     dir = "/etc/nydus/certs.d"                       # containerd hosts.toml dirs → nydusd mirrors
+    [remote.auth]
+    enable_cri_keychain = true                       # CRI ImageService proxy on `address` (cri.py)
+    image_service_address = "/run/containerd/containerd.sock"
 
 Every value is optional; a command-line flag overrides the file, the file overrides the
 built-in default. An unknown key is a ConfigError with "did you mean"; a Nydus key nydus-py does
@@ -93,12 +96,23 @@ class MirrorsConfigSection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AuthSection:
+    enable_cri_keychain: bool = False  # serve CRI's ImageService on `address`, keep PullImage's auth
+    image_service_address: str = ""    # containerd's CRI socket the proxy forwards to
+
+    UNIMPLEMENTED: ClassVar[dict[str, str]] = {
+        k: "only the CRI keychain (and IMAGE_PULL_AUTH / the docker config) provide credentials"
+        for k in ("enable_kubeconfig_keychain", "kubeconfig_path", "enable_kubelet_credential_providers",
+                  "credential_provider_config", "credential_provider_bin_dir", "credential_renewal_interval")}
+
+
+@dataclass(frozen=True, kw_only=True)
 class RemoteSection:
     skip_ssl_verify: bool = False
     mirrors_config: MirrorsConfigSection = field(default_factory=MirrorsConfigSection)
+    auth: AuthSection = field(default_factory=AuthSection)
 
     UNIMPLEMENTED: ClassVar[dict[str, str]] = {
-        "auth": "credentials come from IMAGE_PULL_AUTH and the docker config (docs/containerd.md)",
         "convert_vpc_registry": "no VPC registry rewriting",
     }
 
@@ -149,6 +163,10 @@ class SnapshotterConfig:
             out["metrics_address"] = self.metrics.address
         if self.remote.skip_ssl_verify:
             out["skip_verify"] = True
+        if self.remote.auth.enable_cri_keychain:
+            out["cri_keychain"] = True
+        if self.remote.auth.image_service_address:
+            out["image_service_address"] = self.remote.auth.image_service_address
         if self.remote.mirrors_config.dir:
             out["mirrors_config_dir"] = self.remote.mirrors_config.dir
         return out

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from nydus_py.errors import NydusError
 from nydus_py.format.limits import MAX_BOOTSTRAP_SIZE as MAX_BOOTSTRAP
-from nydus_py.oci.auth import resolve_credentials
+from nydus_py.oci.reference import parse as parse_reference
 from nydus_py.snapshotter.process import (is_live_mount, nydusd_env, pid_alive, read_pid, terminate,
                                           unmount)
 from nydus_py.snapshotter.config import host_mirrors, merge_template
@@ -97,7 +97,7 @@ class DaemonManager:
         backend: dict = {"host": reg["api_host"], "repo": reg["repo"], "scheme": reg["scheme"]}
         if self.config.skip_verify:
             backend["skip_verify"] = True
-        creds = resolve_credentials(reg["host"], docker_config=self.config.docker_config)
+        creds = self.resolver.credentials(parse_reference(rec.ref))
         if creds is not None and creds.has_basic:
             backend["auth"] = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
         if creds is not None and creds.registry_token:

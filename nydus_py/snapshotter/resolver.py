@@ -9,7 +9,7 @@ from collections import OrderedDict
 
 from nydus_py.errors import ConfigError, NydusError
 from nydus_py.oci import mediatypes as mt
-from nydus_py.oci.auth import resolve_credentials
+from nydus_py.oci.auth import Credentials, resolve_credentials
 from nydus_py.oci.layout import json_object
 from nydus_py.oci.reference import Reference, parse as parse_reference
 from nydus_py.oci.registry import RegistryClient, RegistryConfig
@@ -17,6 +17,7 @@ from nydus_py.snapshotter.remote import (BLOB_TYPES, BOOTSTRAP_TYPES, CRI_IMAGE_
                                          CRI_MANIFEST_DIGEST, HINT_BLOB, HINT_BOOTSTRAP, LABEL_TARGET,
                                          MANIFEST_CACHE, STARGZ_DIGEST, STARGZ_REF, RemoteConfig,
                                          RemoteError, RemoteLayer)
+from nydus_py.snapshotter.cri import Keychain
 from nydus_py.snapshotter.store import REMOTE_BLOB, REMOTE_BOOTSTRAP
 
 log = logging.getLogger("nydus_py.snapshotter.remote")
@@ -27,12 +28,14 @@ class Resolver:
 
     def __init__(self, config: RemoteConfig):
         self.config = config
-        self._clients: dict[str, RegistryClient] = {}
+        self._clients: dict[tuple[str, str], RegistryClient] = {}
+        self._retired: list[RegistryClient] = []
+        self.keychain = Keychain()             # CRI pull secrets (cri.py)
         self._manifests: OrderedDict[tuple[str, str], dict] = OrderedDict()
         self._lock = threading.Lock()
 
     def close(self) -> None:
-        for c in self._clients.values():
+        for c in [*self._clients.values(), *self._retired]:
             c.close()
 
     def scheme(self, host: str) -> str:
@@ -43,15 +46,24 @@ class Resolver:
             return "http"
         return "https"
 
+    def credentials(self, ref: Reference) -> Credentials | None:
+        """A CRI pull secret for this repository (cri.py), else IMAGE_PULL_AUTH / docker config."""
+        return self.keychain.get(ref) or resolve_credentials(ref.host, docker_config=self.config.docker_config)
+
     def client(self, ref: Reference) -> RegistryClient:
+        kc = self.keychain.get(ref)
+        key = (ref.api_host, ref.repository if kc is not None else "")
         with self._lock:
-            c = self._clients.get(ref.api_host)
-            if c is None:
-                creds = resolve_credentials(ref.host, docker_config=self.config.docker_config)
+            c = self._clients.get(key)
+            if c is None or (kc is not None and c.config.credentials is not kc):
+                creds = kc or resolve_credentials(ref.host, docker_config=self.config.docker_config)
                 c = RegistryClient(config=RegistryConfig(
                     host=ref.api_host, scheme=self.scheme(ref.api_host), skip_verify=self.config.skip_verify,
                     credentials=creds))
-                self._clients[ref.api_host] = c
+                old = self._clients.get(key)
+                if old is not None:            # may be in use by another Prepare: closed at the end
+                    self._retired.append(old)
+                self._clients[key] = c
             return c
 
     def classify(self, labels: dict[str, str]) -> RemoteLayer | None:

@@ -12,6 +12,7 @@ import pytest
 
 from tests.e2e.test_containerd import _blob_gets, _exec, _kill_task, _rpull
 from tests.e2e.test_containerd import nydus_image, reg  # noqa: F401  (module fixtures)
+from tests.fixtures.registry import basic_registry  # noqa: F401
 from tests.fixtures.containerd import SNAPSHOTTER, ContainerdEnv
 from tests.e2e.test_metrics_tcp import scrape, value
 from tests.fixtures.registry import free_port
@@ -91,3 +92,90 @@ def test_config_toml_template_sends_chunks_through_the_proxy_and_falls_back(mode
                 _kill_task(env, "long")
     finally:
         px.stop()
+
+
+# ---------------------------------------------------------------------------- Kubernetes' path
+
+class CriContainerdEnv(ContainerdEnv):
+    """containerd with its CRI plugin on (Debian's containerd has it built in), pulling through
+    the nydus-py snapshotter with the layer labels, the test registry over plain http."""
+
+    def __init__(self, registry_host: str, **kw):
+        super().__init__(**kw)
+        self.registry_host = registry_host
+        self.namespace = "k8s.io"          # CRI's namespace; this containerd is ours alone
+
+    def config_toml(self) -> str:
+        d = self.dir
+        text = super().config_toml().replace('"io.containerd.grpc.v1.cri", ', "")
+        return text + "\n".join([
+            '[plugins."io.containerd.grpc.v1.cri"]',
+            '  disable_apparmor = true',
+            '  enable_selinux = false',
+            '  stream_server_address = "127.0.0.1"',
+            '  stream_server_port = "0"',
+            '[plugins."io.containerd.grpc.v1.cri".containerd]',
+            f'  snapshotter = "{SNAPSHOTTER}"',
+            "  disable_snapshot_annotations = false",
+            '[plugins."io.containerd.grpc.v1.cri".cni]',
+            f'  bin_dir = "{d}/cni/bin"',
+            f'  conf_dir = "{d}/cni/conf"',
+            f'[plugins."io.containerd.grpc.v1.cri".registry.mirrors."{self.registry_host}"]',
+            f'  endpoint = ["http://{self.registry_host}"]',
+            "",
+        ])
+
+
+def test_cri_pull_with_a_pull_secret_is_lazy_and_the_secret_reaches_nydusd(basic_registry, nydus_image, tmp_path):  # noqa: F811
+    """kubelet's path: CRI ImageService.PullImage with auth, sent to the snapshotter's socket
+    (the image-service proxy) and forwarded to containerd's CRI plugin; the snapshotter has no
+    other credentials (empty docker config, no IMAGE_PULL_AUTH), yet fetches the bootstrap and
+    nydusd the chunks from the htpasswd registry; then `ctr run` from the CRI-pulled image."""
+    import grpc
+
+    from nydus_py.snapshotter.proto import cri_image_pb2 as cri
+    from nydus_py.snapshotter.proto import cri_image_pb2_grpc as cri_grpc
+    from tests.fixtures.registry import USERS
+
+    (user, password), = USERS.items()
+    host = basic_registry.host
+    from tests.fixtures.containerd import push_oci_layout
+    push_oci_layout(nydus_image["layout"], "latest", host, "k8s/busybox-nydus", user=(user, password))
+    ref = f"{host}/k8s/busybox-nydus:latest"
+    big_blob = nydus_image["blobs"][-1]
+    (tmp_path / "docker").mkdir()
+    with CriContainerdEnv(host) as env:
+        cfg = tmp_path / "config.toml"
+        cfg.write_text(f'[remote.auth]\nenable_cri_keychain = true\nimage_service_address = "{env.address}"\n')
+        env.snapshotter_args = ("--config", str(cfg))
+        env.extra_env = {"DOCKER_CONFIG": str(tmp_path / "docker"), "IMAGE_PULL_AUTH": ""}
+        env.start_snapshotter()
+        env.start_containerd()
+        with grpc.insecure_channel(f"unix:{env.snap_address}") as ch:
+            images = cri_grpc.ImageServiceStub(ch)
+            with pytest.raises(grpc.RpcError) as ei:          # no secret: the registry says no
+                images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=ref)), timeout=120)
+            assert "401" in (ei.value.details() or "") or "unauthorized" in (ei.value.details() or "").lower()
+            before = len(_blob_gets(basic_registry))
+            resp = images.PullImage(cri.PullImageRequest(
+                image=cri.ImageSpec(image=ref), auth=cri.AuthConfig(username=user, password=password)), timeout=300)
+            assert resp.image_ref.startswith("sha256:")
+            status = images.ImageStatus(cri.ImageStatusRequest(image=cri.ImageSpec(image=ref)), timeout=60)
+            assert status.image.id == resp.image_ref and ref in status.image.repo_tags
+            listed = images.ListImages(cri.ListImagesRequest(), timeout=60)
+            assert resp.image_ref in [i.id for i in listed.images]
+        gets = _blob_gets(basic_registry)[before:]
+        print("blob GETs during the CRI pull:", *gets, sep="\n  ")
+        assert not any(big_blob in g for g in gets), "a CRI pull must be lazy"
+        assert len(list((env.snap_root / "mnt").iterdir())) == 1, env.log_tail("snapshotter", 40)
+        assert "CRI PullImage" in env.log_tail("snapshotter", 200) and password not in env.log_tail("snapshotter", 400)
+
+        out = env.ctr("run", "--snapshotter", SNAPSHOTTER, "--rm", ref, "cri1", "/bin/sh", "-c",
+                      "dd if=/data/big.bin bs=1048576 skip=3 count=1 2>/dev/null | md5sum").stdout
+        assert out.split()[0] == _mib_md5(3)
+        assert any(big_blob in g for g in _blob_gets(basic_registry)[before:]), "nydusd read with the pull secret"
+        with grpc.insecure_channel(f"unix:{env.snap_address}") as ch:
+            cri_grpc.ImageServiceStub(ch).RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image=ref)),
+                                                      timeout=60)
+            assert not cri_grpc.ImageServiceStub(ch).ImageStatus(
+                cri.ImageStatusRequest(image=cri.ImageSpec(image=ref)), timeout=60).HasField("image")

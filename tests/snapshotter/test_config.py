@@ -47,7 +47,9 @@ skip_ssl_verify = true
 [remote.mirrors_config]
 dir = "/etc/nydus/certs.d"
 [remote.auth]
-enable_cri_keychain = false
+enable_cri_keychain = true
+image_service_address = "/run/containerd/containerd.sock"
+enable_kubeconfig_keychain = false
 """
 
 
@@ -62,10 +64,11 @@ def test_nydus_sample_config_maps_to_flags_and_warns_about_what_it_ignores(tmp_p
         "daemon_mode": "dedicated", "nydusd": "/usr/local/bin/nydusd",
         "nydusd_config": "/etc/nydus/nydusd-config.fusedev.json", "recover_policy": "restart",
         "log_level": "info", "log_file": "/var/log/nydus/nydus-snapshotter.log",
-        "metrics_address": ":9110", "skip_verify": True, "mirrors_config_dir": "/etc/nydus/certs.d"}
+        "metrics_address": ":9110", "skip_verify": True, "mirrors_config_dir": "/etc/nydus/certs.d",
+        "cri_keychain": True, "image_service_address": "/run/containerd/containerd.sock"}
     named = sorted(w.split(":")[0] for w in warnings)
     assert named == ["cleanup_on_close", "daemon.threads_number", "log.log_rotation_max_size",
-                     "remote.auth", "system"]
+                     "remote.auth.enable_kubeconfig_keychain", "system"]
     assert all("not supported by nydus-py" in w for w in warnings)
 
 
