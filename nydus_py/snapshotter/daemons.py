@@ -53,6 +53,12 @@ class DaemonManager:
     def image_dir(self, image_id: str) -> Path:
         return self.config.root / "images" / image_id
 
+    def api_sock(self, image_id: str) -> Path:
+        """A dedicated nydusd's API socket: ROOT/api/<id[:32]>.sock, not in the image dir, since
+        ROOT/images/<64 hex>/api.sock under the default root is longer than a unix socket path
+        may be (108 bytes)."""
+        return self.config.root / "api" / f"{image_id[:32]}.sock"
+
     def mountpoint(self, image_id: str) -> Path:
         return self.config.root / "mnt" / image_id
 
@@ -146,7 +152,7 @@ class DaemonManager:
         d = self.image_dir(rec.id)
         cmd = [*self.config.nydusd, "mount", "--bootstrap", rec.state["bootstrap"], "--config", rec.state["config"],
                "--daemon", "--pid-file", str(d / "nydusd.pid"), "--log-file", str(d / "nydusd.log"),
-               "--apisock", str(d / "api.sock"),    # metrics for the snapshotter's scrapes
+               "--apisock", str(self.api_sock(rec.id)),    # metrics for the snapshotter's scrapes
                "--log-level", self.config.log_level]
         if self.config.allow_other:
             cmd.append("--allow-other")
@@ -159,6 +165,7 @@ class DaemonManager:
         self._stop_process(rec)
         unmount(mnt)
         mnt.mkdir(parents=True, exist_ok=True)
+        self.api_sock(rec.id).parent.mkdir(mode=0o700, exist_ok=True)
         if self.mode_of(rec) == SHARED:
             return self._start_shared(rec)
         self._write_config(rec)
@@ -286,6 +293,7 @@ class DaemonManager:
             except OSError:
                 pass
             shutil.rmtree(self.image_dir(image_id), ignore_errors=True)
+            self.api_sock(image_id).unlink(missing_ok=True)
             self.store.delete_image(image_id)
             log.info("released image %s (%s)", rec.ref, image_id)
         if self.mode_of(rec) == SHARED:
@@ -337,6 +345,11 @@ class DaemonManager:
                     if self.store.get_image(d.name) is not None:     # appeared meanwhile (a pull)
                         continue
                     self._remove_stray(sub, d)
+        api = self.config.root / "api"
+        if api.is_dir():
+            for sock in api.iterdir():        # a stale socket costs only a scrape's miss
+                if sock.name not in {self.api_sock(r.id).name for r in self.store.images()}:
+                    sock.unlink(missing_ok=True)
         self._stop_idle_shared()
 
     def _remove_stray(self, sub: str, d: Path) -> None:

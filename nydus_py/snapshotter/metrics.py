@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nydus_py import prometheus
@@ -42,7 +41,7 @@ def collect(daemons: "DaemonManager") -> list["Metric"]:
         counts[mode] = counts.get(mode, 0) + 1
         alive = is_live_mount(rec.mountpoint) and (mode == SHARED or pid_alive(rec.pid, rec.mountpoint))
         up.add_metric([rec.ref, rec.id, mode], 1 if alive else 0)
-        sock = Path(daemons.image_dir(rec.id)) / "api.sock"
+        sock = daemons.api_sock(rec.id)
         if mode == SHARED or not alive or not sock.exists():
             continue
         try:

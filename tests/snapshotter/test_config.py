@@ -164,3 +164,11 @@ def test_mirrors_from_containerd_hosts_dir(tmp_path):
     assert host_mirrors(tmp_path, "other:5000") == [{"host": "http://any:1"}]
     (tmp_path / "_default" / "hosts.toml").unlink()
     assert host_mirrors(tmp_path, "other:5000") == []
+
+
+def test_bad_metrics_address_fails_before_anything_starts(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "nydus_py.snapshotter.cli", "--root", str(tmp_path / "r"),
+                        "--address", str(tmp_path / "s.sock"), "--metrics-address", "9110"],
+                       capture_output=True, text=True)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "expected HOST:PORT" in p.stderr
+    assert not (tmp_path / "r").exists()
