@@ -3,6 +3,7 @@ unknown keys, unimplemented Nydus keys, and the nydusd template merge."""
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -172,3 +173,41 @@ def test_bad_metrics_address_fails_before_anything_starts(tmp_path):
                        capture_output=True, text=True)
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "expected HOST:PORT" in p.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_each_daemon_config_is_template_plus_image_plus_host_mirrors(tmp_path):
+    """DaemonManager's nydusd config for one image: the template's keys, the image's registry
+    and credentials (a CRI pull secret here), the host's mirrors from hosts.toml, its cache dir;
+    and nydusd's parser accepts it."""
+    from nydus_py.daemon.config import parse as parse_nydusd
+    from nydus_py.oci.auth import Credentials
+    from nydus_py.snapshotter.daemons import DaemonManager
+    from nydus_py.snapshotter.remote import RemoteConfig
+    from nydus_py.snapshotter.resolver import Resolver
+    from nydus_py.snapshotter.store import ImageRecord, Store
+
+    (tmp_path / "certs.d" / "reg.example").mkdir(parents=True)
+    (tmp_path / "certs.d" / "reg.example" / "hosts.toml").write_text('[host."http://m1:5000"]\n')
+    cfg = RemoteConfig(root=tmp_path, nydusd_template=TEMPLATE, mirrors_config_dir=str(tmp_path / "certs.d"),
+                       docker_config=str(tmp_path / "none.json"))
+    store = Store(tmp_path / "metadata.db")
+    resolver = Resolver(cfg)
+    try:
+        resolver.keychain.add("reg.example/team/app:v1", Credentials(username="k8s", password="secret"))
+        dm = DaemonManager(cfg, store, resolver)
+        rec = ImageRecord(id="ab" * 32, ref="reg.example/team/app:v1", manifest_digest="sha256:" + "ab" * 32,
+                          bootstrap_digest="sha256:" + "cd" * 32, mountpoint=str(tmp_path / "mnt"), pid=0,
+                          state={"mode": "dedicated", "registry": {"host": "reg.example", "api_host": "reg.example",
+                                                                   "repo": "team/app", "scheme": "https"}})
+        doc = dm._config_doc(rec)
+        conf = doc["device"]["backend"]["config"]
+        assert conf["mirrors"] == [{"host": "http://m1:5000"}] and conf["proxy"] == TEMPLATE["device"]["backend"]["config"]["proxy"]
+        assert (conf["host"], conf["repo"], conf["timeout"]) == ("reg.example", "team/app", 9)
+        assert base64.b64decode(conf["auth"]) == b"k8s:secret"
+        assert doc["device"]["cache"]["config"] == {"work_dir": str(tmp_path / "images" / rec.id / "cache"),
+                                                    "max_size": 1024}
+        assert doc["fs_prefetch"] == TEMPLATE["fs_prefetch"]
+        parse_nydusd(doc)
+    finally:
+        resolver.close()
+        store.close()
