@@ -103,7 +103,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     try:
         args, warnings = parse_args(argv)
-        template = snapconfig.load_template(args.nydusd_config) if args.nydusd_config else None
+        template = snapconfig.load_template(args.nydusd_config, warnings) if args.nydusd_config else None
         if args.metrics_address:
             from nydus_py.prometheus import split_address
             try:

@@ -225,9 +225,10 @@ def build(cls: type[T], obj: object, where: str, warnings: list[str]) -> T:
 
 
 # -- the nydusd template -------------------------------------------------------------------------
-def load_template(path: str | Path) -> dict:
-    """Read and check a nydusd JSON config used as the template of every daemon. It is checked
-    with nydusd's own parser, merged with a stand-in image, so a bad key fails at start-up."""
+def load_template(path: str | Path, warnings: list[str] | None = None) -> dict:
+    """Read and check a nydusd config (JSON) used as the template of every daemon. It is checked
+    with nydusd's own parser (config/nydusd.py), merged with a stand-in image, so a bad key fails
+    at start-up; the parser's warnings (Nydus keys nydus-py ignores) go to `warnings`."""
     try:
         doc = json.loads(Path(path).read_text())
     except OSError as e:
@@ -240,12 +241,14 @@ def load_template(path: str | Path) -> dict:
     if isinstance(backend, dict) and backend.get("type", "registry") != "registry":
         raise ConfigError(f"{path}: device.backend.type: the snapshotter reads images from their "
                           f"registry; only \"registry\" can be templated, not {backend.get('type')!r}")
-    from nydus_py.daemon.config import parse
+    from nydus_py.config.nydusd import parse
     try:
-        parse(merge_template(doc, {"host": "registry.invalid", "repo": "check/only", "scheme": "https"},
-                             "/nonexistent"))
+        cfg = parse(merge_template(doc, {"host": "registry.invalid", "repo": "check/only", "scheme": "https"},
+                                   "/nonexistent"))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+    if warnings is not None:
+        warnings.extend(f"{path}: {w}" for w in cfg.warnings)
     return doc
 
 

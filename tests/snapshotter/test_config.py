@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from nydus_py import __version__
-from nydus_py.daemon.config import parse as parse_nydusd
+from nydus_py.config.nydusd import parse as parse_nydusd
 from nydus_py.errors import ConfigError
 from nydus_py.snapshotter import cli
 from nydus_py.snapshotter.config import host_mirrors, load, load_template, merge_template
@@ -179,7 +179,7 @@ def test_each_daemon_config_is_template_plus_image_plus_host_mirrors(tmp_path):
     """DaemonManager's nydusd config for one image: the template's keys, the image's registry
     and credentials (a CRI pull secret here), the host's mirrors from hosts.toml, its cache dir;
     and nydusd's parser accepts it."""
-    from nydus_py.daemon.config import parse as parse_nydusd
+    from nydus_py.config.nydusd import parse as parse_nydusd
     from nydus_py.oci.auth import Credentials
     from nydus_py.snapshotter.daemons import DaemonManager
     from nydus_py.snapshotter.remote import RemoteConfig
