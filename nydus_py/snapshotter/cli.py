@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     warnings: list[str] = []
     if known.config:
         cfg = snapconfig.load(known.config, warnings)
-        defaults = cfg.cli_defaults()
+        defaults = snapconfig.cli_defaults(cfg)
         dests = {a.dest for a in parser._actions}
         if "recover_policy" in defaults and "recover_policy" not in dests:
             # only "restart" exists until the failover work adds --recover-policy

@@ -28,148 +28,53 @@ Every value is optional; a command-line flag overrides the file, the file overri
 built-in default. An unknown key is a ConfigError with "did you mean"; a Nydus key nydus-py does
 not implement is accepted with a warning naming it (never silently: `warnings`).
 
-The dataclasses are plain and self-contained so that they can move into the one config module
-(nydus_py/config/schema.py, parsed by config/parse.py) once that lands, without changing callers.
+The dataclasses live with every other config in nydus_py/config/schema.py and are read by the
+one parser (config/parse.py); this module maps them onto the flags, merges the nydusd template
+and reads hosts.toml mirrors.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import json
 import tomllib
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
+from nydus_py.config.parse import build
+from nydus_py.config.schema import DAEMON_MODE_ALIASES, SnapshotterConfig
 from nydus_py.errors import ConfigError
 
-DAEMON_MODE_ALIASES = {"dedicated": "dedicated", "multiple": "dedicated", "shared": "shared"}
-RECOVER_POLICIES = ("restart", "failover", "none")
-LOG_LEVELS = ("debug", "info", "warning", "error")
+def cli_defaults(cfg: SnapshotterConfig) -> dict[str, Any]:
+    """argparse dests → values set in the file (flags given on the command line win)."""
+    out: dict[str, Any] = {}
+    if cfg.root:
+        out["root"] = cfg.root
+    if cfg.address:
+        out["address"] = cfg.address
+    if cfg.daemon_mode:
+        out["daemon_mode"] = DAEMON_MODE_ALIASES[cfg.daemon_mode]
+    if cfg.daemon.nydusd_path:
+        out["nydusd"] = cfg.daemon.nydusd_path
+    if cfg.daemon.nydusd_config:
+        out["nydusd_config"] = cfg.daemon.nydusd_config
+    if cfg.daemon.recover_policy:
+        out["recover_policy"] = cfg.daemon.recover_policy
+    if cfg.log.level:
+        out["log_level"] = {"warn": "warning", "trace": "debug"}.get(cfg.log.level, cfg.log.level)
+    if cfg.log.dir and not cfg.log.log_to_stdout:
+        out["log_file"] = str(Path(cfg.log.dir) / "nydus-snapshotter.log")
+    if cfg.metrics.address:
+        out["metrics_address"] = cfg.metrics.address
+    if cfg.remote.skip_ssl_verify:
+        out["skip_verify"] = True
+    if cfg.remote.auth.enable_cri_keychain:
+        out["cri_keychain"] = True
+    if cfg.remote.auth.image_service_address:
+        out["image_service_address"] = cfg.remote.auth.image_service_address
+    if cfg.remote.mirrors_config.dir:
+        out["mirrors_config_dir"] = cfg.remote.mirrors_config.dir
+    return out
 
-
-@dataclass(frozen=True, kw_only=True)
-class DaemonSection:
-    nydusd_config: str = ""            # nydusd JSON template applied to every daemon
-    nydusd_path: str = ""
-    recover_policy: str = ""
-    fs_driver: str = "fusedev"         # the only driver nydus-py has
-
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"recover_policy": ("",) + RECOVER_POLICIES,
-                                                     "fs_driver": ("fusedev",)}
-    UNIMPLEMENTED: ClassVar[dict[str, str]] = {
-        "nydusimage_path": "nydus-py needs no nydus-image binary",
-        "threads_number": "nydusd's concurrency is set by amplify_io / fs_prefetch in the template",
-        "log_rotation_size": "no log rotation; use logrotate with copytruncate",
-        "failover_policy": "no FUSE request resend/flush policy",
-    }
-
-
-@dataclass(frozen=True, kw_only=True)
-class LogSection:
-    level: str = ""
-    dir: str = ""
-    log_to_stdout: bool = False
-
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"level": ("",) + LOG_LEVELS + ("warn", "trace")}
-    UNIMPLEMENTED: ClassVar[dict[str, str]] = {
-        k: "no log rotation; use logrotate with copytruncate"
-        for k in ("log_rotation_compress", "log_rotation_local_time", "log_rotation_max_age",
-                  "log_rotation_max_backups", "log_rotation_max_size")}
-
-
-@dataclass(frozen=True, kw_only=True)
-class MetricsSection:
-    address: str = ""                  # host:port for Prometheus; "" = no TCP listener
-
-    UNIMPLEMENTED: ClassVar[dict[str, str]] = {
-        "hung_io_interval": "no hung-I/O detector",
-        "collect_interval": "metrics are read from the daemons on each scrape",
-    }
-
-
-@dataclass(frozen=True, kw_only=True)
-class MirrorsConfigSection:
-    dir: str = ""                      # containerd-style <dir>/<host>/hosts.toml
-
-
-@dataclass(frozen=True, kw_only=True)
-class AuthSection:
-    enable_cri_keychain: bool = False  # serve CRI's ImageService on `address`, keep PullImage's auth
-    image_service_address: str = ""    # containerd's CRI socket the proxy forwards to
-
-    UNIMPLEMENTED: ClassVar[dict[str, str]] = {
-        k: "only the CRI keychain (and IMAGE_PULL_AUTH / the docker config) provide credentials"
-        for k in ("enable_kubeconfig_keychain", "kubeconfig_path", "enable_kubelet_credential_providers",
-                  "credential_provider_config", "credential_provider_bin_dir", "credential_renewal_interval")}
-
-
-@dataclass(frozen=True, kw_only=True)
-class RemoteSection:
-    skip_ssl_verify: bool = False
-    mirrors_config: MirrorsConfigSection = field(default_factory=MirrorsConfigSection)
-    auth: AuthSection = field(default_factory=AuthSection)
-
-    UNIMPLEMENTED: ClassVar[dict[str, str]] = {
-        "convert_vpc_registry": "no VPC registry rewriting",
-    }
-
-
-@dataclass(frozen=True, kw_only=True)
-class SnapshotterConfig:
-    version: int = 1
-    root: str = ""
-    address: str = ""
-    daemon_mode: str = ""
-    daemon: DaemonSection = field(default_factory=DaemonSection)
-    log: LogSection = field(default_factory=LogSection)
-    metrics: MetricsSection = field(default_factory=MetricsSection)
-    remote: RemoteSection = field(default_factory=RemoteSection)
-
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"daemon_mode": ("",) + tuple(DAEMON_MODE_ALIASES)}
-    UNIMPLEMENTED: ClassVar[dict[str, str]] = {
-        "cleanup_on_close": "daemons always outlive the snapshotter; Cleanup frees unused ones",
-        "uid": "the socket is root-only (0600)", "gid": "the socket is root-only (0600)",
-        "system": "no system controller socket; nydusd's API sockets serve the same data",
-        "snapshot": "plain overlayfs mounts only (no nydus-overlayfs, kata volumes)",
-        "cache_manager": "caches live under root and are freed with their images",
-        "image": "no image signature validation",
-        "cgroup": "use the systemd unit's resource limits",
-        "experimental": "no stargz/tarfs/referrer detection",
-    }
-
-    def cli_defaults(self) -> dict[str, Any]:
-        """argparse dests → values set in the file (flags given on the command line win)."""
-        out: dict[str, Any] = {}
-        if self.root:
-            out["root"] = self.root
-        if self.address:
-            out["address"] = self.address
-        if self.daemon_mode:
-            out["daemon_mode"] = DAEMON_MODE_ALIASES[self.daemon_mode]
-        if self.daemon.nydusd_path:
-            out["nydusd"] = self.daemon.nydusd_path
-        if self.daemon.nydusd_config:
-            out["nydusd_config"] = self.daemon.nydusd_config
-        if self.daemon.recover_policy:
-            out["recover_policy"] = self.daemon.recover_policy
-        if self.log.level:
-            out["log_level"] = {"warn": "warning", "trace": "debug"}.get(self.log.level, self.log.level)
-        if self.log.dir and not self.log.log_to_stdout:
-            out["log_file"] = str(Path(self.log.dir) / "nydus-snapshotter.log")
-        if self.metrics.address:
-            out["metrics_address"] = self.metrics.address
-        if self.remote.skip_ssl_verify:
-            out["skip_verify"] = True
-        if self.remote.auth.enable_cri_keychain:
-            out["cri_keychain"] = True
-        if self.remote.auth.image_service_address:
-            out["image_service_address"] = self.remote.auth.image_service_address
-        if self.remote.mirrors_config.dir:
-            out["mirrors_config_dir"] = self.remote.mirrors_config.dir
-        return out
 
 
 def load(path: str | Path, warnings: list[str]) -> SnapshotterConfig:
@@ -181,47 +86,12 @@ def load(path: str | Path, warnings: list[str]) -> SnapshotterConfig:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: malformed TOML ({e})") from None
     try:
-        cfg = build(SnapshotterConfig, doc, "", warnings)
+        cfg = build(SnapshotterConfig, doc, "", warnings=warnings)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     if cfg.version != 1:
         raise ConfigError(f"{path}: version: only version 1 is known, not {cfg.version}")
     return cfg
-
-
-T = typing.TypeVar("T")
-
-
-def build(cls: type[T], obj: object, where: str, warnings: list[str]) -> T:
-    """A TOML table → dataclass `cls`, every key checked (see the module docstring)."""
-    if not isinstance(obj, dict):
-        raise ConfigError(f"{where or 'config'}: expected a table, got {type(obj).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}     # type: ignore[arg-type]
-    unimplemented: dict[str, str] = getattr(cls, "UNIMPLEMENTED", {})
-    choices: dict[str, tuple] = getattr(cls, "CHOICES", {})
-    hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
-    for key, value in obj.items():
-        path = f"{where}.{key}" if where else key
-        if key in unimplemented:
-            warnings.append(f"{path}: Nydus key not supported by nydus-py, ignored ({unimplemented[key]})")
-            continue
-        if key not in fields:
-            close = difflib.get_close_matches(key, [*fields, *unimplemented], n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{path}: unknown key{hint} (known: {', '.join(fields)})")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = build(typing.cast(type, tp), value, path, warnings)
-            continue
-        if tp is bool and not isinstance(value, bool) or tp is int and (isinstance(value, bool) or
-                                                                        not isinstance(value, int)) \
-                or tp is str and not isinstance(value, str):
-            raise ConfigError(f"{path}: expected {tp.__name__}, got {type(value).__name__}")
-        if key in choices and value not in choices[key]:
-            raise ConfigError(f"{path}: must be one of {', '.join(c for c in choices[key] if c)}, not {value!r}")
-        kwargs[key] = value
-    return cls(**kwargs)
 
 
 # -- the nydusd template -------------------------------------------------------------------------

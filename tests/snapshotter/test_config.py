@@ -14,7 +14,7 @@ from nydus_py import __version__
 from nydus_py.config.nydusd import parse as parse_nydusd
 from nydus_py.errors import ConfigError
 from nydus_py.snapshotter import cli
-from nydus_py.snapshotter.config import host_mirrors, load, load_template, merge_template
+from nydus_py.snapshotter.config import cli_defaults, host_mirrors, load, load_template, merge_template
 
 NYDUS_SAMPLE = """\
 version = 1
@@ -59,7 +59,7 @@ def test_nydus_sample_config_maps_to_flags_and_warns_about_what_it_ignores(tmp_p
     f.write_text(NYDUS_SAMPLE)
     warnings: list[str] = []
     cfg = load(f, warnings)
-    assert cfg.cli_defaults() == {
+    assert cli_defaults(cfg) == {
         "root": "/var/lib/containerd/io.containerd.snapshotter.v1.nydus",
         "address": "/run/containerd-nydus/containerd-nydus-grpc.sock",
         "daemon_mode": "dedicated", "nydusd": "/usr/local/bin/nydusd",
@@ -84,13 +84,13 @@ def test_flags_override_the_file_and_the_file_overrides_defaults(tmp_path):
 
 
 @pytest.mark.parametrize("text,message", [
-    ('deamon_mode = "shared"\n', "deamon_mode: unknown key; did you mean 'daemon_mode'?"),
-    ('[daemon]\nnydusd_cofnig = "x"\n', "daemon.nydusd_cofnig: unknown key; did you mean 'nydusd_config'?"),
-    ('[metric]\naddress = ":1"\n', "metric: unknown key; did you mean 'metrics'?"),
+    ('deamon_mode = "shared"\n', "deamon_mode: unknown field; did you mean 'daemon_mode'?"),
+    ('[daemon]\nnydusd_cofnig = "x"\n', "daemon.nydusd_cofnig: unknown field; did you mean 'nydusd_config'?"),
+    ('[metric]\naddress = ":1"\n', "metric: unknown field; did you mean 'metrics'?"),
     ('daemon_mode = "none"\n', "daemon_mode: must be one of"),
-    ('[daemon]\nfs_driver = "fscache"\n', "daemon.fs_driver: must be one of fusedev"),
+    ('[daemon]\nfs_driver = "fscache"\n', "daemon.fs_driver: must be one of 'fusedev', not 'fscache'"),
     ('[daemon]\nrecover_policy = "resend"\n', "daemon.recover_policy: must be one of"),
-    ('root = 5\n', "root: expected str, got int"),
+    ('root = 5\n', "root: expected a string, got a number"),
     ('version = 2\n', "version: only version 1"),
     ('root = \n', "malformed TOML"),
 ])
