@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -131,6 +132,11 @@ class Supervisor:
         api_mod.claim_socket_path(apisock)      # a live daemon's socket is never taken over
         self.apisock = apisock
         self.metrics_address = metrics_address
+        if metrics_address:
+            try:
+                prometheus.split_address(metrics_address)     # a bad address fails before any fork
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         self.id = daemon_id or f"nydusd-{os.getpid()}"
         self.cache_max_size = cache_max_size
         self._own_state = state_dir is None
@@ -150,24 +156,18 @@ class Supervisor:
         # NYDUS_PY_NO_FORKSERVER=1; they start ~0.2 s sooner than a new interpreter.
         self.use_forkserver = os.environ.get("NYDUS_PY_NO_FORKSERVER", "") != "1"
         self._forkserver: forkserver.ForkServer | None = None
+        self._metrics_server: Any = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     def run(self) -> None:
-        metrics_server = None
         try:
-            if self.use_forkserver:     # before trio and the metrics thread: forked thread-free
+            if self.use_forkserver:     # before trio: the server must be forked thread-free
                 self._forkserver = forkserver.ForkServer.start()
-            if self.metrics_address:
-                try:
-                    metrics_server = prometheus.serve_tcp(self.metrics_address, self.collect_metrics)
-                except (ValueError, OSError) as e:
-                    raise ConfigError(f"--metrics-address {self.metrics_address}: {e}") from None
-                log.info("Prometheus metrics on http://%s/metrics", self.metrics_address)
             trio.run(self._main)
         finally:
-            if metrics_server is not None:
-                metrics_server.shutdown()
-                metrics_server.server_close()
+            if self._metrics_server is not None:
+                self._metrics_server.shutdown()
+                self._metrics_server.server_close()
             if self._forkserver is not None:
                 self._forkserver.close()
                 try:
@@ -177,7 +177,19 @@ class Supervisor:
             if self._own_state:
                 shutil.rmtree(self.state_dir, ignore_errors=True)
 
+    def _serve_metrics(self) -> None:
+        """The TCP listener (a thread): started inside trio.run, after the fork server exists,
+        which must be forked while the process has no thread."""
+        if not self.metrics_address:
+            return
+        try:
+            self._metrics_server = prometheus.serve_tcp(self.metrics_address, self.collect_metrics)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"--metrics-address {self.metrics_address}: {e}") from None
+        log.info("Prometheus metrics on http://%s/metrics", self.metrics_address)
+
     async def _main(self) -> None:
+        self._serve_metrics()
         self._exit = trio.Event()
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
