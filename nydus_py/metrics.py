@@ -10,8 +10,8 @@ Everything is thread-safe: the data path updates metrics from trio's thread and 
 threads. A metric is created on first use (`group.counter("read_count")`) and lives as long
 as its group, so hot paths keep a reference instead of looking names up per call.
 
-`snapshot()` gives plain dicts for the API (`/api/v1/metrics/backend` …); `render_prometheus()`
-gives the Prometheus text format through prometheus_client (prometheus.py: names
+`snapshot()` gives plain dicts for the API (`/api/v1/metrics/backend` …); prometheus.py's
+`text()` gives the Prometheus text format through prometheus_client (names
 `nydus_<group>_<metric>`, counters `_total`, latency histograms `_seconds`, `# HELP`).
 """
 
@@ -132,19 +132,6 @@ class MetricGroup:
         with self._lock:
             return sorted(self._metrics.items())
 
-    def render_prometheus(self, prefix: str = "nydus") -> str:
-        from nydus_py import prometheus
-        return prometheus.render(prometheus.families(_Only(self), prefix=prefix)).decode()
-
-
-class _Only:
-    """One group passed where a registry is expected."""
-
-    def __init__(self, group: MetricGroup) -> None:
-        self._group = group
-
-    def groups(self) -> list[MetricGroup]:
-        return [self._group]
 
 
 class Metrics:
@@ -182,8 +169,3 @@ class Metrics:
     def groups(self) -> list[MetricGroup]:
         with self._lock:
             return list(self._groups.values())
-
-    def render_prometheus(self, prefix: str = "nydus") -> str:
-        """The text exposition format (prometheus.py: `_total`, `_seconds`, `# HELP`)."""
-        from nydus_py import prometheus
-        return prometheus.render(prometheus.families(self, prefix=prefix)).decode()

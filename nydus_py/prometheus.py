@@ -47,6 +47,11 @@ HELP: dict[str, str] = {
 }
 
 
+def text(metrics: HasGroups, prefix: str = "nydus") -> str:
+    """The text exposition format of a registry (`_total`, `_seconds`, `# HELP`)."""
+    return render(families(metrics, prefix=prefix)).decode()
+
+
 def _help(key: str) -> str:
     group, _, name = key.partition("_")
     return HELP.get(key, f"nydusd {group} metric {name.replace('_', ' ')}")

@@ -497,8 +497,8 @@ class DaemonApi:
             self.state = "STOPPING"
             return Response(204, after=self.stop)
         if route == ("GET", "/metrics"):
-            from nydus_py.prometheus import CONTENT_TYPE
-            return Response(200, self.fs.metrics.render_prometheus().encode(), CONTENT_TYPE)
+            from nydus_py.prometheus import CONTENT_TYPE, text
+            return Response(200, text(self.fs.metrics).encode(), CONTENT_TYPE)
         if req.path.startswith("/api/v1/mount"):
             raise ApiError(501, "NotSupported", "this daemon serves one mount; run `nydusd serve` "
                            "to mount several images from one daemon")

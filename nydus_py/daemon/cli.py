@@ -291,7 +291,7 @@ def _serve(args) -> int:
                          cache_dir=args.cache_dir,
                          cache_max_size=_size(args.cache_max_size, "--cache-max-size"),
                          state_dir=args.state_dir, log_level=args.log_level,
-                         metrics_address=args.metrics_address)
+                         metrics_address=args.metrics_address, mount_entry=main)
         sup.run()
     except NydusError as e:
         return _error(str(e))

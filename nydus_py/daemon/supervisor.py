@@ -128,7 +128,10 @@ class Child:
 class Supervisor:
     def __init__(self, *, apisock: str, daemon_id: str = "", cache_dir: str | None = None,
                  cache_max_size: int | None = None, state_dir: str | None = None,
-                 log_level: str = "info", metrics_address: str | None = None):
+                 log_level: str = "info", metrics_address: str | None = None,
+                 mount_entry: forkserver.Entry | None = None):
+        """`mount_entry` is `nydusd`'s main(argv), run by forked mount children (the CLI hands
+        it in: this module imports no CLI); None starts every child as a new process."""
         api_mod.claim_socket_path(apisock)      # a live daemon's socket is never taken over
         self.apisock = apisock
         self.metrics_address = metrics_address
@@ -154,15 +157,18 @@ class Supervisor:
         self._nursery: trio.Nursery | None = None
         # Mount children are forked from a pre-imported process (daemon/forkserver.py) unless
         # NYDUS_PY_NO_FORKSERVER=1; they start ~0.2 s sooner than a new interpreter.
-        self.use_forkserver = os.environ.get("NYDUS_PY_NO_FORKSERVER", "") != "1"
+        self._mount_entry = mount_entry
+        self.use_forkserver = (mount_entry is not None
+                               and os.environ.get("NYDUS_PY_NO_FORKSERVER", "") != "1")
         self._forkserver: forkserver.ForkServer | None = None
         self._metrics_server: Any = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     def run(self) -> None:
         try:
-            if self.use_forkserver:     # before trio: the server must be forked thread-free
-                self._forkserver = forkserver.ForkServer.start()
+            if self.use_forkserver and self._mount_entry is not None:
+                # before trio: the server must be forked thread-free
+                self._forkserver = forkserver.ForkServer.start(self._mount_entry)
             trio.run(self._main)
         finally:
             if self._metrics_server is not None:

@@ -2,6 +2,7 @@ import threading
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from nydus_py import prometheus
 from nydus_py.metrics import Metrics
 
 
@@ -32,7 +33,7 @@ def test_histogram_buckets_and_prometheus_text():
     assert snap["counts"][snap["le"].index(0.0005)] == 2
     m.blobcache.gauge("used_bytes").set(42)
     m.backend.inc("read_count", 7)
-    text = m.render_prometheus()
+    text = prometheus.text(m)
     fams = {f.name: f for f in text_string_to_metric_families(text)}
     lat = fams["nydus_fs_read_latency_seconds"]
     assert lat.type == "histogram" and lat.documentation == "latency of FUSE reads (seconds)"
