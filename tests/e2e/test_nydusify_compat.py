@@ -96,7 +96,7 @@ def test_target_suffix_names_the_target_after_the_source(src, tmp_path):
 
 
 @pytest.mark.parametrize("flag, value", [("--fs-version", "6"), ("--oci-ref", None), ("--oci", None),
-                                         ("--batch-size", "0x100000"), ("--build-cache", "r/c:1"),
+                                         ("--build-cache", "r/c:1"),
                                          ("--docker-v2-format", None), ("--nydus-image", "/bin/x")])
 def test_nydusify_flags_without_meaning_are_refused_in_one_line(src, tmp_path, flag, value):
     r = nydusify("convert", "--source", f"oci:{src}:v1", "--target", f"oci:{tmp_path}/d:x", flag,
