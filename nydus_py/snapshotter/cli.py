@@ -25,6 +25,7 @@ import threading
 from pathlib import Path
 
 from nydus_py import __version__, sdnotify
+from nydus_py.cache import safedir
 from nydus_py.errors import ConfigError, NydusError
 from nydus_py.snapshotter import config as snapconfig
 from nydus_py.snapshotter.remote import DAEMON_MODES, DEDICATED, RemoteConfig, default_nydusd
@@ -113,8 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"nydus-snapshotter: error: {e}", file=sys.stderr)
         return 1
-    if args.log_file:
-        Path(args.log_file).parent.mkdir(parents=True, exist_ok=True)
+    if args.log_file:       # explicit modes whatever the umask (nydus_py/cache/safedir.py)
+        try:
+            safedir.ensure_dir(Path(args.log_file).absolute().parent, what="log directory", mode=0o755)
+        except ConfigError as e:
+            print(f"nydus-snapshotter: error: {e}", file=sys.stderr)
+            return 1
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), filename=args.log_file,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if os.geteuid() != 0:
@@ -137,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sn = open_snapshotter(root, remote, enable_remote=not args.no_remote)
         sn.start()
-        address.parent.mkdir(parents=True, exist_ok=True)
+        safedir.ensure_dir(address.absolute().parent, what="socket directory", mode=0o755)
         address.unlink(missing_ok=True)
         server = make_server(sn, str(address))
         close_cri = None

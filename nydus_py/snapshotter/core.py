@@ -24,6 +24,7 @@ import shutil
 import threading
 from pathlib import Path
 
+from nydus_py.cache import safedir
 from nydus_py.snapshotter import overlay
 from nydus_py.snapshotter.remote import (LABEL_IMAGE, LABEL_REMOTE, LABEL_TARGET, RemoteFileSystem,
                                          RemoteLayer)
@@ -34,11 +35,17 @@ log = logging.getLogger("nydus_py.snapshotter")
 
 
 def prepare_root(root: str | Path) -> Path:
-    """ROOT with its subdirectories, private to root; the absolute path."""
+    """ROOT with its subdirectories, private to root; the absolute path.
+
+    Modes are explicit whatever the umask (and an older root made under umask 000 is
+    repaired): nydusd refuses, as root, a cache dir below a directory another user can write
+    (nydus_py/cache/safedir.py). Missing ancestors are made 0755, and refused if another
+    user could replace them."""
     root = Path(root).absolute()
-    for sub in ("snapshots", "images", "mnt"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    os.chmod(root, 0o700)
+    safedir.ensure_dir(root.parent, what="directory of the snapshotter root", mode=0o755)
+    for d in (root, *(root / sub for sub in ("snapshots", "images", "mnt"))):
+        d.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(d, 0o700)
     return root
 
 

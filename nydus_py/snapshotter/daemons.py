@@ -81,7 +81,7 @@ class DaemonManager:
     def _prepare_image(self, layer: RemoteLayer) -> ImageRecord:
         image_id = layer.image_id
         d = self.image_dir(image_id)
-        d.mkdir(parents=True, exist_ok=True)
+        d.mkdir(mode=0o700, exist_ok=True)      # holds nydusd.json (credentials), and its cache/
         boot = d / "bootstrap"
         if not boot.exists():
             self._fetch_bootstrap(layer, boot)
@@ -164,7 +164,7 @@ class DaemonManager:
         mnt = Path(rec.mountpoint)
         self._stop_process(rec)
         unmount(mnt)
-        mnt.mkdir(parents=True, exist_ok=True)
+        mnt.mkdir(mode=0o755, exist_ok=True)    # explicit: the umask may be 000
         self.api_sock(rec.id).parent.mkdir(mode=0o700, exist_ok=True)
         if self.mode_of(rec) == SHARED:
             return self._start_shared(rec)
