@@ -29,7 +29,6 @@ import os
 import signal
 import stat
 import tempfile
-import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -38,6 +37,7 @@ import trio
 
 from nydus_py import mountinfo
 from nydus_py.config.schema import DaemonConfig
+from nydus_py.daemon.watchdog import MOUNT_GRACE, StopWatchdog
 from nydus_py.errors import ConfigError, NydusError
 from nydus_py.fs.ops import NydusOperations
 from nydus_py.fs.vfs import Vfs
@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 FSNAME = "nydus-py"
 PUSH_TIMEOUT_AT_EXIT = 10.0     # seconds per registry request for a learned list at unmount
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-STOP_GRACE = 5.0        # seconds from a stop signal (or external unmount) to a forced exit
+STOP_GRACE = MOUNT_GRACE  # seconds from a stop signal (or external unmount) to a forced exit
 
 
 class MountError(NydusError):
@@ -249,7 +249,7 @@ def serve(ops: pyfuse3.Operations, mountpoint: str, options: set[str], *,
         except RuntimeError as e:
             raise MountError(f"{mountpoint}: FUSE mount failed ({e}); "
                              "is /dev/fuse available and are you allowed to mount?") from None
-        watchdog = _StopWatchdog(mountpoint, STOP_GRACE)
+        watchdog = StopWatchdog(lambda: [mountpoint], STOP_GRACE)
         try:
             trio.run(_main, old_mask, on_ready, max_tasks, services, watchdog.arm)
         finally:
@@ -290,39 +290,6 @@ async def _stop_on_signal(signals, stopping=None) -> None:
             stopping()
         pyfuse3.terminate()
         return
-
-
-class _StopWatchdog:
-    """Once stopping, the process ends within `grace` seconds whatever is in flight.
-
-    Cancelling trio tasks does not interrupt a worker thread: a read or a prefetch stuck in a
-    backend that never answers (a hung NFS blob dir, a registry that stops sending) would keep
-    trio.run, and so the daemon and its mount, alive forever after SIGTERM. `arm()` (on a stop
-    signal or an external unmount) starts a timer thread that detaches the mount
-    (`fusermount3 -u -z`: the kernel fails the stuck requests) and exits with status 1;
-    `cancel()` (the normal end of serve) stops it."""
-
-    def __init__(self, mountpoint: str, grace: float):
-        self.mountpoint = mountpoint
-        self.grace = grace
-        self._timer: threading.Timer | None = None
-
-    def arm(self) -> None:
-        if self._timer is None:
-            self._timer = threading.Timer(self.grace, self._fire)
-            self._timer.daemon = True
-            self._timer.start()
-
-    def cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-
-    def _fire(self) -> None:
-        log.error("shutdown did not finish within %.0f s (requests stuck in the backend?): "
-                  "detaching %s and exiting", self.grace, self.mountpoint)
-        mountinfo.lazy_unmount(self.mountpoint)
-        logging.shutdown()
-        os._exit(1)
 
 
 def mount(req: MountRequest, *, on_ready: Callable[[], None] | None = None) -> None:

@@ -47,12 +47,16 @@ from nydus_py.cache import safedir
 from nydus_py.daemon import api as api_mod
 from nydus_py.daemon import forkserver
 from nydus_py.daemon.api import ApiError, Request, Response, json_response
+from nydus_py.daemon.watchdog import MOUNT_GRACE, StopWatchdog
 from nydus_py.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
+# From SIGTERM (or PUT /api/v1/daemon/exit) to a forced exit: each mount child first gets its
+# own grace to stop (it bounds itself the same way), then we kill what is left and detach it.
+STOP_GRACE = MOUNT_GRACE + 3.0
 RESTART_LIMIT = 3
 PR_SET_PDEATHSIG = 1
 
@@ -162,6 +166,7 @@ class Supervisor:
                                and os.environ.get("NYDUS_PY_NO_FORKSERVER", "") != "1")
         self._forkserver: forkserver.ForkServer | None = None
         self._metrics_server: Any = None
+        self._watchdog = StopWatchdog(lambda: list(self.mounts), STOP_GRACE, before_exit=self._kill_children)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def run(self) -> None:
@@ -182,6 +187,17 @@ class Supervisor:
                     pass
             if self._own_state:
                 shutil.rmtree(self.state_dir, ignore_errors=True)
+            self._watchdog.cancel()
+
+    def _kill_children(self) -> None:
+        """The watchdog's last step (its thread): SIGKILL what is still running."""
+        for child in list(self.mounts.values()):
+            proc = child.proc
+            if proc is not None and proc.returncode is None:
+                try:
+                    proc.kill()
+                except OSError:
+                    pass
 
     def _serve_metrics(self) -> None:
         """The TCP listener (a thread): started inside trio.run, after the fork server exists,
@@ -208,6 +224,9 @@ class Supervisor:
                 nursery.start_soon(self._signals, signals)
                 await self._exit.wait()
                 self.state = "STOPPING"
+                # a child that ignores SIGTERM or cannot exit (stopped, stuck in the kernel)
+                # would keep _stop_child, and so us, waiting STOP_TIMEOUT or forever
+                self._watchdog.arm()
                 async with trio.open_nursery() as stops:
                     for child in list(self.mounts.values()):
                         stops.start_soon(self._stop_child, child)
