@@ -18,10 +18,13 @@ is_mounted = mountinfo.is_mounted
 
 
 def is_live_mount(path: str | Path) -> bool:
+    """Mounted, and a daemon answers for it. statfs, not stat: the kernel always asks the
+    daemon for statfs, while nydusd's day-long attribute timeouts let a stat of a dead
+    mount be answered from the kernel's cache (as nydus_py/daemon/mount.py's is_stale)."""
     if not is_mounted(path):
         return False
     try:
-        os.stat(path)
+        os.statvfs(path)
         return True
     except OSError:
         return False           # ENOTCONN: the daemon behind it is gone
