@@ -8,7 +8,9 @@ from tests.fixtures import imagegen
 
 # Fixtures shared by many modules, registered once here rather than imported into each test
 # module (an imported fixture shadows nothing and ruff cannot tell it is used).
-pytest_plugins = ["tests.fixtures.registry", "tests.fixtures.s3", "tests.fixtures.umoci"]
+# (registry before containerd: containerd imports it, and a plugin must be imported by pytest first.)
+pytest_plugins = ["tests.fixtures.registry", "tests.fixtures.s3", "tests.fixtures.umoci",
+                  "tests.fixtures.daemon", "tests.fixtures.containerd"]
 
 
 @pytest.fixture(scope="session")

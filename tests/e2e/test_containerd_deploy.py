@@ -10,13 +10,10 @@ import random
 
 import pytest
 
-from tests.e2e.test_containerd import _blob_gets, _exec, _kill_task, _rpull
-from tests.e2e.test_containerd import nydus_image, reg  # noqa: F401  (module fixtures)
-from tests.fixtures.registry import basic_registry  # noqa: F401
-from tests.fixtures.containerd import SNAPSHOTTER, ContainerdEnv
-from tests.e2e.test_metrics_tcp import scrape, value
+from tests.fixtures.containerd import SNAPSHOTTER, ContainerdEnv, blob_gets, kill_task, rpull, task_exec
+from tests.fixtures.metrics import scrape, value
+from tests.fixtures.proxy import ForwardProxy
 from tests.fixtures.registry import free_port
-from tests.storage.test_registry_backend import ForwardProxy
 
 pytestmark = pytest.mark.e2e
 
@@ -28,7 +25,7 @@ def _mib_md5(index: int, seed: int = 7) -> str:
 
 
 @pytest.mark.parametrize("mode", ["dedicated", "shared"])
-def test_config_toml_template_sends_chunks_through_the_proxy_and_falls_back(mode, reg, nydus_image, tmp_path):  # noqa: F811
+def test_config_toml_template_sends_chunks_through_the_proxy_and_falls_back(mode, reg, nydus_image, tmp_path):
     px = ForwardProxy()
     template = tmp_path / "nydusd-config.json"
     template.write_text(json.dumps({
@@ -48,7 +45,7 @@ def test_config_toml_template_sends_chunks_through_the_proxy_and_falls_back(mode
             env.start_containerd()
             ref = nydus_image["ref"]
             big_blob = nydus_image["blobs"][-1]
-            _rpull(env, ref)
+            rpull(env, ref)
             env.ctr("run", "-d", "--snapshotter", SNAPSHOTTER, ref, "long", "/bin/sleep", "300")
             try:
                 # the daemon got the template's settings, and the snapshotter's registry + cache dir
@@ -60,14 +57,14 @@ def test_config_toml_template_sends_chunks_through_the_proxy_and_falls_back(mode
                     assert bconf["proxy"]["url"] == px.url and bconf["repo"] == "test/busybox-nydus"
                     assert doc["device"]["cache"]["config"] == {"max_size": 1 << 30,
                                                                 "work_dir": str(doc_path.parent / "cache")}
-                before_reg = len(_blob_gets(reg))
+                before_reg = len(blob_gets(reg))
                 before_px = px.count("GET", f"/blobs/{big_blob}")
-                out = _exec(env, "long", "e1", "dd if=/data/big.bin bs=1048576 skip=1 count=1 2>/dev/null | md5sum")
+                out = task_exec(env, "long", "e1", "dd if=/data/big.bin bs=1048576 skip=1 count=1 2>/dev/null | md5sum")
                 assert out.stdout.split()[0] == _mib_md5(1)
                 via_proxy = px.count("GET", f"/blobs/{big_blob}") - before_px
                 assert via_proxy > 0, "chunks must come through the proxy"
                 # the proxy relays to the registry: every GET the registry saw came through it
-                assert sum(big_blob in g for g in _blob_gets(reg)[before_reg:]) == via_proxy
+                assert sum(big_blob in g for g in blob_gets(reg)[before_reg:]) == via_proxy
                 for method, url in px.seen:
                     assert url.startswith(f"http://{reg.host}/v2/test/busybox-nydus/"), url
 
@@ -83,13 +80,13 @@ def test_config_toml_template_sends_chunks_through_the_proxy_and_falls_back(mode
                 # dfdaemon dies: never-read chunks come from the registry directly
                 px.stop()
                 seen = px.count("GET", "/blobs/")
-                before_reg = len(_blob_gets(reg))
-                out = _exec(env, "long", "e2", "dd if=/data/big.bin bs=1048576 skip=5 count=1 2>/dev/null | md5sum")
+                before_reg = len(blob_gets(reg))
+                out = task_exec(env, "long", "e2", "dd if=/data/big.bin bs=1048576 skip=5 count=1 2>/dev/null | md5sum")
                 assert out.stdout.split()[0] == _mib_md5(5)
-                assert any(big_blob in g for g in _blob_gets(reg)[before_reg:]), "fallback to the registry"
+                assert any(big_blob in g for g in blob_gets(reg)[before_reg:]), "fallback to the registry"
                 assert px.count("GET", "/blobs/") == seen
             finally:
-                _kill_task(env, "long")
+                kill_task(env, "long")
     finally:
         px.stop()
 
@@ -126,7 +123,7 @@ class CriContainerdEnv(ContainerdEnv):
         ])
 
 
-def test_cri_pull_with_a_pull_secret_is_lazy_and_the_secret_reaches_nydusd(basic_registry, nydus_image, tmp_path):  # noqa: F811
+def test_cri_pull_with_a_pull_secret_is_lazy_and_the_secret_reaches_nydusd(basic_registry, nydus_image, tmp_path):
     """kubelet's path: CRI ImageService.PullImage with auth, sent to the snapshotter's socket
     (the image-service proxy) and forwarded to containerd's CRI plugin; the snapshotter has no
     other credentials (empty docker config, no IMAGE_PULL_AUTH), yet fetches the bootstrap and
@@ -156,7 +153,7 @@ def test_cri_pull_with_a_pull_secret_is_lazy_and_the_secret_reaches_nydusd(basic
             with pytest.raises(grpc.RpcError) as ei:          # no secret: the registry says no
                 images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=ref)), timeout=120)
             assert "401" in (ei.value.details() or "") or "unauthorized" in (ei.value.details() or "").lower()
-            before = len(_blob_gets(basic_registry))
+            before = len(blob_gets(basic_registry))
             resp = images.PullImage(cri.PullImageRequest(
                 image=cri.ImageSpec(image=ref), auth=cri.AuthConfig(username=user, password=password)), timeout=300)
             assert resp.image_ref.startswith("sha256:")
@@ -164,7 +161,7 @@ def test_cri_pull_with_a_pull_secret_is_lazy_and_the_secret_reaches_nydusd(basic
             assert status.image.id == resp.image_ref and ref in status.image.repo_tags
             listed = images.ListImages(cri.ListImagesRequest(), timeout=60)
             assert resp.image_ref in [i.id for i in listed.images]
-        gets = _blob_gets(basic_registry)[before:]
+        gets = blob_gets(basic_registry)[before:]
         print("blob GETs during the CRI pull:", *gets, sep="\n  ")
         assert not any(big_blob in g for g in gets), "a CRI pull must be lazy"
         assert len(list((env.snap_root / "mnt").iterdir())) == 1, env.log_tail("snapshotter", 40)
@@ -173,7 +170,7 @@ def test_cri_pull_with_a_pull_secret_is_lazy_and_the_secret_reaches_nydusd(basic
         out = env.ctr("run", "--snapshotter", SNAPSHOTTER, "--rm", ref, "cri1", "/bin/sh", "-c",
                       "dd if=/data/big.bin bs=1048576 skip=3 count=1 2>/dev/null | md5sum").stdout
         assert out.split()[0] == _mib_md5(3)
-        assert any(big_blob in g for g in _blob_gets(basic_registry)[before:]), "nydusd read with the pull secret"
+        assert any(big_blob in g for g in blob_gets(basic_registry)[before:]), "nydusd read with the pull secret"
         with grpc.insecure_channel(f"unix:{env.snap_address}") as ch:
             cri_grpc.ImageServiceStub(ch).RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image=ref)),
                                                       timeout=60)

@@ -15,134 +15,30 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from nydus_py import mountinfo
 from nydus_py.daemon.api import call_sync, get_json
 from nydus_py.format.bootstrap import Bootstrap
+from tests.fixtures.daemon import (
+    CHUNK,
+    VENV_BIN,
+    Daemon,
+    backend_reads,
+    force_unmount,
+    mounted,
+    nydusd_cmd,
+    rand_bytes,
+    read_all,
+    src_args,
+    wait_for,
+)
 from tests.fixtures.nydus_build import build
 
 pytestmark = pytest.mark.e2e
-
-VENV_BIN = Path(sys.executable).parent
-CHUNK = 64 << 10
-TIMEOUT = 20.0
-
-
-# -- helpers --------------------------------------------------------------------------------------
-def nydusd_cmd() -> list[str]:
-    exe = VENV_BIN / "nydusd"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "nydus_py.daemon.cli"]
-
-
-def mounted(path: Path) -> bool:
-    return mountinfo.find(os.path.realpath(path)) is not None
-
-
-def force_unmount(path: Path) -> None:
-    for _ in range(3):
-        if not mounted(path):
-            return
-        subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True)
-
-
-def wait_for(cond, what: str, timeout: float = TIMEOUT, log: Path | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    extra = f"\n{log.read_text()}" if log is not None and log.exists() else ""
-    pytest.fail(f"timed out waiting for {what}{extra}")
-
-
-class Daemon:
-    """`nydusd mount ... --apisock SOCK MNT` in the foreground, with API helpers."""
-
-    def __init__(self, tmp: Path, *args: str, name: str = "d", mnt: Path | None = None):
-        self.mnt = mnt or tmp / f"mnt-{name}"
-        self.sock = tmp / f"{name}.sock"
-        self.log = tmp / f"{name}.log"
-        self.args = args
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "Daemon":
-        self.mnt.mkdir(exist_ok=True)
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([*nydusd_cmd(), "mount", "--apisock", str(self.sock),
-                                          *self.args, str(self.mnt)],
-                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-        def ready():
-            if self.proc.poll() is not None:
-                pytest.fail(f"nydusd exited {self.proc.returncode}: {self.log.read_text()}")
-            try:
-                return self.sock.exists() and self.api("/api/v1/daemon")["state"] == "RUNNING"
-            except OSError:
-                return False
-        wait_for(ready, "daemon ready", log=self.log)
-        assert mounted(self.mnt)
-        return self
-
-    def api(self, target: str, method: str = "GET", body=None):
-        status, doc = get_json(str(self.sock), target, method, body)
-        assert status in (200, 204), (target, status, doc)
-        return doc
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if sig != signal.SIGKILL:
-            force_unmount(self.mnt)
-        return self.proc.returncode
-
-    def __enter__(self) -> "Daemon":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.stop()
-        force_unmount(self.mnt)
-
-
-def rand_bytes(n: int, seed: int) -> bytes:
-    return random.Random(seed).randbytes(n)
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    """~3.5 MiB of incompressible files in one blob: big/ (prefetch material), small/."""
-    root = tmp_path_factory.mktemp("img")
-    files = {f"big/b{i}": rand_bytes(768 << 10, i) for i in range(4)}
-    files.update({f"small/s{i:03d}": rand_bytes(1000 + 3001 * i, 100 + i) for i in range(60)})
-    b = build(files, chunk_size=CHUNK)
-    b.write(root / "blobs", root / "bootstrap")
-    return root, b
-
-
-def src_args(image) -> list[str]:
-    root, _ = image
-    return ["--bootstrap", str(root / "bootstrap"), "--blob-dir", str(root / "blobs")]
-
-
-def read_all(mnt: Path, built) -> None:
-    for path, data in built.files.items():
-        assert (mnt / path).read_bytes() == data, path
-
-
-def backend_reads(d: Daemon) -> int:
-    return d.api("/api/v1/metrics/backend")["read_count"]
 
 
 # -- cache: persistence, repair, limit, gc ------------------------------------------------------

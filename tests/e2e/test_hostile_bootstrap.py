@@ -16,7 +16,7 @@ import msgpack
 import pytest
 
 from nydus_py.format.bootstrap import Bootstrap
-from tests.e2e.test_daemon_ops import Daemon, mounted, nydusd_cmd, wait_for
+from tests.fixtures.daemon import Daemon, mounted, nydusd_cmd, wait_for
 from tests.fixtures.nydus_build import build
 
 pytestmark = pytest.mark.e2e

@@ -10,30 +10,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nydus_py.daemon.api import call_sync, get_json
-from tests.e2e.test_daemon_ops import force_unmount, image, mounted, nydusd_cmd, read_all, wait_for  # noqa: F401
+from tests.fixtures.daemon import force_unmount, nydusd_cmd, read_all, wait_for
+from tests.fixtures.metrics import scrape, value
 from tests.fixtures.registry import free_port
 
 pytestmark = pytest.mark.e2e
 
 
-def scrape(port: int) -> dict:
-    """name → family, from GET http://127.0.0.1:PORT/metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
-        assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
-        text = r.read().decode()
-    fams = {f.name: f for f in text_string_to_metric_families(text)}
-    for f in fams.values():
-        assert f.documentation, f"{f.name}: no # HELP"
-    return fams
-
-
-def value(fam, sample: str, **labels) -> float:
-    hits = [s.value for s in fam.samples if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())]
-    assert len(hits) == 1, (sample, labels, fam.samples)
-    return hits[0]
-
-
-def test_nydusd_serve_metrics_over_tcp_cover_every_mount(tmp_path, image):  # noqa: F811
+def test_nydusd_serve_metrics_over_tcp_cover_every_mount(tmp_path, image):
     root, built = image
     sock = tmp_path / "sup.sock"
     log = tmp_path / "sup.log"
