@@ -17,8 +17,7 @@ import pytest
 
 from nydus_py.daemon import supervisor
 from nydus_py.daemon.api import get_json
-from tests.e2e.test_daemon_ops import force_unmount, mounted, nydusd_cmd, wait_for
-from tests.e2e.test_hostile_bootstrap import read_errno
+from tests.fixtures.daemon import force_unmount, mounted, nydusd_cmd, read_errno, wait_for
 from tests.fixtures.nydus_build import build
 
 pytestmark = pytest.mark.e2e

@@ -11,7 +11,7 @@ import signal
 import pytest
 
 from nydus_py.snapshotter.process import is_live_mount
-from tests.e2e.test_daemon_ops import Daemon, force_unmount
+from tests.fixtures.daemon import Daemon, force_unmount
 from tests.fixtures.nydus_build import build
 
 pytestmark = pytest.mark.e2e
