@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import pytest
 
 from tests.fixtures import imagegen
@@ -11,6 +15,24 @@ from tests.fixtures import imagegen
 # (registry before containerd: containerd imports it, and a plugin must be imported by pytest first.)
 pytest_plugins = ["tests.fixtures.registry", "tests.fixtures.s3", "tests.fixtures.umoci",
                   "tests.fixtures.daemon", "tests.fixtures.containerd"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_tmpdir(tmp_path_factory):
+    """Every temp file of the run — ours, and those of the daemons the tests start and kill -9
+    (a killed nydusd cannot remove its private cache dir) — lands under pytest's own temp dir,
+    removed at the end: a test run leaves nothing behind in /tmp."""
+    d = tmp_path_factory.mktemp("tmp")
+    old = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(d)
+    tempfile.tempdir = None                 # re-read TMPDIR
+    yield d
+    if old is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = old
+    tempfile.tempdir = None
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
