@@ -20,11 +20,14 @@ pytest_plugins = ["tests.fixtures.registry", "tests.fixtures.s3", "tests.fixture
 @pytest.fixture(scope="session", autouse=True)
 def _private_tmpdir(tmp_path_factory):
     """Every temp file of the run — ours, and those of the daemons the tests start and kill -9
-    (a killed nydusd cannot remove its private cache dir) — lands under pytest's own temp dir,
-    removed at the end: a test run leaves nothing behind in /tmp."""
-    d = tmp_path_factory.mktemp("tmp")
+    (a killed nydusd cannot remove its private cache dir) — lands in one directory removed at
+    the end: a test run leaves nothing behind in /tmp. Sticky and world-writable like /tmp,
+    because some tests read their mounts as user nobody."""
+    tmp_path_factory.getbasetemp()          # pytest's own dirs stay where they were (short paths)
+    d = tempfile.mkdtemp(prefix="nydus-py-tests-")
+    os.chmod(d, 0o1777)
     old = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = str(d)
+    os.environ["TMPDIR"] = d
     tempfile.tempdir = None                 # re-read TMPDIR
     yield d
     if old is None:
