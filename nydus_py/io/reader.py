@@ -55,6 +55,12 @@ DEFAULT_MAX_GAP = 16 << 10
 # blob) only up to this many compressed bytes: they are rarely read next (tar order is not
 # access order), so more of them costs bandwidth, not round trips (docs/performance.md).
 DEFAULT_READAHEAD_OTHER_BYTES = 0
+# ... unless the misses walk the blob: a miss within BLOB_SEQ_SLACK chunks after where the last
+# fetch of that blob ended (a reader going through files in tar order: a cold `cat` of a tree,
+# an image scan) lets other files in, from BLOB_SEQ_START bytes, doubling per such miss up to
+# amplify_io; any other miss resets it.
+BLOB_SEQ_START = 128 << 10
+BLOB_SEQ_SLACK = 8
 DEFAULT_READAHEAD_WINDOW = 8 << 20  # per-file sequential readahead cap, bytes (0: off)
 SEQ_FILES = 1024                    # files whose read position is tracked (LRU)
 
@@ -119,6 +125,8 @@ class FileReader:
         # Per-file sequential readahead (see _window): ino -> [next file chunk, window chunks].
         self.readahead_window = max(readahead_window, 0)
         self._seq: dict[int, list[int]] = {}
+        # blob -> [chunk index after its last fetched range, other files' bytes it allowed]
+        self._blob_seq: dict[int, list[int]] = {}
         # Background readahead gets half the worker slots, so foreground misses never queue
         # behind a window of readahead ranges.
         self._ra_limiter = trio.CapacityLimiter(max(1, int(limiter.total_tokens) // 2))
@@ -405,13 +413,15 @@ class FileReader:
         for r in ranges:
             last[r.blob] = r
         bs = self.bootstrap
+        others: dict[int, int] = {}
         for b, r in last.items():
             info = bs.blobs[b]
             h = self._handles[b]
             first = max(c.index for c in r.chunks) + 1
+            other = others[b] = self._other_budget(b, min(c.index for c in r.chunks))
             following = own_first(
                 _valid_chunks(bs, info.chunk_start + first, info.chunk_start + info.chunk_count),
-                own, self.readahead_other_bytes)
+                own, other)
 
             def accept(c: Chunk, h=h) -> bool:
                 key = (c.blob, c.index)
@@ -436,6 +446,15 @@ class FileReader:
             start = info.chunk_start            # the lambda is used within this call only
             self._m_readahead.inc(add_batch_siblings(
                 r, lambda i: bs.chunk(start + i), info.chunk_count, sibling))
+        for b, r in last.items():   # where the next miss of a blob walk would land
+            self._blob_seq[b] = [max(c.index for c in r.chunks) + 1, others[b]]
+
+    def _other_budget(self, blob: int, miss: int) -> int:
+        """Bytes of other files' chunks the readahead of a miss at chunk `miss` may take."""
+        st = self._blob_seq.get(blob)
+        if st is not None and st[0] <= miss <= st[0] + BLOB_SEQ_SLACK:
+            return min(max(st[1] * 2, BLOB_SEQ_START, self.readahead_other_bytes), self.amplify_io)
+        return self.readahead_other_bytes
 
     async def _fetch_range(self, r: Range, owned: dict[Key, _Flight], got: Got,
                            errors: list, limiter: trio.CapacityLimiter | None = None) -> None:

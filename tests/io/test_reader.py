@@ -173,6 +173,26 @@ def test_readahead_other_bytes_lets_a_small_budget_of_following_files_in(tmp_pat
     assert img.requests == 2
 
 
+def test_misses_that_walk_the_blob_in_file_order_read_other_files_ahead(tmp_path):
+    # reading a tree in tar order (cold `cat`, an image scan): the second miss right after the
+    # first one's range lets the following files in; a miss elsewhere in the blob resets it
+    files = {f"d/m{i:03d}": incompressible(CS // 2, 60 + i) for i in range(300)}
+    img = Image(tmp_path, files, amplify_io=1 << 20)
+    names = sorted(files)
+    assert [img.chunks_of(n)[0].index for n in names] == list(range(300))     # tar order
+    for n in names[:2]:
+        assert img.read(n, 0, CS) == files[n]
+    assert img.requests == 2                        # m000 alone, m001 + 128 KiB of the next
+    assert img.metrics.fs.value("readahead_chunks") == (128 << 10) // (CS // 2)
+    for n in names[2:66]:
+        assert img.read(n, 0, CS) == files[n]
+    assert img.requests == 2
+    assert img.read(names[66], 0, CS) == files[names[66]]                   # 256 KiB next
+    assert img.requests == 3
+    assert img.read(names[250], 0, CS) == files[names[250]]                 # a jump
+    assert img.requests == 4 and img.fetched == 4 * (CS // 2) + (128 << 10) + (256 << 10)
+
+
 def test_sequential_reads_fetch_the_files_next_chunks_in_the_background_concurrently(tmp_path):
     data = incompressible(16 * CS, 22)
     img = Image(tmp_path, {"f": data}, amplify_io=CS, limiter_tokens=8)
