@@ -255,8 +255,9 @@ class Builder:
         prefetch_inos = []
         while queue:
             d = queue.popleft()
-            for name in sorted(d.children):
-                child = d.children[name]
+            children = d.entries()
+            for name in sorted(children):
+                child = children[name]
                 ino = ino_of.get(id(child))
                 if ino is None:
                     ino = ino_of[id(child)] = self._add_inode(child, mapping)
@@ -292,7 +293,7 @@ class Builder:
         stack = [self.tree.root]
         while stack:
             d = stack.pop()
-            for child in d.children.values():
+            for child in d.entries().values():
                 if child.children is not None:
                     stack.append(child)
                 elif child.chunks:

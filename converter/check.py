@@ -14,6 +14,7 @@ from pathlib import Path
 
 from converter.compare import compare_trees
 from converter.sources import parse_source
+from nydus_py import mountinfo
 from nydus_py.errors import ConfigError, InputError, NydusError
 
 MOUNT_TIMEOUT = 60.0
@@ -83,7 +84,7 @@ class Mounted:
         deadline = time.monotonic() + MOUNT_TIMEOUT
         while not os.path.ismount(self.mountpoint):
             if self.proc.poll() is not None:
-                err = (self.proc.stderr.read() or "").strip().splitlines()
+                err = (self.proc.stderr.read() if self.proc.stderr else "").strip().splitlines()
                 raise InputError(f"nydusd could not mount the target: {err[-1] if err else self.proc.returncode}")
             if time.monotonic() > deadline:
                 self.__exit__()
@@ -99,8 +100,8 @@ class Mounted:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if os.path.ismount(self.mountpoint):
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True)
+        if mountinfo.is_mounted(self.mountpoint):
+            mountinfo.lazy_unmount(self.mountpoint)
 
 
 def check(source: str | None, target: str, *, platform: str | None = None, work_dir: str | None = None,

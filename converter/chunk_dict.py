@@ -94,8 +94,11 @@ class ChunkDict:
                     finally:
                         src.close()
                 else:
-                    with self.registry.client(self.reference) as client, \
-                            client.get_blob(self.reference.repository, info.id, info.compressed_size) as src:
+                    ref = self.reference
+                    if self.registry is None or ref is None:
+                        raise ConfigError(f"{what}: the dictionary has neither a layout nor a registry")
+                    with self.registry.client(ref) as client, \
+                            client.get_blob(ref.repository, info.id, info.compressed_size) as src:
                         shutil.copyfileobj(src, out, 1 << 20)
                         src.finish()
         except BaseException:

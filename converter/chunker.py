@@ -58,6 +58,7 @@ class ChunkPipeline:
 
     def _complete_one(self) -> None:
         fut, target, k = self._queue.popleft()
+        assert self.on_done is not None, "set on_done before submitting"
         self.on_done(fut.result(), target, k)
 
     def close(self) -> None:

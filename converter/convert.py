@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -16,14 +17,14 @@ from converter.target import Staging, write_image
 from nydus_py.errors import BlobNotFoundError, ConfigError
 from nydus_py.oci.layout import Descriptor
 from nydus_py.oci.reference import parse as parse_reference
+from nydus_py.storage.backend import BlobSink
 
 
 @dataclass(frozen=True)
 class BlobStore:
-    """Where data blobs go instead of the image (nydusify --backend-type): `backend` has
-    `put_blob(blob_id, path)` (storage/s3.py)."""
+    """Where data blobs go instead of the image (nydusify --backend-type)."""
     type: str
-    backend: object
+    backend: BlobSink
 
 
 @dataclass
@@ -134,6 +135,8 @@ def _build_into(image: SourceImage, target_dir: Path, tag: str | None, options: 
                     uncompressed_size=built.uncompressed_size if built else 0,
                     chunks=built.chunk_count if built else 0, seconds=time.monotonic() - t))
         result = builder.finish()
+        layout = staging.layout
+        assert layout is not None               # set while the Staging is entered
         if blob_store is not None:
             _store_dict_blobs(dicts, result, blob_store, staging.work_dir)
         elif copy_dict_blobs:
@@ -142,13 +145,13 @@ def _build_into(image: SourceImage, target_dir: Path, tag: str | None, options: 
                 # layout, another tag) keeps it at commit; otherwise copy it in, verified
                 if not staging.target_has_blob(info.id):
                     tmp = _owner(dicts, info.id).fetch_blob(info, staging.work_dir)
-                    staging.layout.adopt_file(tmp, info.id, info.compressed_size, "")
+                    layout.adopt_file(tmp, info.id, info.compressed_size, "")
         if blob_store is not None:
             for blob in result.blobs:
                 blob_store.backend.put_blob(blob.digest, blob.path)
                 if progress:
                     progress("pushed", blob.size)
-        manifest = write_image(staging.layout, result, image, chunk_size=options.chunk_size,
+        manifest = write_image(layout, result, image, chunk_size=options.chunk_size,
                                compressor=options.compressor,
                                external_blobs=blob_store.type if blob_store is not None else None)
         staging.commit(manifest, tag)
@@ -203,9 +206,11 @@ def _dict_blob_sources(dicts: Sequence[ChunkDict], result: BuildResult, target, 
                                         f"{chunk_dict.layout_dir}")
             out[info.id] = ExternalBlob(path)
             continue
-        same = chunk_dict.reference.api_host == target.api_host
-        out[info.id] = ExternalBlob(lambda info=info, d=chunk_dict: d.fetch_blob(info, tmp),
-                                    mount_from=(chunk_dict.reference.repository,) if same else ())
+        ref = chunk_dict.reference
+        assert ref is not None                  # no layout: a registry dictionary
+        same = ref.api_host == target.api_host
+        out[info.id] = ExternalBlob(functools.partial(chunk_dict.fetch_blob, info, tmp),
+                                    mount_from=(ref.repository,) if same else ())
     return out
 
 

@@ -7,7 +7,7 @@ stored again. Ids of the layer being written are provisional until its blob is f
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, MutableSequence
 
 
 class ChunkIndex:
@@ -37,7 +37,7 @@ class ChunkIndex:
         return len(self._ids)
 
 
-def remap_ids(lists: Iterable[list[int]], mapping: dict[int, int]) -> None:
+def remap_ids(lists: Iterable[MutableSequence[int]], mapping: dict[int, int]) -> None:
     for ids in lists:
         for k, cid in enumerate(ids):
             new = mapping.get(cid)

@@ -20,7 +20,8 @@ from nydus_py.oci import mediatypes as mt
 from nydus_py.oci.layout import Descriptor, OCILayout, canonical_json
 from nydus_py.oci.nydus_image import NYDUS_OS_FEATURE
 from nydus_py.oci.reference import Reference
-from nydus_py.oci.registry import RegistryClient
+from nydus_py.oci.registry import RegistryClient, RepositorySink
+from nydus_py.oci.upload import BlobSource
 
 Progress = Callable[[str, int], None]
 
@@ -30,7 +31,7 @@ class ExternalBlob:
     """A layer of the manifest that is not in the local layout (a chunk-dictionary blob):
     `src` is a file path, or a callable giving one, called only if the blob must be uploaded
     (after HEAD said absent and no cross-repository mount from `mount_from` worked)."""
-    src: object
+    src: BlobSource
     mount_from: tuple[str, ...] = ()
 
 
@@ -46,14 +47,14 @@ def push_converted(layout_dir: Path, manifest: Descriptor, target: Reference, cl
     repo = target.repository
 
     external = external or {}
+    sink = RepositorySink(client, repo)
 
     def push_one(desc: Descriptor) -> str:
         ext = external.get(desc.digest)
         if ext is not None:
             result = client.push_blob(repo, ext.src, desc.digest, desc.size, mount_from=ext.mount_from)
         else:
-            result = client.push_blob(repo, layout.blob_path(desc.digest), desc.digest, desc.size,
-                                      on_progress=None)
+            result = sink.put_blob(desc.digest, layout.blob_path(desc.digest))
         progress("pushed", desc.size)
         return result
 

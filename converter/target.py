@@ -45,6 +45,7 @@ class Staging:
         if not self.target.exists() or not any(self.target.iterdir()):
             if self.target.exists():
                 self.target.rmdir()
+            assert self.layout is not None, "commit() inside the with block"
             self.layout.tag(manifest, tag)
             os.rename(self.dir, self.target)
             return

@@ -43,6 +43,7 @@ The root starts as 0755 root:root mtime 0, like umoci's rootfs.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterator
 
 from converter import acl
@@ -83,9 +84,13 @@ class Inode:
         self.rdev = rdev
         self.target = target
         self.xattrs = {} if xattrs is None else xattrs
-        self.chunks: list[int] = []
+        self.chunks: list[int] | array[int] = []   # builder fills a u32 array
         self.layer = layer
         self.children: dict[bytes, Inode] | None = {} if kind is EntryKind.DIR else None
+
+    def entries(self) -> dict[bytes, Inode]:
+        """A directory's children (for callers that know it is one)."""
+        return _children(self)
 
     @classmethod
     def from_entry(cls, e: TarEntry, layer: int) -> Inode:

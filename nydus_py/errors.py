@@ -59,6 +59,7 @@ class FormatError(NydusError):
 
 class BackendError(NydusError):
     permanent = False
+    retry_after: float | None = None     # seconds the server asked us to wait (HTTP Retry-After)
 
 
 class BlobNotFoundError(BackendError):

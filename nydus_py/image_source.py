@@ -28,6 +28,7 @@ from nydus_py.oci.layout import Descriptor, OCILayout, json_object
 from nydus_py.oci.nydus_image import NydusLayers, find_layers
 from nydus_py.metrics import Metrics
 from nydus_py.config.schema import BackendConfig, LocalFsConfig
+from nydus_py.storage.backend import BlobBackend
 from nydus_py.storage.factory import make_backend
 
 OCI_PREFIX = "oci:"
@@ -50,7 +51,7 @@ class ImageOrigin:
 @dataclass
 class OpenedImage:
     bootstrap: Bootstrap
-    backend: object                 # a BlobBackend (storage/backend.py)
+    backend: BlobBackend
     description: str                # for log lines: "oci:/path:tag" or the bootstrap path
     origin: ImageOrigin = ImageOrigin()
     # data blobs the backend does not have: the mount goes ahead only if the chunk cache holds

@@ -10,8 +10,9 @@ Everything is thread-safe: the data path updates metrics from trio's thread and 
 threads. A metric is created on first use (`group.counter("read_count")`) and lives as long
 as its group, so hot paths keep a reference instead of looking names up per call.
 
-`snapshot()` gives plain dicts for the API (`/api/v1/metrics/backend` …); `render_prometheus()`
-gives the text exposition format, with names `nydus_<group>_<metric>`.
+`snapshot()` gives plain dicts for the API (`/api/v1/metrics/backend` …); prometheus.py's
+`text()` gives the Prometheus text format through prometheus_client (names
+`nydus_<group>_<metric>`, counters `_total`, latency histograms `_seconds`, `# HELP`).
 """
 
 from __future__ import annotations
@@ -127,25 +128,10 @@ class MetricGroup:
             items = sorted(self._metrics.items())
         return {k: (m.snapshot() if isinstance(m, Histogram) else m.value) for k, m in items}
 
-    def render_prometheus(self, prefix: str = "nydus") -> str:
-        lines = []
+    def items(self) -> list[tuple[str, Counter | Histogram]]:
         with self._lock:
-            items = sorted(self._metrics.items())
-        for k, m in items:
-            full = f"{prefix}_{self.name}_{k}"
-            if isinstance(m, Histogram):
-                snap = m.snapshot()
-                lines.append(f"# TYPE {full} histogram")
-                cum = 0
-                for le, c in zip(snap["le"], snap["counts"]):
-                    cum += c
-                    lines.append(f'{full}_bucket{{le="{le}"}} {cum}')
-                lines.append(f"{full}_sum {snap['sum']}")
-                lines.append(f"{full}_count {snap['count']}")
-            else:
-                lines.append(f"# TYPE {full} {'gauge' if isinstance(m, Gauge) else 'counter'}")
-                lines.append(f"{full} {m.value}")
-        return "\n".join(lines) + ("\n" if lines else "")
+            return sorted(self._metrics.items())
+
 
 
 class Metrics:
@@ -180,7 +166,6 @@ class Metrics:
             groups = list(self._groups.values())
         return {g.name: g.snapshot() for g in groups}
 
-    def render_prometheus(self, prefix: str = "nydus") -> str:
+    def groups(self) -> list[MetricGroup]:
         with self._lock:
-            groups = list(self._groups.values())
-        return "".join(g.render_prometheus(prefix) for g in groups)
+            return list(self._groups.values())

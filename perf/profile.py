@@ -19,8 +19,6 @@ image has no xattrs (the kernel then stops asking, e.g. for ls -l's ACL probe).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import subprocess
 import sys

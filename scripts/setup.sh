@@ -4,7 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 APT_PKGS=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv umoci busybox-static skopeo docker-registry zstd
           golang-go golang-github-containerd-containerd-dev
-          containerd runc stargz-snapshotter curl patch)
+          containerd runc stargz-snapshotter curl patch
+          systemd)   # systemd: systemd-analyze verify checks misc/systemd units in the tests
 missing=()
 for p in "${APT_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then

@@ -218,6 +218,6 @@ class FromDict:
     """`Cls.from_dict(value, where)`: the one parser, for dataclasses that want the shorthand."""
 
     @classmethod
-    def from_dict(cls, value: object, where: str = "", *,  # type: ignore[misc]
+    def from_dict(cls, value: object, where: str = "", *,
                   warnings: list[str] | None = None) -> typing.Self:
         return build(cls, value, where, warnings=warnings)

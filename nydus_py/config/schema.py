@@ -21,6 +21,7 @@ from nydus_py.config.parse import (
     split_host,
 )
 from nydus_py.errors import ConfigError
+from nydus_py.retry import DEFAULT_BACKOFF, DEFAULT_LIMIT
 
 SCHEMES = ("http", "https")
 _POSITIVE = {"gt": 0}
@@ -183,8 +184,8 @@ class BackendConfig:
     localfs: LocalFsConfig | None = None
     registry: RegistryBackendConfig | None = None
     s3: S3BackendConfig | None = None
-    retry_limit: int = 2          # extra attempts after a transient error (in `config`, as nydusd)
-    retry_backoff: float = 0.1    # seconds before the first retry; doubles each time
+    retry_limit: int = DEFAULT_LIMIT        # extra attempts after a transient error (in `config`, as nydusd)
+    retry_backoff: float = DEFAULT_BACKOFF  # seconds before the first retry; doubles each time (retry.py)
 
     @property
     def settings(self) -> LocalFsConfig | RegistryBackendConfig | S3BackendConfig | None:
@@ -225,8 +226,8 @@ class BackendConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class _Retry:
-    retry_limit: int = field(default=2, metadata={"min": 0})
-    retry_backoff: float = field(default=0.1, metadata={"min": 0})
+    retry_limit: int = field(default=DEFAULT_LIMIT, metadata={"min": 0})
+    retry_backoff: float = field(default=DEFAULT_BACKOFF, metadata={"min": 0})
 
 
 # -- cache, prefetch, daemon --------------------------------------------------------------------
@@ -298,3 +299,97 @@ class DaemonConfig(FromDict):
     learned_prefetch: LearnedPrefetchConfig = field(default_factory=LearnedPrefetchConfig)
     # warnings met while parsing (Nydus keys nydus-py does not implement); not a config key
     warnings: tuple[str, ...] = field(default=(), compare=False, metadata={"internal": True})
+
+
+# -- nydus-snapshotter's config.toml (snapshotter/config.py maps it onto the flags) ---------------
+# Key names are Nydus snapshotter's (misc/snapshotter/config.toml); "" means "not set" (the
+# flag's default applies). Sections and keys Nydus has but nydus-py does not: UNIMPLEMENTED.
+DAEMON_MODE_ALIASES = {"dedicated": "dedicated", "multiple": "dedicated", "shared": "shared"}
+RECOVER_POLICIES = ("restart", "failover", "none")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DaemonSection:
+    nydusd_config: str = ""            # nydusd JSON template applied to every daemon
+    nydusd_path: str = ""
+    recover_policy: str = field(default="", metadata={"choices": RECOVER_POLICIES, "empty_is_none": True})
+    fs_driver: str = field(default="fusedev", metadata={"choices": ("fusedev",)})   # the only one nydus-py has
+
+    UNIMPLEMENTED: ClassVar[dict[str, str]] = {
+        "nydusimage_path": "nydus-py needs no nydus-image binary",
+        "threads_number": "nydusd's concurrency is set by amplify_io / fs_prefetch in the template",
+        "log_rotation_size": "no log rotation; use logrotate with copytruncate",
+        "failover_policy": "no FUSE request resend/flush policy",
+    }
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogSection:
+    level: str = field(default="", metadata={"choices": LOG_LEVELS + ("warn", "trace"), "empty_is_none": True})
+    dir: str = ""
+    log_to_stdout: bool = False
+    UNIMPLEMENTED: ClassVar[dict[str, str]] = {
+        k: "no log rotation; use logrotate with copytruncate"
+        for k in ("log_rotation_compress", "log_rotation_local_time", "log_rotation_max_age",
+                  "log_rotation_max_backups", "log_rotation_max_size")}
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetricsSection:
+    address: str = ""                  # host:port for Prometheus; "" = no TCP listener
+
+    UNIMPLEMENTED: ClassVar[dict[str, str]] = {
+        "hung_io_interval": "no hung-I/O detector",
+        "collect_interval": "metrics are read from the daemons on each scrape",
+    }
+
+
+@dataclass(frozen=True, kw_only=True)
+class MirrorsConfigSection:
+    dir: str = ""                      # containerd-style <dir>/<host>/hosts.toml
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuthSection:
+    enable_cri_keychain: bool = False  # serve CRI's ImageService on `address`, keep PullImage's auth
+    image_service_address: str = ""    # containerd's CRI socket the proxy forwards to
+
+    UNIMPLEMENTED: ClassVar[dict[str, str]] = {
+        k: "only the CRI keychain (and IMAGE_PULL_AUTH / the docker config) provide credentials"
+        for k in ("enable_kubeconfig_keychain", "kubeconfig_path", "enable_kubelet_credential_providers",
+                  "credential_provider_config", "credential_provider_bin_dir", "credential_renewal_interval")}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RemoteSection:
+    skip_ssl_verify: bool = False
+    mirrors_config: MirrorsConfigSection = field(default_factory=MirrorsConfigSection)
+    auth: AuthSection = field(default_factory=AuthSection)
+
+    UNIMPLEMENTED: ClassVar[dict[str, str]] = {
+        "convert_vpc_registry": "no VPC registry rewriting",
+    }
+
+
+@dataclass(frozen=True, kw_only=True)
+class SnapshotterConfig:
+    version: int = 1
+    root: str = ""
+    address: str = ""
+    daemon_mode: str = field(default="", metadata={"choices": tuple(DAEMON_MODE_ALIASES), "empty_is_none": True})
+    daemon: DaemonSection = field(default_factory=DaemonSection)
+    log: LogSection = field(default_factory=LogSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    remote: RemoteSection = field(default_factory=RemoteSection)
+
+    UNIMPLEMENTED: ClassVar[dict[str, str]] = {
+        "cleanup_on_close": "daemons always outlive the snapshotter; Cleanup frees unused ones",
+        "uid": "the socket is root-only (0600)", "gid": "the socket is root-only (0600)",
+        "system": "no system controller socket; nydusd's API sockets serve the same data",
+        "snapshot": "plain overlayfs mounts only (no nydus-overlayfs, kata volumes)",
+        "cache_manager": "caches live under root and are freed with their images",
+        "image": "no image signature validation",
+        "cgroup": "use the systemd unit's resource limits",
+        "experimental": "no stargz/tarfs/referrer detection",
+    }

@@ -43,13 +43,19 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
-from importlib import metadata
-from typing import Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable, Protocol
 
 import h11
 import trio
 
 from nydus_py.errors import ConfigError
+
+if TYPE_CHECKING:
+    from nydus_py.daemon.learned import LearnedPrefetch
+    from nydus_py.daemon.takeover import Handoff
+    from nydus_py.fs.vfs import Vfs
+    from nydus_py.io.prefetch import Prefetcher
+    from nydus_py.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +68,13 @@ REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 404: "Not Found",
 
 
 def version() -> str:
-    try:
-        return metadata.version("nydus-py")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    from nydus_py import __version__
+    return __version__
 
 
 def version_info() -> dict:
     return {"package_ver": version(), "implementation": "nydus-py",
-            "python": platform.python_version(), "profile": "release"}
+            "python": platform.python_version()}
 
 
 @dataclass
@@ -386,12 +390,22 @@ def get_json(sock_path: str, target: str, method: str = "GET", body: object = No
 
 
 # -- the endpoints of one mount -------------------------------------------------------------------
+class ServedFilesystem(Protocol):
+    """What DaemonApi reports on (daemon/mount.py's Filesystem)."""
+    vfs: Vfs
+    metrics: Metrics
+    description: str
+    cache_dir: str
+    backend_type: str
+
+
 class DaemonApi:
     """Routes for a daemon serving one mount. `fs` is mount.Filesystem; `stop()` ends it."""
 
-    def __init__(self, *, daemon_id: str, mountpoint: str, fs, stop: Callable[[], None],
-                 prefetcher=None, access_pattern: bool = False, iostats_files: bool = False,
-                 backend_config=None, learned=None, handoff=None):
+    def __init__(self, *, daemon_id: str, mountpoint: str, fs: ServedFilesystem, stop: Callable[[], None],
+                 prefetcher: Prefetcher | None = None, access_pattern: bool = False,
+                 iostats_files: bool = False, backend_config=None, learned: LearnedPrefetch | None = None,
+                 handoff: Handoff | None = None):
         self.backend_config = backend_config
         self.events = event_log()
         self.id = daemon_id
@@ -417,17 +431,16 @@ class DaemonApi:
         return {"id": self.id,
                 "files_account_enabled": self.iostats_files,
                 "access_pattern_enabled": self.access_pattern,
-                "measure_latency": True,
+                "measure_latency": True,      # every read's latency is measured (read_latency)
                 "data_read": fs.get("read_bytes", 0),
                 "fop_hits": {"read": fs.get("read_count", 0)},
                 "fop_errors": {"read": fs.get("read_errors", 0)},
                 "read_latency": fs.get("read_latency"),
-                "nr_opens": 0,
                 **fs}
 
     def backend_metrics(self) -> dict:
         b = self.fs.metrics.backend.snapshot()
-        return {"id": self.id, "backend_type": getattr(self.fs, "backend_type", ""),
+        return {"id": self.id, "backend_type": self.fs.backend_type,
                 "read_count": b.get("read_count", 0), "read_errors": b.get("read_errors", 0),
                 "read_amount_total": b.get("read_amount_total", 0), **b}
 
@@ -482,18 +495,18 @@ class DaemonApi:
             return json_response(self.learned.status() if self.learned is not None
                                  else {"enable": False})
         if route == ("PUT", "/api/v1/prefetch/push"):
-            if self.learned is None or self.learned.recorder is None:
+            learned = self.learned
+            if learned is None or learned.recorder is None:
                 raise ApiError(400, "Disabled", "learned prefetch recording is off")
-            return json_response(await trio.to_thread.run_sync(
-                lambda: self.learned.finish(push=True)))
+            return json_response(await trio.to_thread.run_sync(lambda: learned.finish(push=True)))
         if route == ("PUT", "/api/v1/daemon/exit"):
             self.state = "STOPPING"
             return Response(204, after=self.stop)
         if route in (("PUT", "/api/v1/daemon/fuse/sendfd"), ("PUT", "/api/v1/daemon/fuse/takeover")):
             return await self._fuse_handoff(route[1])
         if route == ("GET", "/metrics"):
-            return Response(200, self.fs.metrics.render_prometheus().encode(),
-                            "text/plain; version=0.0.4")
+            from nydus_py.prometheus import CONTENT_TYPE, text
+            return Response(200, text(self.fs.metrics).encode(), CONTENT_TYPE)
         if req.path.startswith("/api/v1/mount"):
             raise ApiError(501, "NotSupported", "this daemon serves one mount; run `nydusd serve` "
                            "to mount several images from one daemon")

@@ -31,16 +31,14 @@ import sys
 
 from nydus_py import config as config_mod
 from nydus_py.daemon.mount import MountRequest, mount
+from nydus_py.daemon.procutil import EXIT_ERROR, _error, _read_all, _remove_pid, _setup_logging, _write_pid
 from nydus_py.errors import ConfigError, NydusError
 
 log = logging.getLogger("nydusd")
 
-EXIT_ERROR = 1
-
 
 def _version() -> str:
-    # not importlib.metadata: importing it costs ~55 ms of every mount's start-up
-    from nydus_py import __version__
+    from nydus_py import __version__      # not importlib.metadata: ~55 ms of every start-up
     return __version__
 
 
@@ -113,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--failover", action="store_true",
                    help="every mount keeps its FUSE session in a supervisor (mount --failover): "
                         "a dead mount daemon is replaced on the same mount; SIGHUP = hot upgrade")
+    s.add_argument("--metrics-address", metavar="HOST:PORT",
+                   help="also serve GET /metrics (Prometheus, every mount) over TCP here")
     s.add_argument("--log-file", metavar="FILE")
     s.add_argument("--log-level", default="info",
                    choices=["trace", "debug", "info", "warn", "warning", "error"])
@@ -208,24 +208,6 @@ def _nydus_form(argv: list[str]) -> argparse.Namespace:
         supervisor=None, upgrade=False, failover=False)
 
 
-def _setup_logging(level: str, log_file: str | None) -> None:
-    level = {"trace": "DEBUG", "warn": "WARNING"}.get(level, level.upper())
-    if log_file:  # 0600 whatever the umask (logs name files and images)
-        try:
-            os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
-        except OSError:
-            pass        # FileHandler reports it
-    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    setattr(handler, "_nydusd", True)  # noqa: B010  (replace only our own handler if called again)
-    root = logging.getLogger()
-    for h in [h for h in root.handlers if getattr(h, "_nydusd", False)]:
-        root.removeHandler(h)
-    root.addHandler(handler)
-    root.setLevel(level)
-    logging.getLogger("pyfuse3").setLevel(max(logging.getLevelName(level), logging.INFO))
-
-
 def _size(text: str | None, what: str) -> int | None:
     from nydus_py.config import parse_size
     if text is None:
@@ -282,11 +264,6 @@ def _request(args) -> MountRequest:
                         upgrade=args.upgrade)
 
 
-def _error(msg: str) -> int:
-    print(f"nydusd: error: {msg}", file=sys.stderr, flush=True)
-    return EXIT_ERROR
-
-
 def _cache_gc(args) -> int:
     import json
 
@@ -310,7 +287,8 @@ def _serve(args) -> int:
                          cache_dir=args.cache_dir,
                          cache_max_size=_size(args.cache_max_size, "--cache-max-size"),
                          state_dir=args.state_dir, log_level=args.log_level,
-                         failover=args.failover)
+                         failover=args.failover, metrics_address=args.metrics_address,
+                         mount_entry=main)
         sup.run()
     except NydusError as e:
         return _error(str(e))
@@ -353,7 +331,7 @@ def _run_mount(args: argparse.Namespace, argv: list[str]) -> int:
         return _error(str(e))
     if args.failover:
         from nydus_py.daemon.failover_cli import run_failover
-        return run_failover(req, args, argv)
+        return run_failover(req, args, argv, build_parser())
     if args.daemon:
         return _daemonize(req, args)
     _setup_logging(args.log_level, args.log_file)
@@ -367,19 +345,6 @@ def _run_mount(args: argparse.Namespace, argv: list[str]) -> int:
     finally:
         _remove_pid(pid_file)
     return 0
-
-
-def _write_pid(pid_file: str) -> None:
-    with open(pid_file, "w") as f:
-        f.write(f"{os.getpid()}\n")
-
-
-def _remove_pid(pid_file: str | None) -> None:
-    if pid_file:
-        try:
-            os.unlink(pid_file)
-        except OSError:
-            pass
 
 
 def _daemonize(req: MountRequest, args) -> int:
@@ -402,13 +367,6 @@ def _daemonize(req: MountRequest, args) -> int:
     os.close(r)
     code = _daemon_child(req, args, w, pid_file, log_file)
     os._exit(code)
-
-
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 4096):
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _daemon_child(req: MountRequest, args, w: int, pid_file: str | None, log_file: str | None) -> int:

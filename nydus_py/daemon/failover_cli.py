@@ -12,6 +12,7 @@ import os
 import sys
 
 from nydus_py.daemon.mount import MountRequest
+from nydus_py.daemon.procutil import _error, _read_all, _remove_pid, _setup_logging, _write_pid
 
 log = logging.getLogger("nydusd")
 
@@ -40,18 +41,9 @@ def child_argv(parser, argv: list[str], upgrade: bool) -> list[str]:
     return [sys.executable, "-m", "nydus_py.daemon.cli", *out] + (["--upgrade"] if upgrade else [])
 
 
-def run_failover(req: MountRequest, args, argv: list[str]) -> int:
-    from nydus_py.daemon.cli import (
-        _error,
-        _read_all,
-        _remove_pid,
-        _setup_logging,
-        _write_pid,
-        build_parser,
-    )
+def run_failover(req: MountRequest, args, argv: list[str], parser) -> int:
+    """`parser` is nydusd's (the CLI hands it in: this module imports no CLI)."""
     from nydus_py.daemon.fdsupervisor import FdSupervisor
-
-    parser = build_parser()
     pid_file = os.path.abspath(args.pid_file) if args.pid_file else None
     log_file = os.path.abspath(args.log_file) if args.log_file else None
     mountpoint = os.path.realpath(req.mountpoint)

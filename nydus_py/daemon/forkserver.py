@@ -5,7 +5,8 @@ the interpreter and imports (trio and pyfuse3 alone ~0.15 s) before the bootstra
 opened. pyfuse3 keeps its FUSE session in module globals (one mount per process), so mounts
 cannot be served in the supervisor itself; instead the supervisor forks this server once, at
 start-up, before trio or any thread exists. The server imports everything a mount needs and
-then, per request, forks a child that runs `cli.main(argv)`: the child starts with every
+then, per request, forks a child that runs the entry point it was started with (`nydusd`'s
+`main(argv)`, handed in by the CLI so that this module imports no CLI): the child starts with every
 module already imported, so mount-ready is bootstrap load + FUSE INIT.
 
 Why a separate process and not `os.fork()` in the supervisor: the supervisor runs trio, with
@@ -35,7 +36,7 @@ import select
 import signal
 import socket
 import sys
-from typing import cast
+from typing import Callable, cast
 
 import trio
 
@@ -64,7 +65,10 @@ def die_with_parent(name: bytes | None = None) -> None:
         log.debug("prctl: %s", e)
 
 
-def start() -> tuple[socket.socket, int]:
+Entry = Callable[[list[str]], int]       # what a forked child runs: main(argv) -> exit code
+
+
+def start(entry: Entry) -> tuple[socket.socket, int]:
     """Forks the server; returns (the supervisor's end of the socket, the server's pid).
     Call before any thread exists."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -79,14 +83,14 @@ def start() -> tuple[socket.socket, int]:
     try:
         parent.close()
         die_with_parent(b"nydusd-forksrv")
-        code = _serve(child)
+        code = _serve(child, entry)
     except BaseException:
         log.exception("fork server failed")
     finally:
         os._exit(code)
 
 
-def _serve(sock: socket.socket) -> int:
+def _serve(sock: socket.socket, entry: Entry) -> int:
     import importlib
     for name in PRELOAD:
         try:
@@ -115,7 +119,7 @@ def _serve(sock: socket.socket) -> int:
                 return 0
             if not msg:             # supervisor gone: our children get SIGTERM as we exit
                 return 0
-            reply = _fork_child(msg, fds, sock, (wake_r, wake_w))
+            reply = _fork_child(msg, fds, sock, (wake_r, wake_w), entry)
             for fd in fds:
                 os.close(fd)
             if "pid" in reply:
@@ -149,7 +153,8 @@ def _returncode(status: int) -> int:
     return os.WEXITSTATUS(status)
 
 
-def _fork_child(msg: bytes, fds: list[int], sock: socket.socket, wake: tuple[int, int]) -> dict:
+def _fork_child(msg: bytes, fds: list[int], sock: socket.socket, wake: tuple[int, int],
+                entry: Entry) -> dict:
     try:
         req = json.loads(msg)
         rid, argv = req["id"], req["argv"]
@@ -181,8 +186,7 @@ def _fork_child(msg: bytes, fds: list[int], sock: socket.socket, wake: tuple[int
         for h in list(root.handlers):   # the supervisor's log file is not the child's
             root.removeHandler(h)
             h.close()
-        from nydus_py.daemon import cli
-        code = cli.main(argv)
+        code = entry(argv)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:
@@ -256,8 +260,8 @@ class ForkServer:
         self._send_lock = trio.Lock()
 
     @classmethod
-    def start(cls) -> ForkServer:
-        return cls(*start())
+    def start(cls, entry: Entry) -> ForkServer:
+        return cls(*start(entry))
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()

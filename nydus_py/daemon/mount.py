@@ -26,19 +26,18 @@ import contextlib
 import errno
 import logging
 import os
-import shutil
 import signal
 import stat
-import subprocess
 import tempfile
-import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import pyfuse3
 import trio
 
+from nydus_py import mountinfo
 from nydus_py.config.schema import DaemonConfig
+from nydus_py.daemon.watchdog import MOUNT_GRACE, StopWatchdog
 from nydus_py.errors import ConfigError, NydusError
 from nydus_py.fs.ops import NydusOperations
 from nydus_py.fs.vfs import Vfs
@@ -46,13 +45,15 @@ from nydus_py.metrics import Metrics
 
 if TYPE_CHECKING:
     from nydus_py.daemon.learned import LearnedPrefetch
+    from nydus_py.io.prefetch import Prefetcher
+    from nydus_py.io.reader import FileReader      # imported when mounting (start-up cost)
 
 log = logging.getLogger(__name__)
 
 FSNAME = "nydus-py"
 PUSH_TIMEOUT_AT_EXIT = 10.0     # seconds per registry request for a learned list at unmount
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-STOP_GRACE = 5.0        # seconds from a stop signal (or external unmount) to a forced exit
+STOP_GRACE = MOUNT_GRACE  # seconds from a stop signal (or external unmount) to a forced exit
 
 
 class MountError(NydusError):
@@ -92,20 +93,10 @@ def fuse_options(req: MountRequest) -> set[str]:
 
 
 def mount_fstype(path: str) -> str | None:
-    """The filesystem type mounted at `path` (the top of a stack), from /proc/self/mountinfo.
-    Unlike os.path.ismount this never stats the path, which a dead FUSE mount may answer from
-    the kernel's attribute cache (or a hung one never answer)."""
-    found = None
-    try:
-        with open("/proc/self/mountinfo", "rb") as f:
-            for line in f:
-                left, _, right = line.partition(b" - ")
-                mnt = left.split()[4].decode("unicode_escape", "replace")
-                if mnt == path:
-                    found = right.split()[0].decode()
-    except OSError:
-        return None
-    return found
+    """The filesystem type mounted at `path` (the top of a stack), or None (nydus_py/mountinfo.py:
+    never stats the path, which a dead FUSE mount may answer from the attribute cache)."""
+    e = mountinfo.find(path)
+    return e.fstype if e is not None else None
 
 
 def is_stale(path: str) -> bool:
@@ -128,7 +119,7 @@ def prepare_mountpoint(path: str) -> str:
             raise ConfigError(f"{path}: something is already mounted there ({fstype})")
         log.warning("%s: stale FUSE mount (Transport endpoint is not connected); "
                     "clearing it with fusermount3 -u -z", path)
-        lazy_unmount(path)
+        mountinfo.lazy_unmount(path)
         if mount_fstype(path) is not None:
             raise MountError(f"{path}: stale FUSE mount could not be cleared")
     try:
@@ -142,25 +133,13 @@ def prepare_mountpoint(path: str) -> str:
     return path
 
 
-def lazy_unmount(path: str) -> bool:
-    """`fusermount3 -u -z`, falling back to umount2(MNT_DETACH) via umount -l. True if done."""
-    for cmd in (["fusermount3", "-u", "-z", path], ["umount", "-l", path]):
-        if shutil.which(cmd[0]) is None:
-            continue
-        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-        if r.returncode == 0:
-            return True
-        log.debug("%s: %s", " ".join(cmd), r.stderr.strip())
-    return False
-
-
 @dataclass
 class Filesystem:
     vfs: Vfs
     ops: NydusOperations
     metrics: Metrics
     description: str
-    reader: object = None
+    reader: FileReader | None = None
     cache_dir: str = ""
     backend_type: str = ""
     learned: LearnedPrefetch | None = None   # None when learned_prefetch is all off
@@ -277,12 +256,24 @@ def serve(ops: pyfuse3.Operations, mountpoint: str, options: set[str], *,
         except RuntimeError as e:
             raise MountError(f"{mountpoint}: FUSE mount failed ({e}); "
                              "is /dev/fuse available and are you allowed to mount?") from None
-        watchdog = _StopWatchdog(mountpoint, STOP_GRACE, handoff)
+
+        def detach() -> list[str]:
+            # a session handed to a successor is never detached: it is the new daemon's now
+            return [] if handoff is not None and handoff.handed_over else [mountpoint]
+
+        def before_exit() -> None:
+            if handoff is not None and handoff.handed_over:
+                log.error("shutdown after a handover did not finish within %.0f s (threads stuck "
+                          "in the backend?): %s stays with the new daemon", STOP_GRACE, mountpoint)
+                handoff.release()
+
+        watchdog = StopWatchdog(detach, STOP_GRACE, before_exit=before_exit)
 
         def stopping() -> None:
             if handoff is not None:     # handed over: the successor may start right now
                 handoff.release()
             watchdog.arm()
+
         try:
             trio.run(_main, old_mask, on_ready, max_tasks, services, stopping)
         finally:
@@ -329,47 +320,6 @@ async def _stop_on_signal(signals, stopping=None) -> None:
         return
 
 
-class _StopWatchdog:
-    """Once stopping, the process ends within `grace` seconds whatever is in flight.
-
-    Cancelling trio tasks does not interrupt a worker thread: a read or a prefetch stuck in a
-    backend that never answers (a hung NFS blob dir, a registry that stops sending) would keep
-    trio.run, and so the daemon and its mount, alive forever after SIGTERM. `arm()` (on a stop
-    signal or an external unmount) starts a timer thread that detaches the mount
-    (`fusermount3 -u -z`: the kernel fails the stuck requests) and exits with status 1;
-    `cancel()` (the normal end of serve) stops it."""
-
-    def __init__(self, mountpoint: str, grace: float, handoff=None):
-        self.mountpoint = mountpoint
-        self.grace = grace
-        self.handoff = handoff      # a session handed to a successor is never detached
-        self._timer: threading.Timer | None = None
-
-    def arm(self) -> None:
-        if self._timer is None:
-            self._timer = threading.Timer(self.grace, self._fire)
-            self._timer.daemon = True
-            self._timer.start()
-
-    def cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-
-    def _fire(self) -> None:
-        if self.handoff is not None and self.handoff.handed_over:
-            log.error("shutdown after a handover did not finish within %.0f s (threads stuck in "
-                      "the backend?): exiting; %s stays with the new daemon", self.grace,
-                      self.mountpoint)
-            self.handoff.release()
-            logging.shutdown()
-            os._exit(1)
-        log.error("shutdown did not finish within %.0f s (requests stuck in the backend?): "
-                  "detaching %s and exiting", self.grace, self.mountpoint)
-        lazy_unmount(self.mountpoint)
-        logging.shutdown()
-        os._exit(1)
-
-
 def mount(req: MountRequest, *, on_ready: Callable[[], None] | None = None) -> None:
     """The whole lifecycle; returns after a clean unmount, raises NydusError on bad input."""
     with contextlib.ExitStack() as stack:
@@ -414,17 +364,15 @@ def set_readahead(mountpoint: str, kb: int) -> None:
     if kb <= 0:
         return
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            devs = [line.split()[2] for line in f
-                    if line.split()[4] == mountpoint.replace(" ", "\\040")]
-        if devs:
-            with open(f"/sys/class/bdi/{devs[-1]}/read_ahead_kb", "w") as f:
+        e = mountinfo.find(mountpoint)
+        if e is not None:
+            with open(f"/sys/class/bdi/{e.device}/read_ahead_kb", "w") as f:
                 f.write(str(kb))
     except OSError as e:  # not fatal: reads work, in smaller requests
         log.warning("cannot set readahead of %s to %d KiB: %s", mountpoint, kb, e)
 
 
-def make_prefetcher(req: MountRequest, fs: Filesystem):
+def make_prefetcher(req: MountRequest, fs: Filesystem) -> Prefetcher | None:
     """The background prefetcher, or None when there is nothing to prefetch (module
     docstring of io/prefetch.py; enabled by fs_prefetch.enable, --prefetch-files, a
     prefetch list in the bootstrap unless --no-prefetch, or learned_prefetch.enable)."""
@@ -433,7 +381,8 @@ def make_prefetcher(req: MountRequest, fs: Filesystem):
     pf = req.config.fs_prefetch
     bs = fs.vfs.bootstrap
     learned = fs.learned.find_async if fs.learned is not None and fs.learned.enable else None
-    if not (pf.enable or req.prefetch_files or (bs.prefetch and not req.no_prefetch) or learned):
+    if fs.reader is None or not (pf.enable or req.prefetch_files or (bs.prefetch and not req.no_prefetch)
+                                 or learned):
         return None
     return Prefetcher(fs.reader, bs, threads_count=pf.threads_count, merging_size=pf.merging_size,
                       bandwidth_rate=pf.bandwidth_rate, prefetch_all=pf.prefetch_all and pf.enable,

@@ -42,19 +42,28 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import trio
 
+from nydus_py import prometheus
 from nydus_py.cache import safedir
 from nydus_py.daemon import api as api_mod
 from nydus_py.daemon import forkserver
 from nydus_py.daemon.api import ApiError, Request, Response, json_response
+from nydus_py.daemon.watchdog import MOUNT_GRACE, StopWatchdog
 from nydus_py.errors import ConfigError
+
+if TYPE_CHECKING:
+    from nydus_py.daemon.fdsupervisor import AdoptedProcess
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
+# From SIGTERM (or PUT /api/v1/daemon/exit) to a forced exit: each mount child first gets its
+# own grace to stop (it bounds itself the same way), then we kill what is left and detach it.
+STOP_GRACE = MOUNT_GRACE + 3.0
 RESTART_LIMIT = 3
 PR_SET_PDEATHSIG = 1
 
@@ -114,7 +123,7 @@ class Child:
     log_file: str
     err_file: str
     source: str
-    proc: _ChildProcess | forkserver.ForkedChild | None = None
+    proc: _ChildProcess | forkserver.ForkedChild | AdoptedProcess | None = None
     state: str = "STARTING"       # STARTING, RUNNING, RESTARTING, STOPPING, FAILED
     restarts: int = 0
     started: float = field(default_factory=time.time)
@@ -130,10 +139,20 @@ class Child:
 class Supervisor:
     def __init__(self, *, apisock: str, daemon_id: str = "", cache_dir: str | None = None,
                  cache_max_size: int | None = None, state_dir: str | None = None,
-                 log_level: str = "info", failover: bool = False):
+                 log_level: str = "info", failover: bool = False,
+                 metrics_address: str | None = None, mount_entry: forkserver.Entry | None = None):
+        """`mount_entry` is `nydusd`'s main(argv), run by forked mount children (the CLI hands
+        it in: this module imports no CLI); None starts every child as a new process.
+        Failover children are never forked (see _start_process)."""
         api_mod.claim_socket_path(apisock)      # a live daemon's socket is never taken over
         self.apisock = apisock
         self.failover = failover      # each mount child keeps its FUSE fd (daemon/takeover.py)
+        self.metrics_address = metrics_address
+        if metrics_address:
+            try:
+                prometheus.split_address(metrics_address)     # a bad address fails before any fork
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         self.id = daemon_id or f"nydusd-{os.getpid()}"
         self.cache_max_size = cache_max_size
         self._own_state = state_dir is None
@@ -147,20 +166,28 @@ class Supervisor:
         self.state = "RUNNING"
         self.started = time.time()
         self._seq = 0
-        self._exit = None
-        self._nursery = None
+        self._exit = trio.Event()
+        self._nursery: trio.Nursery | None = None
         # Mount children are forked from a pre-imported process (daemon/forkserver.py) unless
         # NYDUS_PY_NO_FORKSERVER=1; they start ~0.2 s sooner than a new interpreter.
-        self.use_forkserver = os.environ.get("NYDUS_PY_NO_FORKSERVER", "") != "1"
+        self._mount_entry = mount_entry
+        self.use_forkserver = (mount_entry is not None
+                               and os.environ.get("NYDUS_PY_NO_FORKSERVER", "") != "1")
         self._forkserver: forkserver.ForkServer | None = None
+        self._metrics_server: Any = None
+        self._watchdog = StopWatchdog(lambda: list(self.mounts), STOP_GRACE, before_exit=self._kill_children)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def run(self) -> None:
         try:
-            if self.use_forkserver:     # before trio: the server must be forked thread-free
-                self._forkserver = forkserver.ForkServer.start()
+            if self.use_forkserver and self._mount_entry is not None:
+                # before trio: the server must be forked thread-free
+                self._forkserver = forkserver.ForkServer.start(self._mount_entry)
             trio.run(self._main)
         finally:
+            if self._metrics_server is not None:
+                self._metrics_server.shutdown()
+                self._metrics_server.server_close()
             if self._forkserver is not None:
                 self._forkserver.close()
                 try:
@@ -169,8 +196,31 @@ class Supervisor:
                     pass
             if self._own_state:
                 shutil.rmtree(self.state_dir, ignore_errors=True)
+            self._watchdog.cancel()
+
+    def _kill_children(self) -> None:
+        """The watchdog's last step (its thread): SIGKILL what is still running."""
+        for child in list(self.mounts.values()):
+            proc = child.proc
+            if proc is not None and proc.returncode is None:
+                try:
+                    proc.kill()
+                except OSError:
+                    pass
+
+    def _serve_metrics(self) -> None:
+        """The TCP listener (a thread): started inside trio.run, after the fork server exists,
+        which must be forked while the process has no thread."""
+        if not self.metrics_address:
+            return
+        try:
+            self._metrics_server = prometheus.serve_tcp(self.metrics_address, self.collect_metrics)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"--metrics-address {self.metrics_address}: {e}") from None
+        log.info("Prometheus metrics on http://%s/metrics", self.metrics_address)
 
     async def _main(self) -> None:
+        self._serve_metrics()
         self._exit = trio.Event()
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
@@ -183,6 +233,9 @@ class Supervisor:
                 nursery.start_soon(self._signals, signals)
                 await self._exit.wait()
                 self.state = "STOPPING"
+                # a child that ignores SIGTERM or cannot exit (stopped, stuck in the kernel)
+                # would keep _stop_child, and so us, waiting STOP_TIMEOUT or forever
+                self._watchdog.arm()
                 async with trio.open_nursery() as stops:
                     for child in list(self.mounts.values()):
                         stops.start_soon(self._stop_child, child)
@@ -206,7 +259,7 @@ class Supervisor:
             return
 
     # -- children -------------------------------------------------------------------------------
-    def _argv(self, mountpoint: str, body: dict, n: int) -> tuple[list[str], str]:
+    def _argv(self, mountpoint: str, body: object, n: int) -> tuple[list[str], str]:
         if not isinstance(body, dict):
             raise ApiError(400, "BadRequest", "body must be a JSON object")
         unknown = set(body) - {"source", "bootstrap", "blob_dir", "config", "prefetch_files", "fs_type"}
@@ -270,6 +323,7 @@ class Supervisor:
         finally:
             err.close()
         child.exited = trio.Event()
+        assert self._nursery is not None          # set by _main before the API serves
         self._nursery.start_soon(self._watch, child, child.proc)
         deadline = trio.current_time() + READY_TIMEOUT
         while trio.current_time() < deadline:
@@ -311,7 +365,8 @@ class Supervisor:
         msg = lines[-1].removeprefix("nydusd: error: ") if lines else "exited before it was ready"
         return f"mount of {child.source} at {child.mountpoint} failed: {msg}"
 
-    async def _watch(self, child: Child, proc: _ChildProcess | forkserver.ForkedChild) -> None:
+    async def _watch(self, child: Child,
+                     proc: _ChildProcess | forkserver.ForkedChild | AdoptedProcess) -> None:
         code = await proc.wait()
         child.exited.set()
         if child.stopping or child.state == "STARTING" or self.state != "RUNNING":
@@ -347,7 +402,7 @@ class Supervisor:
         log.error("mount %s did not stop in %ss; killing it", child.mountpoint, STOP_TIMEOUT)
         proc.kill()
         await child.exited.wait()
-        from nydus_py.daemon.mount import lazy_unmount
+        from nydus_py.mountinfo import lazy_unmount
         await trio.to_thread.run_sync(lazy_unmount, child.mountpoint)
 
     # -- API ------------------------------------------------------------------------------------
@@ -434,7 +489,7 @@ class Supervisor:
             child.stopping = True
             del self.mounts[mp]
             raise
-        log.info("mounted %s at %s (pid %d)", source, mp, child.proc.pid)
+        log.info("mounted %s at %s (pid %d)", source, mp, child.proc.pid if child.proc else 0)
         if isinstance(body, dict) and "fs_type" in body:
             return Response(204)            # nydusd's answer to its own mount body
         return json_response(child.info())
@@ -453,14 +508,16 @@ class Supervisor:
             status, raw = await api_mod.call(sock, "GET", "/api/v1/daemon", timeout=5)
             if status != 200 or json.loads(raw).get("state") != "RUNNING":
                 return False
-            child.proc = AdoptedProcess(pid)    # type: ignore[assignment]
+            proc = AdoptedProcess(pid)
         except (OSError, ValueError, trio.TooSlowError):
             return False
+        child.proc = proc
         child.sock = sock
         child.log_file = os.path.join(os.path.dirname(sock), os.path.basename(sock)[:-5] + ".log")
         child.exited = trio.Event()
         child.state = "RUNNING"
-        self._nursery.start_soon(self._watch, child, child.proc)
+        assert self._nursery is not None          # set by _main before the API serves
+        self._nursery.start_soon(self._watch, child, proc)
         log.info("adopted the running failover mount of %s (supervisor pid %d)",
                  child.mountpoint, pid)
         return True
@@ -497,26 +554,37 @@ class Supervisor:
         return json_response(total if total is not None else {})
 
     async def _prometheus(self) -> Response:
-        families: dict[str, list[str]] = {}
-        for child in list(self.mounts.values()):
-            status, body = await self._ask(child, "/metrics")
-            if status != 200:
+        text = await trio.to_thread.run_sync(self.render_metrics)
+        return Response(200, text, prometheus.CONTENT_TYPE)
+
+    def collect_metrics(self) -> list:
+        """Every mount's metrics labelled mountpoint="M", and the supervisor's own. Runs in a
+        thread (the API's via trio.to_thread, or the TCP listener's): blocking calls are fine."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        children = list(self.mounts.values())
+        groups = []
+        mounts = GaugeMetricFamily("nydusd_mounts", "mounts of this nydusd serve, by state", labels=["state"])
+        by_state: dict[str, int] = {}
+        restarts = CounterMetricFamily("nydusd_mount_restarts", "times a mount's child was restarted",
+                                       labels=["mountpoint"])
+        for child in children:
+            by_state[child.state] = by_state.get(child.state, 0) + 1
+            restarts.add_metric([child.mountpoint], child.restarts)
+            try:
+                status, body = api_mod.call_sync(child.sock, "GET", "/metrics", timeout=5)
+            except OSError:
                 continue
-            label = 'mountpoint="%s"' % child.mountpoint.replace("\\", "\\\\").replace('"', '\\"')
-            fam = None
-            for line in body.decode().splitlines():
-                if line.startswith("# TYPE "):
-                    fam = line.split()[2]
-                    families.setdefault(fam, [line])
-                elif line and fam is not None:
-                    name, _, rest = line.partition(" ")
-                    if "{" in name:
-                        name = name.replace("{", "{" + label + ",", 1)
-                    else:
-                        name = name + "{" + label + "}"
-                    families[fam].append(f"{name} {rest}")
-        text = "".join(line + "\n" for lines in families.values() for line in lines)
-        return Response(200, text.encode(), "text/plain; version=0.0.4")
+            if status == 200:
+                try:
+                    groups.append(prometheus.parse(body.decode(), {"mountpoint": child.mountpoint}))
+                except ValueError as e:
+                    log.warning("metrics of %s unreadable: %s", child.mountpoint, e)
+        for state, n in sorted(by_state.items()):
+            mounts.add_metric([state], n)
+        return prometheus.merge([[mounts, restarts], *groups])
+
+    def render_metrics(self) -> bytes:
+        return prometheus.render(self.collect_metrics())
 
 
 def _nydus_mount_body(body: dict) -> dict:

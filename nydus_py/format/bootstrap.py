@@ -77,7 +77,7 @@ class Attr(NamedTuple):
 class Chunk(NamedTuple):
     id: int
     blob: int               # index into Bootstrap.blobs
-    index: int              # position of the chunk within its blob (cache bitmap index)
+    index: int  # type: ignore[assignment]  # position within its blob (cache bitmap index); shadows tuple.index
     comp_offset: int
     comp_size: int
     offset: int             # offset in the blob's uncompressed data (cache file offset)
@@ -199,6 +199,7 @@ class BootstrapWriter:
                   rdev: int = 0, xattrs: dict[bytes, bytes] | None = None,
                   symlink: bytes | None = None, chunk_ids: Sequence[int] | None = None) -> int:
         ino = len(self._inodes) + 1
+        data: bytes | array[int] | None
         if stat.S_ISLNK(mode):
             data = symlink or b""
             size = len(data)

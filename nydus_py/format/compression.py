@@ -62,7 +62,7 @@ def compress(codec: str, data: bytes, level: int | None = None) -> bytes | None:
     return out if len(out) < len(data) else None
 
 
-def decompress(codec: str, data: bytes, size: int, what: str) -> bytes:
+def decompress(codec: str, data: bytes | memoryview, size: int, what: str) -> bytes:
     """Decode exactly `size` bytes; any decoder error or wrong size is an IntegrityError.
 
     Never produces more than `size` bytes (the size the bootstrap declares, itself bounded by

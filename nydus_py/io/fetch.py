@@ -6,7 +6,11 @@ is at most `max_gap` bytes (a tiny gap costs less than another round trip) and t
 within `limit` bytes (`amplify_io`); a single chunk larger than `limit` is a range of its own.
 `extend_forward` then grows a range over the chunks that follow it in the blob, while
 `accept(chunk)` (not cached, not in flight) and the same bounds hold: nydusd's amplify_io
-readahead, which turns a sequential read into a few large requests.
+readahead, which turns a sequential read into a few large requests. `own_first` bounds that
+readahead to the file being read: the blob's following chunks pass while they are the file's
+own next chunks, other files' chunks only within a small byte budget. Unbounded, a miss on a
+small file pulled up to amplify_io of whatever small files follow it in tar order (measured:
+1400 of the 1418 chunks a cold `python3 -c print` fetched, 9.3% of the image instead of ~4%).
 
 A batch member (format v2: small chunks compressed together) shares `comp_offset/comp_size`
 with the other members of its batch: fetching one fetches the batch, `decode_chunk` decodes it
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from nydus_py.errors import IntegrityError
 from nydus_py.format.bootstrap import BlobInfo, Chunk
@@ -96,6 +100,22 @@ def add_batch_siblings(r: Range, chunk_at: Callable[[int], Chunk], count: int,
                 i += step
     r.readahead += n
     return n
+
+
+def own_first(following: Iterable[Chunk], own: Sequence[int], other_bytes: int) -> Iterator[Chunk]:
+    """The chunks of `following` (a blob's chunks in blob order) that readahead may take: the
+    file's own next chunks (`own`: its chunk ids after the read, in file order, matched in
+    order) and, in between or after them, other files' chunks while their compressed bytes add
+    up to at most `other_bytes`; stops at the first chunk past that budget."""
+    j = spent = 0
+    for c in following:
+        if j < len(own) and c.id == own[j]:
+            j += 1
+        else:
+            spent += c.comp_size
+            if spent > other_bytes:
+                return
+        yield c
 
 
 def decode_chunk(blob: BlobInfo, c: Chunk, stored: bytes | memoryview,

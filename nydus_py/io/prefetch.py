@@ -36,7 +36,7 @@ import os
 import stat
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Iterable, Sequence
+from typing import Awaitable, Callable, Iterable, Protocol, Sequence
 
 import trio
 
@@ -162,8 +162,18 @@ def plan(bs: Bootstrap, *, paths: Sequence[str] = (), prefetch_all: bool = False
     return PrefetchPlan(inodes=tuple(order), chunks=tuple(chunks), errors=errors)
 
 
+class PrefetchReader(Protocol):
+    """What the prefetcher needs of the read path (io/reader.py's FileReader)."""
+    max_gap: int
+
+    def uncached(self, chunks: Sequence[Chunk]) -> list[Chunk]: ...
+
+    async def prefetch(self, chunks: Sequence[Chunk], *, limiter: trio.CapacityLimiter,
+                       merging_size: int) -> tuple[int, int]: ...
+
+
 class Prefetcher:
-    def __init__(self, reader, bootstrap: Bootstrap, *, threads_count: int = 4,
+    def __init__(self, reader: PrefetchReader, bootstrap: Bootstrap, *, threads_count: int = 4,
                  merging_size: int = 1 << 20, bandwidth_rate: int = 0, prefetch_all: bool = False,
                  paths: Sequence[str] = (), metrics: Metrics | None = None, image: str = "",
                  learned: Callable[[], Awaitable[Sequence[int]]] | None = None,

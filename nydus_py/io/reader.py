@@ -7,8 +7,9 @@
                    every other cached chunk (xxh3-checked the first time) of the request
       3. resolve   for each miss: wait for the task already fetching it (single-flight, keyed by
                    (blob, index)), or fetch it: merge into ranges (fetch.plan_ranges), extend
-                   the last range of each blob forward over uncached chunks (amplify_io
-                   readahead), one `backend.read_range` per range in a worker thread, which also
+                   the last range of each blob forward over the file's own next uncached
+                   chunks (amplify_io readahead; other files' chunks only within
+                   `readahead_other_bytes`, fetch.own_first), one `backend.read_range` per range in a worker thread, which also
                    splits, decompresses, verifies sha256 and stores the chunks in the cache
       4. assemble  one b"".join over memoryview slices
 
@@ -35,7 +36,14 @@ from nydus_py.cache.chunk_cache import ChunkCache
 from nydus_py.cache.entry import table_digest
 from nydus_py.errors import CacheError, FormatError, IntegrityError, NydusError
 from nydus_py.format.bootstrap import Bootstrap, Chunk
-from nydus_py.io.fetch import Range, add_batch_siblings, decode_chunk, extend_forward, plan_ranges
+from nydus_py.io.fetch import (
+    Range,
+    add_batch_siblings,
+    decode_chunk,
+    extend_forward,
+    own_first,
+    plan_ranges,
+)
 from nydus_py.metrics import Metrics
 from nydus_py.storage.backend import BlobBackend
 
@@ -43,6 +51,16 @@ log = logging.getLogger(__name__)
 
 DEFAULT_AMPLIFY_IO = 1 << 20
 DEFAULT_MAX_GAP = 16 << 10
+# amplify_io readahead after a miss takes other files' chunks (those following the file in the
+# blob) only up to this many compressed bytes: they are rarely read next (tar order is not
+# access order), so more of them costs bandwidth, not round trips (docs/performance.md).
+DEFAULT_READAHEAD_OTHER_BYTES = 0
+# ... unless the misses walk the blob: a miss within BLOB_SEQ_SLACK chunks after where the last
+# fetch of that blob ended (a reader going through files in tar order: a cold `cat` of a tree,
+# an image scan) lets other files in, from BLOB_SEQ_START bytes, doubling per such miss up to
+# amplify_io; any other miss resets it.
+BLOB_SEQ_START = 128 << 10
+BLOB_SEQ_SLACK = 8
 DEFAULT_READAHEAD_WINDOW = 8 << 20  # per-file sequential readahead cap, bytes (0: off)
 SEQ_FILES = 1024                    # files whose read position is tracked (LRU)
 
@@ -90,7 +108,8 @@ class FileReader:
     def __init__(self, bootstrap: Bootstrap, backend: BlobBackend, cache: ChunkCache, *,
                  limiter: trio.CapacityLimiter, amplify_io: int = DEFAULT_AMPLIFY_IO,
                  max_gap: int = DEFAULT_MAX_GAP, metrics: Metrics | None = None,
-                 readahead_window: int = DEFAULT_READAHEAD_WINDOW):
+                 readahead_window: int = DEFAULT_READAHEAD_WINDOW,
+                 readahead_other_bytes: int = DEFAULT_READAHEAD_OTHER_BYTES):
         if bootstrap.digester != "sha256":
             raise FormatError(f"bootstrap: chunk digester {bootstrap.digester!r} is not supported "
                               "(only sha256)")
@@ -100,11 +119,14 @@ class FileReader:
         self.limiter = limiter
         self.amplify_io = max(amplify_io, 0)
         self.max_gap = max(max_gap, 0)
+        self.readahead_other_bytes = max(readahead_other_bytes, 0)
         self._handles: list[int | None] = [None] * len(bootstrap.blobs)
         self._inflight: dict[Key, _Flight] = {}
         # Per-file sequential readahead (see _window): ino -> [next file chunk, window chunks].
         self.readahead_window = max(readahead_window, 0)
         self._seq: dict[int, list[int]] = {}
+        # blob -> [chunk index after its last fetched range, other files' bytes it allowed]
+        self._blob_seq: dict[int, list[int]] = {}
         # Background readahead gets half the worker slots, so foreground misses never queue
         # behind a window of readahead ranges.
         self._ra_limiter = trio.CapacityLimiter(max(1, int(limiter.total_tokens) // 2))
@@ -156,7 +178,9 @@ class FileReader:
                 self._m_misses.inc(len(missing))
                 if win:
                     self._read_ahead(ino, nxt, win)
-                await self._resolve(missing, got)
+                # the file's chunks after this read: what amplify_io may read ahead
+                own = self.bootstrap.file_chunk_ids(ino)[offset // self.bootstrap.chunk_size + len(plan):]
+                await self._resolve(missing, got, own)
         except NydusError as e:
             raise self._with_path(e, ino) from e
         parts = []
@@ -313,6 +337,10 @@ class FileReader:
                     got[key] = (lo, data)
         return got
 
+    def _is_ready(self, c: Chunk) -> bool:
+        h = self._handles[c.blob]
+        return h is not None and self.cache.is_ready(h, c.index)
+
     def _lookup(self, wants: Sequence[Want]) -> Got:
         got = {}
         for c, lo, hi in wants:
@@ -322,7 +350,7 @@ class FileReader:
         return got
 
     # -- 3. resolve misses (trio thread) ------------------------------------------------------
-    async def _resolve(self, missing: list[Want], got: Got) -> None:
+    async def _resolve(self, missing: list[Want], got: Got, own: Sequence[int] = ()) -> None:
         pending = missing
         reread_once: set[Key] = set()
         while pending:
@@ -336,7 +364,7 @@ class FileReader:
                 f = self._inflight.get(key)
                 if f is not None:
                     waits.append((w, f))
-                elif key not in reread_once and self.cache.is_ready(self._handles[c.blob], c.index):
+                elif key not in reread_once and self._is_ready(c):
                     reread.append(w)  # fetched and stored by another task since our lookup
                     reread_once.add(key)
                 else:
@@ -348,7 +376,7 @@ class FileReader:
                 got.update(again)
                 pending += [w for w in reread if (w[0].blob, w[0].index) not in again]
             if mine:
-                await self._fetch(mine, owned, got)
+                await self._fetch(mine, owned, got, own)
             for w, f in waits:
                 self._m_waits.inc()
                 await f.event.wait()
@@ -357,16 +385,18 @@ class FileReader:
                 elif f.error is not None:
                     raise _copy_error(f.error)
                 else:
+                    assert f.data is not None     # a flight ends with data or an error
                     got[(w[0].blob, w[0].index)] = (0, f.data)
 
     async def _fetch(self, mine: list[Chunk], owned: dict[Key, _Flight],
-                     got: Got) -> None:
-        """Fetches `mine`, whose flights (`owned`) this task registered, plus readahead; settles
+                     got: Got, own: Sequence[int] = ()) -> None:
+        """Fetches `mine`, whose flights (`owned`) this task registered, plus readahead over
+        `own` (the file's chunk ids after the read) and readahead_other_bytes of others; settles
         every flight it owns whatever happens (a cancelled fetch lets waiters retry)."""
         errors: list[BaseException] = []
         try:
             ranges = plan_ranges(mine, max_gap=self.max_gap, limit=self.amplify_io)
-            self._readahead(ranges, owned)
+            self._readahead(ranges, owned, own)
             async with trio.open_nursery() as nursery:
                 for r in ranges:
                     nursery.start_soon(self._fetch_range, r, owned, got, errors)
@@ -376,17 +406,22 @@ class FileReader:
         if errors:
             raise errors[0]
 
-    def _readahead(self, ranges: list[Range], owned: dict[Key, _Flight]) -> None:
-        """Extends the last range of each blob forward over chunks nobody has (amplify_io)."""
+    def _readahead(self, ranges: list[Range], owned: dict[Key, _Flight], own: Sequence[int]) -> None:
+        """Extends the last range of each blob forward over chunks nobody has (amplify_io):
+        the file's own next chunks (`own`), other files' only within readahead_other_bytes."""
         last: dict[int, Range] = {}
         for r in ranges:
             last[r.blob] = r
         bs = self.bootstrap
+        others: dict[int, int] = {}
         for b, r in last.items():
             info = bs.blobs[b]
             h = self._handles[b]
             first = max(c.index for c in r.chunks) + 1
-            following = _valid_chunks(bs, info.chunk_start + first, info.chunk_start + info.chunk_count)
+            other = others[b] = self._other_budget(b, min(c.index for c in r.chunks))
+            following = own_first(
+                _valid_chunks(bs, info.chunk_start + first, info.chunk_start + info.chunk_count),
+                own, other)
 
             def accept(c: Chunk, h=h) -> bool:
                 key = (c.blob, c.index)
@@ -408,8 +443,18 @@ class FileReader:
                 owned[key] = self._inflight[key] = _Flight()
                 return True
 
+            start = info.chunk_start            # the lambda is used within this call only
             self._m_readahead.inc(add_batch_siblings(
-                r, lambda i, s=info.chunk_start: bs.chunk(s + i), info.chunk_count, sibling))
+                r, lambda i: bs.chunk(start + i), info.chunk_count, sibling))
+        for b, r in last.items():   # where the next miss of a blob walk would land
+            self._blob_seq[b] = [max(c.index for c in r.chunks) + 1, others[b]]
+
+    def _other_budget(self, blob: int, miss: int) -> int:
+        """Bytes of other files' chunks the readahead of a miss at chunk `miss` may take."""
+        st = self._blob_seq.get(blob)
+        if st is not None and st[0] <= miss <= st[0] + BLOB_SEQ_SLACK:
+            return min(max(st[1] * 2, BLOB_SEQ_START, self.readahead_other_bytes), self.amplify_io)
+        return self.readahead_other_bytes
 
     async def _fetch_range(self, r: Range, owned: dict[Key, _Flight], got: Got,
                            errors: list, limiter: trio.CapacityLimiter | None = None) -> None:

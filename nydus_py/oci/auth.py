@@ -360,8 +360,8 @@ class Authenticator:
                     params.append(("service", service))
                 params += [("scope", s) for s in scopes]
                 auth = (c.username, c.password) if c is not None and c.has_basic else None
-                if auth:
-                    params.append(("account", c.username))
+                if auth is not None:
+                    params.append(("account", auth[0]))
                 resp = self._session.get(realm, params=params, auth=auth, timeout=self._timeout,
                                          verify=self._verify, allow_redirects=False)
         except requests.RequestException as e:

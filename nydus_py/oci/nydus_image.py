@@ -22,11 +22,6 @@ class NydusLayers:
     blobs: list[Descriptor]
 
 
-def is_nydus_manifest(manifest: dict) -> bool:
-    layers = manifest.get("layers") or []
-    return bool(layers) and isinstance(layers[-1], dict) and layers[-1].get("mediaType") == mt.NYDUS_PY_BOOTSTRAP
-
-
 def find_layers(manifest: dict, what: str) -> NydusLayers:
     layers = manifest.get("layers")
     if not isinstance(layers, list) or not layers:

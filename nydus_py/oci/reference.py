@@ -64,12 +64,6 @@ class Reference:
         """The host to send distribution API requests to (Docker Hub's API lives elsewhere)."""
         return DOCKER_HUB_API if self.host == DOCKER_HUB else self.host
 
-    def with_digest(self, digest: str) -> "Reference":
-        return Reference(self.host, self.repository, self.tag, _check_digest(digest, digest))
-
-    def with_tag(self, tag: str) -> "Reference":
-        return Reference(self.host, self.repository, _check_tag(tag, tag), self.digest)
-
 
 def parse(text: str) -> Reference:
     """Parse a user-written reference; raises ConfigError with one line naming the input."""

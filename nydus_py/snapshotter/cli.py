@@ -24,14 +24,12 @@ import sys
 import threading
 from pathlib import Path
 
-from nydus_py.errors import NydusError
-from nydus_py.snapshotter.remote import (
-    DAEMON_MODES,
-    DEDICATED,
-    RECOVER_POLICIES,
-    RemoteConfig,
-    default_nydusd,
-)
+from nydus_py import __version__, sdnotify
+from nydus_py.cache import safedir
+from nydus_py.config.schema import RECOVER_POLICIES
+from nydus_py.errors import ConfigError, NydusError
+from nydus_py.snapshotter import config as snapconfig
+from nydus_py.snapshotter.remote import DAEMON_MODES, DEDICATED, RemoteConfig, default_nydusd
 
 log = logging.getLogger("nydus-snapshotter")
 DEFAULT_ROOT = "/var/lib/nydus-py-snapshotter"
@@ -41,6 +39,22 @@ DEFAULT_ADDRESS = "/run/nydus-py-snapshotter/grpc.sock"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nydus-snapshotter",
                                 description="containerd snapshotter (gRPC proxy plugin) for nydus-py images")
+    p.add_argument("--version", action="version", version=f"nydus-snapshotter (nydus-py) {__version__}")
+    p.add_argument("--config", metavar="FILE",
+                   help="config.toml with nydus-snapshotter's keys (root, address, daemon_mode, [daemon] "
+                        "nydusd_config, [log], [metrics], [remote]); flags given here override it")
+    p.add_argument("--nydusd-config", metavar="FILE",
+                   help="nydusd JSON config used as the template of every daemon (mirrors, proxy, "
+                        "prefetch, cache limits); the snapshotter fills in registry, credentials, cache dir")
+    p.add_argument("--metrics-address", metavar="HOST:PORT",
+                   help="serve Prometheus metrics over TCP here (default: none)")
+    p.add_argument("--enable-cri-keychain", dest="cri_keychain", action="store_true",
+                   help="also serve CRI's ImageService on --address, forwarding to "
+                        "--image-service-address, and use PullImage's credentials (Kubernetes pull secrets)")
+    p.add_argument("--image-service-address", metavar="SOCK", default="/run/containerd/containerd.sock",
+                   help="containerd's CRI socket for --enable-cri-keychain (default %(default)s)")
+    p.add_argument("--mirrors-config-dir", metavar="DIR",
+                   help="containerd-style DIR/<host>/hosts.toml: registry mirrors for nydusd")
     p.add_argument("--root", default=DEFAULT_ROOT, help=f"state directory (default {DEFAULT_ROOT})")
     p.add_argument("--address", default=DEFAULT_ADDRESS, help=f"unix socket to serve on (default {DEFAULT_ADDRESS})")
     p.add_argument("--nydusd", default=None, metavar="CMD",
@@ -72,44 +86,111 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """Flags, with --config's values as defaults (a flag on the command line wins). Returns
+    the warnings about Nydus keys the file sets that nydus-py does not implement."""
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    warnings: list[str] = []
+    if known.config:
+        cfg = snapconfig.load(known.config, warnings)
+        defaults = snapconfig.cli_defaults(cfg)
+        # daemon.recover_policy (checked against RECOVER_POLICIES by the parser) becomes
+        # --recover-policy's default, as every other key its flag's
+        parser.set_defaults(**defaults)
+    return parser.parse_args(argv), warnings
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args, warnings = parse_args(argv)
+        template = snapconfig.load_template(args.nydusd_config, warnings) if args.nydusd_config else None
+        if args.metrics_address:
+            from nydus_py.prometheus import split_address
+            try:
+                split_address(args.metrics_address)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+    except ConfigError as e:
+        print(f"nydus-snapshotter: error: {e}", file=sys.stderr)
+        return 1
+    if args.log_file:       # explicit modes whatever the umask (nydus_py/cache/safedir.py)
+        try:
+            safedir.ensure_dir(Path(args.log_file).absolute().parent, what="log directory", mode=0o755)
+        except ConfigError as e:
+            print(f"nydus-snapshotter: error: {e}", file=sys.stderr)
+            return 1
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), filename=args.log_file,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if os.geteuid() != 0:
         print("nydus-snapshotter: error: must run as root (it mounts overlay and FUSE filesystems)",
               file=sys.stderr)
         return 1
-    from nydus_py.snapshotter.core import Snapshotter          # grpc is imported only when serving
+    from nydus_py.snapshotter.fs import open_snapshotter       # grpc is imported only when serving
     from nydus_py.snapshotter.service import make_server
 
+    for w in warnings:
+        log.warning("%s", w)
     root = Path(args.root).absolute()
     remote = RemoteConfig(root=root, nydusd=tuple(shlex.split(args.nydusd)) if args.nydusd else tuple(default_nydusd()),
                           plain_http=tuple(args.plain_http), plain_http_loopback=not args.no_plain_http_loopback,
                           skip_verify=args.skip_verify, docker_config=args.docker_config,
                           daemon_timeout=args.daemon_timeout, log_level=args.log_level,
                           daemon_mode=args.daemon_mode, recover_interval=args.recover_interval,
-                          recover_policy=args.recover_policy)
+                          recover_policy=args.recover_policy,
+                          nydusd_template=template, mirrors_config_dir=args.mirrors_config_dir)
     address = Path(args.address)
     try:
-        sn = Snapshotter(root, remote=remote, enable_remote=not args.no_remote)
+        sn = open_snapshotter(root, remote, enable_remote=not args.no_remote)
         sn.start()
-        address.parent.mkdir(parents=True, exist_ok=True)
+        safedir.ensure_dir(address.absolute().parent, what="socket directory", mode=0o755)
         address.unlink(missing_ok=True)
         server = make_server(sn, str(address))
+        close_cri = None
+        if args.cri_keychain:
+            from nydus_py.snapshotter import cri
+            from nydus_py.snapshotter.fs import NydusFileSystem
+            if not isinstance(sn.fs, NydusFileSystem):
+                raise ConfigError("--enable-cri-keychain needs the remote snapshotter (not --no-remote)")
+            close_cri = cri.add_to_server(server, args.image_service_address, sn.fs.resolver.keychain)
+            log.info("CRI ImageService proxy on %s -> %s", address, args.image_service_address)
         server.start()
     except NydusError as e:
         print(f"nydus-snapshotter: error: {e}", file=sys.stderr)
         return 1
     os.chmod(address, 0o600)
     log.info("serving containerd snapshots API on %s, root %s", address, root)
-
+    metrics_server = None
+    if args.metrics_address:
+        from nydus_py import prometheus
+        from nydus_py.snapshotter.metrics import collect
+        from nydus_py.snapshotter.fs import NydusFileSystem
+        daemons = sn.fs.daemons if isinstance(sn.fs, NydusFileSystem) else None
+        try:
+            metrics_server = prometheus.serve_tcp(args.metrics_address,
+                                                  lambda: collect(daemons) if daemons is not None else [])
+        except (ValueError, OSError) as e:
+            print(f"nydus-snapshotter: error: --metrics-address {args.metrics_address}: {e}", file=sys.stderr)
+            server.stop(grace=0)
+            sn.close()
+            address.unlink(missing_ok=True)
+            return 1
+        log.info("Prometheus metrics on http://%s/metrics", args.metrics_address)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    sdnotify.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {address}")
     stop.wait()
     log.info("stopping (nydusd daemons keep running)")
+    sdnotify.notify("STOPPING=1")
+    if metrics_server is not None:
+        metrics_server.shutdown()
+        metrics_server.server_close()
     server.stop(grace=5).wait()
+    if close_cri is not None:
+        close_cri()
     sn.close()
     address.unlink(missing_ok=True)
     return 0

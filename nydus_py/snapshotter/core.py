@@ -17,45 +17,58 @@ its image mounted by nydusd and becomes a "bootstrap" snapshot whose files are t
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import shutil
 import threading
 from pathlib import Path
 
+from nydus_py.cache import safedir
 from nydus_py.snapshotter import overlay
-from nydus_py.snapshotter.remote import (LABEL_IMAGE, LABEL_REMOTE, LABEL_TARGET, DaemonManager,
-                                         RemoteConfig, RemoteLayer, Resolver)
+from nydus_py.snapshotter.remote import (LABEL_IMAGE, LABEL_REMOTE, LABEL_TARGET, RemoteFileSystem,
+                                         RemoteLayer)
 from nydus_py.snapshotter.store import (KIND_ACTIVE, KIND_COMMITTED, KIND_VIEW, REMOTE_BOOTSTRAP,
                                         Snapshot, SnapshotExists, SnapshotPrecondition, Store)
 
 log = logging.getLogger("nydus_py.snapshotter")
 
 
+def prepare_root(root: str | Path) -> Path:
+    """ROOT with its subdirectories, private to root; the absolute path.
+
+    Modes are explicit whatever the umask (and an older root made under umask 000 is
+    repaired): nydusd refuses, as root, a cache dir below a directory another user can write
+    (nydus_py/cache/safedir.py). Missing ancestors are made 0755, and refused if another
+    user could replace them."""
+    root = Path(root).absolute()
+    safedir.ensure_dir(root.parent, what="directory of the snapshotter root", mode=0o755)
+    for d in (root, *(root / sub for sub in ("snapshots", "images", "mnt"))):
+        d.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(d, 0o700)
+    return root
+
+
 class Snapshotter:
-    def __init__(self, root: str | Path, *, remote: RemoteConfig | None = None, enable_remote: bool = True):
-        self.root = Path(root).absolute()
-        for sub in ("snapshots", "images", "mnt"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root, 0o700)
-        self.store = Store(self.root / "metadata.db")
-        self.remote_config = remote or RemoteConfig(root=self.root)
-        self.resolver = Resolver(self.remote_config) if enable_remote else None
-        self.daemons = DaemonManager(self.remote_config, self.store, self.resolver) if enable_remote else None
+    """`fs` is the remote-filesystem side (remote.RemoteFileSystem; fs.open_snapshotter wires
+    the nydusd one); without it this is a plain overlayfs snapshotter. `store` defaults to
+    ROOT/metadata.db; pass it when `fs` shares it."""
+
+    def __init__(self, root: str | Path, *, fs: RemoteFileSystem | None = None, store: Store | None = None):
+        self.root = prepare_root(root)
+        self.store = store if store is not None else Store(self.root / "metadata.db")
+        self.fs = fs
         self._remote_lock = threading.Lock()
 
     def start(self) -> None:
         """Re-attach to (or restart) the nydusd of every image still in use."""
-        if self.daemons is not None:
-            self.daemons.reattach_all()
-            self.daemons.start_monitor(self.remote_config.recover_interval)
+        if self.fs is not None:
+            self.fs.start()
 
     def close(self) -> None:
         """Stop our threads; daemons keep running (running containers use them)."""
-        if self.daemons is not None:
-            self.daemons.close()
-        if self.resolver is not None:
-            self.resolver.close()
+        if self.fs is not None:
+            self.fs.close()
         self.store.close()
 
     # -- containerd's Snapshotter interface --------------------------------------------------
@@ -79,8 +92,8 @@ class Snapshotter:
     def remove(self, key: str) -> None:
         s = self.store.remove(key)
         self._remove_dir(s.id)
-        if s.remote == REMOTE_BOOTSTRAP and self.daemons is not None and self.store.image_users(s.image) == 0:
-            self.daemons.release(s.image)
+        if s.remote == REMOTE_BOOTSTRAP and self.fs is not None and self.store.image_users(s.image) == 0:
+            self.fs.unmount(s.image)
 
     def stat(self, key: str) -> Snapshot:
         return self.store.get(key)
@@ -112,13 +125,13 @@ class Snapshotter:
         for d in (self.root / "snapshots").glob("cleanup-*"):
             log.info("cleanup: removing orphan %s", d.name.removeprefix("cleanup-"))
             shutil.rmtree(d, ignore_errors=True)
-        if self.daemons is not None:
-            self.daemons.cleanup()
+        if self.fs is not None:
+            self.fs.cleanup()
 
     # -- internals --------------------------------------------------------------------------
-    def _create(self, key: str, parent: str, labels: dict[str, str], kind: int) -> list[overlay.Mount]:
-        if labels.get(LABEL_TARGET) and self.resolver is not None:
-            self._maybe_remote(parent, labels)
+    def _create(self, key: str, parent: str, labels: dict[str, str], kind: int) -> builtins.list[overlay.Mount]:
+        if labels.get(LABEL_TARGET) and self.fs is not None:
+            self._maybe_remote(self.fs, parent, labels)
         s = self.store.create(key, parent, kind, labels)
         try:
             d = overlay.snapshot_dir(self.root, s.id)
@@ -132,40 +145,41 @@ class Snapshotter:
             raise
         return overlay.mounts(self.root, s, self._lowers(s))
 
-    def _maybe_remote(self, parent: str, labels: dict[str, str]) -> None:
+    def _maybe_remote(self, fs: RemoteFileSystem, parent: str, labels: dict[str, str]) -> None:
         """Raise SnapshotExists when the target layer is (or now becomes) a remote snapshot."""
         target = labels[LABEL_TARGET]
         existing = self.store.find(target)
         if existing is not None and existing.kind == KIND_COMMITTED and existing.parent == parent:
             raise SnapshotExists(f"target snapshot {target!r} already exists")
-        layer = self.resolver.classify(labels)
+        layer = fs.classify(labels)
         if layer is None:
             return
         log.info("layer %s of %s is a nydus-py %s; committing remote snapshot %s",
                  layer.digest, layer.ref, layer.kind, target)
         with self._remote_lock:
             if self.store.find(target) is None:
-                self._commit_remote(target, parent, labels, layer)
+                self._commit_remote(fs, target, parent, labels, layer)
         raise SnapshotExists(f"target snapshot {target!r} already exists (remote)")
 
-    def _commit_remote(self, target: str, parent: str, labels: dict[str, str], layer: RemoteLayer) -> None:
+    def _commit_remote(self, fs: RemoteFileSystem, target: str, parent: str, labels: dict[str, str],
+                       layer: RemoteLayer) -> None:
         labels = dict(labels)
         labels[LABEL_REMOTE] = "nydus-py"
         image = ""
         if layer.kind == REMOTE_BOOTSTRAP:
-            self.daemons.ensure(layer)
+            fs.mount(layer)
             image = layer.image_id
             labels[LABEL_IMAGE] = image
         self.store.create(target, parent, KIND_COMMITTED, labels, remote=layer.kind, image=image)
 
-    def _lowers(self, s: Snapshot) -> list[str]:
+    def _lowers(self, s: Snapshot) -> builtins.list[str]:      # `list` is a method here
         return overlay.lower_dirs(self.root, self.store.parents(s.key), self._mountpoint)
 
     def _mountpoint(self, image_id: str) -> Path:
-        if self.daemons is None:
+        if self.fs is None:
             raise SnapshotPrecondition(f"image {image_id} needs nydusd but remote snapshots are disabled")
         rec = self.store.get_image(image_id)
-        return Path(rec.mountpoint) if rec else self.daemons.mountpoint(image_id)
+        return Path(rec.mountpoint) if rec else self.fs.mountpoint(image_id)
 
     def _remove_dir(self, sid: int) -> None:
         d = overlay.snapshot_dir(self.root, sid)

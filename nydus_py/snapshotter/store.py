@@ -72,6 +72,11 @@ class ImageRecord:
     state: dict             # what remote.py needs to restart the daemon (paths, registry)
 
 
+def _image(row: tuple) -> ImageRecord:
+    id_, ref, manifest_digest, bootstrap_digest, mountpoint, pid, state = row
+    return ImageRecord(id_, ref, manifest_digest, bootstrap_digest, mountpoint, pid, json.loads(state))
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS snapshots (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -251,13 +256,13 @@ class Store:
         with self._lock:
             r = self._db.execute("SELECT id, ref, manifest_digest, bootstrap_digest, mountpoint, pid, state"
                                  " FROM images WHERE id = ?", (image_id,)).fetchone()
-        return ImageRecord(*r[:6], state=json.loads(r[6])) if r else None
+        return _image(r) if r else None
 
     def images(self) -> list[ImageRecord]:
         with self._lock:
             rows = self._db.execute("SELECT id, ref, manifest_digest, bootstrap_digest, mountpoint, pid, state"
                                     " FROM images ORDER BY id").fetchall()
-        return [ImageRecord(*r[:6], state=json.loads(r[6])) for r in rows]
+        return [_image(r) for r in rows]
 
     def delete_image(self, image_id: str) -> None:
         with self._tx():

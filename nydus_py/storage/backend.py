@@ -28,6 +28,7 @@ interface, not in flags of each backend.
 
 from __future__ import annotations
 
+import os
 from typing import Protocol, runtime_checkable
 
 from nydus_py.errors import BackendError
@@ -39,6 +40,18 @@ class BlobBackend(Protocol):
     def blob_size(self, blob_id: str) -> int: ...
 
     def read_range(self, blob_id: str, offset: int, length: int) -> bytes: ...
+
+
+@runtime_checkable
+class BlobSink(Protocol):
+    """Where the converter writes a finished blob: S3Backend (a bucket) and
+    oci.registry.RepositorySink (a registry repository). `put_blob` returns "exists" when the
+    blob was already there, else "uploaded" (or "mounted": a registry's cross-repository
+    mount); the caller vouches that the file hashes to `blob_id`."""
+
+    def put_blob(self, blob_id: str, path: str | os.PathLike[str]) -> str: ...
+
+    def has_blob(self, blob_id: str) -> bool: ...
 
 
 def close_backend(backend: object) -> None:

@@ -14,6 +14,7 @@ import importlib
 from nydus_py.config.schema import BackendConfig
 from nydus_py.errors import ConfigError
 from nydus_py.metrics import Metrics
+from nydus_py.retry import RetryPolicy
 from nydus_py.storage.backend import BlobBackend
 from nydus_py.storage.wrappers import MeteredBackend, RetryingBackend
 
@@ -37,5 +38,5 @@ def make_backend(config: BackendConfig, *, metrics: Metrics | None = None) -> Bl
     """The configured backend, metered into `metrics.backend` and retried as configured."""
     backend = _concrete(config)
     backend = MeteredBackend(backend, (metrics or Metrics()).backend)
-    return RetryingBackend(backend, config.retry_limit, config.retry_backoff,
+    return RetryingBackend(backend, RetryPolicy(limit=config.retry_limit, backoff=config.retry_backoff),
                            metrics=metrics.backend if metrics is not None else None)

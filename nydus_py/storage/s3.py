@@ -138,7 +138,7 @@ class S3Backend:
             return False
         return True
 
-    def put_blob(self, blob_id: str, path: str | os.PathLike) -> str:
+    def put_blob(self, blob_id: str, path: str | os.PathLike[str]) -> str:
         """Upload the file at `path` as `blob_id`; "exists" if the object is already there with
         the same size, else "uploaded". Files over MULTIPART_THRESHOLD go up in parts. The
         caller vouches that the file hashes to `blob_id` (the converter just wrote it)."""

@@ -9,62 +9,40 @@ retried one), and retries see the backend's own errors. Wrappers forward `close(
 from __future__ import annotations
 
 import logging
-import random
 import time
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
 from nydus_py.errors import BackendError
 from nydus_py.metrics import MetricGroup
+from nydus_py.retry import RetryPolicy
 from nydus_py.storage.backend import BlobBackend, close_backend
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class RetryingBackend:
-    """Retries transient BackendErrors (`permanent=False`) up to `retry_limit` more times,
-    sleeping `backoff * 2**attempt` (capped at `max_backoff`) with ±50% jitter in between.
-
-    Permanent errors (not found, auth, bad range) and non-backend exceptions pass through at
-    once. The sleep blocks the calling worker thread, which is what the read path expects (it
-    runs backend calls in threads); `sleep`/`rand` are injectable for tests.
+    """Retries transient BackendErrors as `policy` says (nydus_py/retry.py: one policy for
+    every backend and the registry client). Permanent errors (not found, auth, bad range) and
+    non-backend exceptions pass through at once. The sleep blocks the calling worker thread,
+    which is what the read path expects (it runs backend calls in threads).
     """
 
-    def __init__(self, inner: BlobBackend, retry_limit: int = 2, backoff: float = 0.1, *,
-                 max_backoff: float = 5.0, metrics: MetricGroup | None = None,
-                 sleep: Callable[[float], None] = time.sleep,
-                 rand: Callable[[], float] = random.random):
-        if retry_limit < 0 or backoff < 0:
-            raise ValueError("retry_limit and backoff must be >= 0")
+    def __init__(self, inner: BlobBackend, policy: RetryPolicy | None = None, *,
+                 metrics: MetricGroup | None = None):
         self.inner = inner
-        self.retry_limit = retry_limit
-        self.backoff = backoff
-        self.max_backoff = max_backoff
+        self.policy = policy if policy is not None else RetryPolicy()
         self._retries = metrics.counter("retries") if metrics is not None else None
-        self._sleep = sleep
-        self._rand = rand
 
     def __repr__(self) -> str:
-        return f"RetryingBackend({self.inner!r}, retry_limit={self.retry_limit})"
+        return f"RetryingBackend({self.inner!r}, retry_limit={self.policy.limit})"
 
-    def delay(self, attempt: int) -> float:
-        base = min(self.max_backoff, self.backoff * (2 ** attempt))
-        return base * (0.5 + self._rand())
+    def _count(self, _e: BackendError) -> None:
+        if self._retries is not None:
+            self._retries.inc()
 
-    def _call(self, what: str, fn, *args):
-        attempt = 0
-        while True:
-            try:
-                return fn(*args)
-            except BackendError as e:
-                if e.permanent or attempt >= self.retry_limit:
-                    raise
-                d = self.delay(attempt)
-                attempt += 1
-                log.warning("%s failed (%s); retry %d/%d in %.2fs",
-                            what, e, attempt, self.retry_limit, d)
-                if self._retries is not None:
-                    self._retries.inc()
-                self._sleep(d)
+    def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        return self.policy.call(what, lambda: fn(*args), on_retry=self._count)
 
     def blob_size(self, blob_id: str) -> int:
         return self._call(f"size of blob {blob_id}", self.inner.blob_size, blob_id)

@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from .util import log, run
+from .util import run
 
 NETNS = "nydperf"
 HOST_IF, NS_IF = "nydp0", "nydp1"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import requests
 
-from .util import VENV_BIN, log, rss_bytes, run, umount_all_under
+from .util import VENV_BIN, rss_bytes, run, umount_all_under
 
 NYDUSIFY = VENV_BIN / "nydusify"
 NYDUSD = VENV_BIN / "nydusd"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import subprocess
 import sys
 import threading
@@ -34,6 +35,12 @@ def _blob(seed: bytes, n: int = N, size: int = SIZE):
 
 def _key(info: BlobInfo) -> str:
     return gc.entry_key(info.id.split(":")[1], entry_mod.untabled(info))
+
+
+def _set_last_use(cache_dir, info: BlobInfo, when: float) -> None:
+    """A blob's LRU age is its meta file's mtime (cache/gc.py): set it, rather than sleeping
+    between stores and hoping the filesystem's timestamps tell them apart."""
+    os.utime(cache_dir / f"{_key(info)}.meta", (when, when))
 
 
 def _open(c: ChunkCache, info: BlobInfo) -> int:
@@ -67,11 +74,11 @@ def test_lru_chunks_are_evicted_to_stay_under_the_limit(tmp_path):
 
 def test_unused_blobs_go_first_least_recently_used_first(tmp_path):
     old, new, cur = _blob(b"old"), _blob(b"new"), _blob(b"cur")
-    for info, items in (old, new):
+    for age, (info, items) in enumerate((old, new)):
         c = ChunkCache(tmp_path)
         c.store_many(_open(c, info), items)
         c.close()
-        time.sleep(0.02)                                  # distinct mtimes
+        _set_last_use(tmp_path, info, 1_000_000 + 100 * age)
     c = ChunkCache(tmp_path, max_size=(N + N) * SIZE)
     h = _open(c, cur[0])
     c.store_many(h, cur[1][:4])                           # needs room: "old" goes, "new" stays
@@ -120,11 +127,11 @@ def test_a_blob_another_process_uses_is_never_evicted(tmp_path):
 
 def test_collect_trims_to_max_size_and_removes_garbage(tmp_path):
     blobs = [_blob(bytes([i])) for i in range(3)]
-    for info, items in blobs:
+    for age, (info, items) in enumerate(blobs):
         c = ChunkCache(tmp_path)
         c.store_many(_open(c, info), items)
         c.close()
-        time.sleep(0.02)
+        _set_last_use(tmp_path, info, 1_000_000 + 100 * age)
     (tmp_path / ("f" * 64 + ".data")).write_bytes(b"x" * 100)   # orphan data file
     report = gc.collect(tmp_path, 2 * N * SIZE)
     assert report.before == 3 * N * SIZE and report.after == 2 * N * SIZE

@@ -4,7 +4,6 @@ write to is refused with one line naming it."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 import subprocess
@@ -16,21 +15,11 @@ from nydus_py.cache import entry as entry_mod
 from nydus_py.cache import gc, safedir
 from nydus_py.cache.chunk_cache import ChunkCache
 from nydus_py.errors import ConfigError
-from nydus_py.format.bootstrap import BlobInfo, Chunk
+from nydus_py.format.bootstrap import BlobInfo
 from nydus_py.metrics import Metrics
+from tests.fixtures.cache import small_blob
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="ownership checks apply to root")
-
-
-def _blob(n: int = 3, size: int = 4096):
-    items = []
-    for i in range(n):
-        data = bytes([i + 1]) * size
-        items.append((Chunk(i, 0, i, i * size, size, i * size, size, False,
-                            hashlib.sha256(data).digest()), data))
-    info = BlobInfo("sha256:" + hashlib.sha256(b"safedir").hexdigest(), "none", n * size,
-                    n * size, 0, n)
-    return info, items
 
 
 def _key(info: BlobInfo) -> str:
@@ -43,7 +32,7 @@ def test_planted_symlink_is_not_followed_and_the_target_is_untouched(tmp_path, p
     work.mkdir(mode=0o700)
     target = tmp_path / "precious"
     target.write_bytes(b"do not truncate me\n")
-    info, items = _blob()
+    info, items = small_blob()
     key = _key(info)
     exts = ["data", "meta"] if planted == "both" else [planted]
     for ext in exts:
@@ -80,8 +69,8 @@ def _modes_under_umask_000(work) -> None:
 import os, hashlib
 os.umask(0)
 from nydus_py.cache.chunk_cache import ChunkCache
-from tests.cache.test_safedir import _blob
-info, items = _blob()
+from tests.fixtures.cache import small_blob
+info, items = small_blob()
 c = ChunkCache({str(work)!r})
 c.store_many(c.open_blob(info), items)
 c.close()

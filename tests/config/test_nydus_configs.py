@@ -13,7 +13,6 @@ from nydus_py.config.schema import BackendConfig
 from nydus_py.errors import BackendError, ConfigError
 from nydus_py.storage.backend import close_backend
 from nydus_py.storage.factory import make_backend
-from tests.fixtures.registry import tls_registry  # noqa: F401  (fixture)
 
 SAMPLES = Path(__file__).parent / "nydus_samples"
 

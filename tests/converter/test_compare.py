@@ -6,7 +6,6 @@ import os
 import shutil
 import stat
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -224,23 +223,20 @@ def fast_tmp(tmp_path):
         yield tmp_path
 
 
-def test_ten_thousand_files_compare_quickly(fast_tmp):
+def test_ten_thousand_files_compare(fast_tmp):
     """Comparing a tree with itself does all the work (lstat, xattrs, reads) of a real check;
-    creating a second copy would only measure the disk."""
+    creating a second copy would only measure the disk. No time limit here (unit tests have none:
+    they flake under load); pytest's timeout catches a blow-up, perf/ measures speed."""
     for i in range(100):
         d = fast_tmp / f"d{i:03d}"
         d.mkdir()
         for k in range(100):
             (d / f"f{k:03d}").write_bytes(b"%d" % k)
-    t = time.monotonic()
     assert compare_trees(fast_tmp, fast_tmp) == []
-    assert time.monotonic() - t < 5
 
 
 def test_a_huge_hardlink_group_is_not_quadratic(fast_tmp):
     (fast_tmp / "f").write_bytes(b"x")
     for i in range(5000):
         os.link(fast_tmp / "f", fast_tmp / f"l{i}")
-    t = time.monotonic()
     assert compare_trees(fast_tmp, fast_tmp) == []
-    assert time.monotonic() - t < 5

@@ -30,7 +30,7 @@ from nydus_py.errors import (
 from nydus_py.oci import digest as dg
 from nydus_py.oci import mediatypes as mt
 from nydus_py.oci.layout import OCILayoutWriter
-from tests.converter.conftest import END, member
+from tests.fixtures.tarbuild import END, member
 
 TAR1 = member(b"etc/", type=b"5") + member(b"etc/hostname", b"box\n") + END
 TAR2 = member(b"usr/bin/tool", b"#!/bin/sh\n", mode=0o755) + END

@@ -37,7 +37,7 @@ from converter.decompress import open_layer_stream
 from converter import tar as tarlayer
 from nydus_py.errors import NydusError
 from nydus_py.oci import mediatypes as mt
-from tests.converter.conftest import END, header, member, pax, pax_record
+from tests.fixtures.tarbuild import END, header, member, pax, pax_record
 from tests.fixtures.imagegen import CAP_NET_BIND_SERVICE, Content, Layer
 
 BLOCK = 512
@@ -431,11 +431,12 @@ def _b256(value: int, width: int) -> bytes:
 
 
 def _raise_from(harness, tar: bytes) -> None:
-    builder = Builder(BuildOptions(chunk_size=0x1000, compressor="none", workers=1,
-                                   max_layer_size=MAX_LAYER), Path(tempfile.mkdtemp()))
-    stream = open_layer_stream(io.BytesIO(tar), mt.OCI_LAYER_TAR, WHAT, max_uncompressed=MAX_LAYER)
-    builder.add_layer(tarlayer.iter_entries(stream, WHAT, max_size=MAX_LAYER), 0, "sha256:x", WHAT)
-    builder.finish()
+    with tempfile.TemporaryDirectory() as work:      # was mkdtemp(): one dir left in /tmp per case
+        builder = Builder(BuildOptions(chunk_size=0x1000, compressor="none", workers=1,
+                                       max_layer_size=MAX_LAYER), Path(work))
+        stream = open_layer_stream(io.BytesIO(tar), mt.OCI_LAYER_TAR, WHAT, max_uncompressed=MAX_LAYER)
+        builder.add_layer(tarlayer.iter_entries(stream, WHAT, max_size=MAX_LAYER), 0, "sha256:x", WHAT)
+        builder.finish()
 
 
 @pytest.mark.parametrize("tar, fragment", [

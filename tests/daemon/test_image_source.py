@@ -6,7 +6,7 @@ from nydus_py import image_source
 from nydus_py.errors import ConfigError, FormatError, ImageFormatError
 from nydus_py.oci import mediatypes as mt
 from nydus_py.oci.layout import OCILayoutWriter
-from tests.fs.rich_image import build_rich
+from tests.fixtures.rich_image import build_rich
 
 
 @pytest.fixture(scope="module")

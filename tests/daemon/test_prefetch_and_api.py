@@ -4,8 +4,6 @@ single-flight, the API server's HTTP handling, and the supervisor's metric mergi
 from __future__ import annotations
 
 import random
-import threading
-import time
 
 import pytest
 import trio

@@ -14,7 +14,7 @@ import pytest
 
 from nydus_py.daemon import api
 from tests.fixtures.mounts import answering, command, mounted, running
-from tests.fs.rich_image import build_rich
+from tests.fixtures.rich_image import build_rich
 
 pytestmark = pytest.mark.e2e
 

@@ -23,7 +23,7 @@ import msgpack
 import pytest
 
 from nydus_py.daemon.api import call_sync, get_json
-from tests.e2e.test_daemon_ops import Daemon, force_unmount, nydusd_cmd, wait_for
+from tests.fixtures.daemon import Daemon, force_unmount, nydusd_cmd, wait_for
 from tests.fixtures.nydus_build import Built, build
 
 pytestmark = pytest.mark.e2e
@@ -319,14 +319,14 @@ def test_digest_validate_sha256_checks_cache_hits_against_the_mounts_bootstrap(t
 def test_images_sharing_a_chunk_dict_blob_share_its_cache_entry(tmp_path):
     """The cache key holds the chunk table, and an image converted with --chunk-dict carries the
     dictionary blob's table unchanged: so the second image reads the first one's cached chunks."""
-    from tests.e2e.test_chunk_dict import (
+    from tests.fixtures.chunk_dict import (
         app_layer,
         base_layer,
         extra_layer,
         manifest,
         own_blobs,
     )
-    from tests.e2e.test_convert_mount import nydusify
+    from tests.fixtures.cli import nydusify
     from tests.fixtures.imagegen import Image
 
     src = tmp_path / "src"

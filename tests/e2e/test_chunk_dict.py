@@ -4,70 +4,26 @@ mounts to the same tree umoci unpacks."""
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import pytest
 
 from converter.compare import compare_trees
-from tests.e2e.test_convert_mount import Mount, nydusify
+from tests.fixtures.chunk_dict import (
+    MiB,
+    app_layer,
+    base_layer,
+    dict_blobs,
+    extra_layer,
+    manifest,
+    own_blobs,
+)
+from tests.fixtures.cli import Mount, nydusify
 from tests.fixtures.containerd import push_oci_layout
-from tests.fixtures.imagegen import Content, Image, Layer
-from tests.fixtures.registry import registry  # noqa: F401 (fixture)
+from tests.fixtures.imagegen import Image
 from tests.fixtures.umoci import umoci_reference
 
 pytestmark = pytest.mark.e2e
-
-MiB = 1 << 20
-DICT = "io.nydus-py.chunk-dict"
-
-
-def base_layer() -> Layer:
-    l = Layer()
-    for d in ("bin", "lib", "etc"):
-        l.dir(d)
-    l.file("lib/libbig.so", Content.random(4 * MiB, seed=1), mode=0o755)
-    l.file("bin/tool", Content.random(MiB + 123, seed=2), mode=0o755)
-    l.symlink("bin/sh", "tool")
-    l.file("etc/conf", b"answer=42\n")
-    return l
-
-
-def app_layer(version: int) -> Layer:
-    """Version 2 changes one file and adds one; the other 3 MiB are the same bytes."""
-    l = Layer()
-    l.dir("app")
-    l.file("app/data.bin", Content.random(3 * MiB, seed=3))
-    l.file("app/main.py", f"print('version {version}')\n".encode())
-    if version > 1:
-        l.file("app/new.bin", Content.random(MiB, seed=4))
-    return l
-
-
-def extra_layer() -> Layer:
-    l = Layer()
-    l.dir("extra")
-    l.file("extra/fresh", Content.random(2 * MiB, seed=5))
-    l.file("extra/again", Content.random(4 * MiB, seed=1))   # = lib/libbig.so, a lower layer
-    l.whiteout("etc/conf")
-    return l
-
-
-def manifest(layout: Path, tag: str) -> dict:
-    idx = json.loads((layout / "index.json").read_bytes())
-    d = next(m for m in idx["manifests"] if m["annotations"]["org.opencontainers.image.ref.name"] == tag)
-    return json.loads((layout / "blobs/sha256" / d["digest"].split(":")[1]).read_bytes())
-
-
-def own_blobs(m: dict) -> list[dict]:
-    return [l for l in m["layers"] if l["annotations"].get("io.nydus-py.blob") == "true"
-            and DICT not in l["annotations"]]
-
-
-def dict_blobs(m: dict) -> list[dict]:
-    return [l for l in m["layers"] if l["annotations"].get(DICT) == "true"]
-
 
 def mount_and_compare(tmp: Path, src: Path, tag: str, image: str, *extra: str) -> list[str]:
     ref = umoci_reference(src, tag, tmp / f"umoci-{tag}")
@@ -131,13 +87,11 @@ def test_registry_dictionary_in_the_same_registry_is_mounted_not_uploaded(tmp_pa
     push_oci_layout(src, "a", host, "dict/a")
     push_oci_layout(src, "b", host, "dict/b")
     nydusify("convert", "--plain-http", "--source", f"{host}/dict/a:a", "--target", f"{host}/dict/a:nydus")
-    time.sleep(0.2)
     puts = registry.count_requests("PUT", r"/v2/dict/b/blobs/uploads/")
     mounts = registry.count_requests("POST", r"/v2/dict/b/blobs/uploads/\?\S*mount=")
     dict_gets = registry.count_requests("GET", r"/v2/dict/a/blobs/")
     nydusify("convert", "--plain-http", "--source", f"{host}/dict/b:b", "--target", f"{host}/dict/b:nydus",
              "--chunk-dict", f"bootstrap:registry:{host}/dict/a:nydus")
-    time.sleep(0.2)
     # uploaded: B's new blob, its bootstrap and its config; A's two blobs were mounted, and
     # nothing but A's bootstrap was downloaded from the dictionary
     assert registry.count_requests("PUT", r"/v2/dict/b/blobs/uploads/") - puts == 3

@@ -9,25 +9,22 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import time
 
 import pytest
 
+from nydus_py.snapshotter.process import pid_alive
 from tests.fixtures import imagegen
-from tests.fixtures.containerd import (SNAPSHOTTER, ContainerdEnv, convert_nydus_busybox, mounts_under,
-                                       nydusd_processes_under, push_oci_layout, use_localfs_nydusd)
-from tests.fixtures.registry import RegistryServer, basic_registry  # noqa: F401 (fixture)
+from tests.fixtures.containerd import (SNAPSHOTTER, ContainerdEnv, blob_gets, convert_nydus_busybox, kill_task,
+                                       mounts_under, nydusd_processes_under, push_oci_layout, rpull,
+                                       task_exec, use_localfs_nydusd)
+from tests.fixtures.containerd import big_md5 as _big_md5
+from tests.fixtures.containerd import remove_image_and_check_clean as _remove_image_and_check_clean
+from tests.fixtures.containerd import snapshots as _snapshots
 
 pytestmark = pytest.mark.e2e
 import grpc  # noqa: F401,E402  (a dependency: missing means a broken install, not a skip)
-
-
-@pytest.fixture(scope="module")
-def reg(tmp_path_factory):
-    with RegistryServer(tmp_path_factory.mktemp("ctd-registry")) as r:
-        yield r
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +41,6 @@ def env():
         e.start_snapshotter()
         e.start_containerd()
         yield e
-
-
-def _snapshots(env: ContainerdEnv) -> list[str]:
-    out = env.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls").stdout.splitlines()[1:]
-    return [line.split()[0] for line in out if line.strip()]
 
 
 def test_ordinary_image_pulls_runs_and_cleans_up_like_overlayfs(env, busybox_ref):
@@ -102,39 +94,12 @@ def test_snapshotter_restart_while_container_runs(env, busybox_ref):
 
 # ---------------------------------------------------------------------------- nydus-py images
 
-@pytest.fixture(scope="module")
-def nydus_image(reg, tmp_path_factory):
-    """busybox + a 24 MiB file nobody reads, converted by nydusify and pushed to the registry;
-    blobs also copied to a localfs dir for the localfs stand-in nydusd."""
-    d = tmp_path_factory.mktemp("nydus-img")
-    info = convert_nydus_busybox(d, blob_dir=d / "blobs")
-    info["digest"] = push_oci_layout(d / "nydus", "latest", reg.host, "test/busybox-nydus")
-    info["ref"] = f"{reg.host}/test/busybox-nydus:latest"
-    info["blob_dir"] = d / "blobs"
-    info["layout"] = d / "nydus"
-    return info
-
-
-def _blob_gets(reg: RegistryServer) -> list[str]:
-    time.sleep(0.3)
-    return [m.group(0) for line in reg.access_log()
-            if (m := re.search(r'"GET \S*/blobs/(sha256:[0-9a-f]+)', line))]
-
-
-def _rpull(env: ContainerdEnv, ref: str) -> None:
-    out = env.ctr_remote("image", "rpull", "--plain-http", "--snapshotter", SNAPSHOTTER, ref)
-    print(out.stdout)
-    print("labels seen by Prepare:", *env.snapshot_labels_seen(), sep="\n  ")
-
-
-def _remove_image_and_check_clean(env: ContainerdEnv, ref: str) -> None:
-    env.ctr("images", "rm", "--sync", ref)
-    deadline = time.monotonic() + 20
-    while (_snapshots(env) or env.nydusd_pids()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _snapshots(env) == []
-    assert env.nydusd_pids() == []
-    assert mounts_under(env.dir) == []
+def _wait_dead(pid: int, timeout: float = 10.0) -> None:
+    """Until `pid` is gone or a zombie (its mount is then dead: the kernel closed /dev/fuse)."""
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid):
+        assert time.monotonic() < deadline, f"pid {pid} still alive {timeout}s after SIGKILL"
+        time.sleep(0.02)
 
 
 @pytest.fixture()
@@ -153,9 +118,9 @@ def test_nydus_image_runs_from_remote_snapshots_localfs_daemon(bare_env, reg, ny
     env.start_snapshotter()
     env.start_containerd()
     ref = nydus_image["ref"]
-    before = _blob_gets(reg)
-    _rpull(env, ref)
-    gets = _blob_gets(reg)[len(before):]
+    before = blob_gets(reg)
+    rpull(env, ref)
+    gets = blob_gets(reg)[len(before):]
     print("blob GETs during rpull:", *gets, sep="\n  ")
     assert not any(b in g for g in gets for b in nydus_image["blobs"]), "data blobs must not be downloaded"
     assert sum(nydus_image["bootstrap"] in g for g in gets) == 1
@@ -176,7 +141,7 @@ def test_nydus_image_runs_from_remote_snapshots_localfs_daemon(bare_env, reg, ny
     # a dead daemon is restarted (and remounted) by the next snapshotter start
     env.stop_snapshotter()
     os.kill(pid, signal.SIGKILL)
-    time.sleep(0.3)
+    _wait_dead(pid)
     env.start_snapshotter()
     (pid2,) = env.nydusd_pids()
     assert pid2 != pid
@@ -194,11 +159,11 @@ def test_nydus_image_rpull_runs_lazily_from_registry(mode, reg, nydus_image):
         env.start_snapshotter()
         env.start_containerd()
         ref = nydus_image["ref"]
-        before = len(_blob_gets(reg))
-        _rpull(env, ref)
+        before = len(blob_gets(reg))
+        rpull(env, ref)
         out = env.ctr("run", "--snapshotter", SNAPSHOTTER, "--rm", ref, "n1", "/bin/busybox", "echo", "lazy").stdout
         assert out.strip() == "lazy"
-        gets = _blob_gets(reg)[before:]
+        gets = blob_gets(reg)[before:]
         print("blob GETs during rpull + run:", *gets, sep="\n  ")
         big_blob = nydus_image["blobs"][-1]   # the last source layer holds only big.bin
         assert not any(big_blob in g for g in gets), "the unread 24 MiB blob must not be fetched"
@@ -211,33 +176,6 @@ def test_nydus_image_rpull_runs_lazily_from_registry(mode, reg, nydus_image):
 
 # ---------------------------------------------------------------------------- restarts
 
-def _big_md5(n: int, seed: int = 7) -> str:
-    """md5 of the first `n` bytes of /data/big.bin (Content.random: randbytes, 1 MiB at a time)."""
-    import hashlib
-    import random
-    rng = random.Random(seed)
-    h = hashlib.md5()
-    left = n
-    while left > 0:
-        chunk = rng.randbytes(1 << 20)[:left]
-        h.update(chunk)
-        left -= len(chunk)
-    return h.hexdigest()
-
-
-def _exec(env: ContainerdEnv, task: str, exec_id: str, script: str, check: bool = True):
-    return env.ctr("tasks", "exec", "--exec-id", exec_id, task, "/bin/sh", "-c", script, check=check, timeout=60)
-
-
-def _kill_task(env: ContainerdEnv, name: str) -> None:
-    env.ctr("tasks", "kill", "-s", "SIGKILL", name, check=False)
-    for _ in range(50):
-        if env.ctr("tasks", "rm", "-f", name, check=False).returncode == 0:
-            break
-        time.sleep(0.1)
-    env.ctr("containers", "rm", name, check=False)
-
-
 @pytest.mark.parametrize("mode", ["dedicated", "shared"])
 def test_running_container_keeps_reading_its_lazy_rootfs_across_snapshotter_restart(mode, reg, nydus_image):
     """A container runs from a nydus image while the snapshotter stops and starts again: the
@@ -249,28 +187,28 @@ def test_running_container_keeps_reading_its_lazy_rootfs_across_snapshotter_rest
         env.start_snapshotter()
         env.start_containerd()
         ref = nydus_image["ref"]
-        _rpull(env, ref)
+        rpull(env, ref)
         env.ctr("run", "-d", "--snapshotter", SNAPSHOTTER, ref, "long", "/bin/sleep", "300")
         try:
-            assert _exec(env, "long", "e0", "ls /data").stdout.split() == ["big.bin"]
+            assert task_exec(env, "long", "e0", "ls /data").stdout.split() == ["big.bin"]
             pids = sorted(env.nydusd_pids())
             env.stop_snapshotter()
             assert sorted(env.nydusd_pids()) == pids and all(_alive(p) for p in pids)
             # while the snapshotter is down the container still reads (nothing of it is ours)
-            assert _exec(env, "long", "e1", "head -c 1048576 /data/big.bin | md5sum").stdout.split()[0] == _big_md5(1 << 20)
+            assert task_exec(env, "long", "e1", "head -c 1048576 /data/big.bin | md5sum").stdout.split()[0] == _big_md5(1 << 20)
             env.start_snapshotter()
             env.wait_reconnected("long")
             assert "re-attached to" in env.log_tail("snapshotter", 80)
             assert sorted(env.nydusd_pids()) == pids
-            before = len(_blob_gets(reg))
+            before = len(blob_gets(reg))
             # bytes 2..3 MiB: never read before, fetched lazily now
-            out = _exec(env, "long", "e2", "dd if=/data/big.bin bs=1048576 skip=2 count=1 2>/dev/null | md5sum").stdout
+            out = task_exec(env, "long", "e2", "dd if=/data/big.bin bs=1048576 skip=2 count=1 2>/dev/null | md5sum").stdout
             import hashlib
             import random
             rng = random.Random(7)
             third = [rng.randbytes(1 << 20) for _ in range(3)][2]
             assert out.split()[0] == hashlib.md5(third).hexdigest()
-            assert any(nydus_image["blobs"][-1] in g for g in _blob_gets(reg)[before:]), \
+            assert any(nydus_image["blobs"][-1] in g for g in blob_gets(reg)[before:]), \
                 "the read after the restart should fetch from the registry"
             assert "RUNNING" in env.ctr("tasks", "ls").stdout
 
@@ -289,10 +227,10 @@ def test_running_container_keeps_reading_its_lazy_rootfs_across_snapshotter_rest
                               "head -c 1048576 /data/big.bin | md5sum").stdout
                 assert out.split()[0] == _big_md5(1 << 20)
                 # what the running container sees after its daemon died: reported, not asserted
-                r = _exec(env, "long", "e3", "ls /data 2>&1; cat /bin/busybox >/dev/null; echo rc=$?", check=False)
+                r = task_exec(env, "long", "e3", "ls /data 2>&1; cat /bin/busybox >/dev/null; echo rc=$?", check=False)
                 print("running container after a supervisor kill + recovery:", r.returncode, r.stdout, r.stderr)
         finally:
-            _kill_task(env, "long")
+            kill_task(env, "long")
         _remove_image_and_check_clean(env, ref)
         assert nydusd_processes_under(env.dir) == []
 
@@ -415,7 +353,7 @@ def test_remove_and_cleanup_free_daemons_mounts_dirs_and_cache(mode, reg, nydus_
         env.start_containerd()
         a, b = nydus_image, nydus_image2
         for img in (a, b):
-            _rpull(env, img["ref"])
+            rpull(env, img["ref"])
             out = env.ctr("run", "--snapshotter", SNAPSHOTTER, "--rm", img["ref"], "r", "/bin/sh", "-c",
                           "head -c 1048576 /data/big.bin | md5sum; ls /bin/busybox").stdout
             assert out.split()[-1] == "/bin/busybox"
@@ -503,7 +441,7 @@ def test_snapshot_info_usage_labels_and_list_filters_as_containerd_sees_them(env
     labels = _json.loads(env.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "info", "work").stdout).get("Labels") or {}
     assert "team" not in labels
 
-    _rpull(env, nydus_image["ref"])
+    rpull(env, nydus_image["ref"])
     with _grpc.insecure_channel(f"unix:{env.snap_address}") as ch:
         stub = pbg.SnapshotsStub(ch)
 

@@ -17,14 +17,11 @@ from pathlib import Path
 import pytest
 
 from nydus_py.daemon.api import get_json
-from tests.e2e import test_containerd as base
-from tests.fixtures.containerd import SNAPSHOTTER, ContainerdEnv, nydusd_processes_under
+from tests.fixtures.containerd import (SNAPSHOTTER, ContainerdEnv, big_md5, kill_task, nydusd_processes_under,
+                                       remove_image_and_check_clean, rpull)
 from tests.fixtures.registry import Fault, FaultProxy
 
 pytestmark = pytest.mark.e2e
-reg = base.reg                      # module fixtures: the registry and the converted image
-nydus_image = base.nydus_image
-_big_md5, _kill_task, _rpull = base._big_md5, base._kill_task, base._rpull
 BIG = 24 << 20
 TIMEOUT = 60.0
 
@@ -150,9 +147,9 @@ def test_running_container_reads_on_across_daemon_kills_snapshotter_kills_and_up
         env.start_snapshotter()
         env.start_containerd()
         ref = nydus_image["ref"]
-        _rpull(env, ref)
+        rpull(env, ref)
         env.ctr("run", "-d", "--snapshotter", SNAPSHOTTER, ref, "reader", "/bin/sh", "-c",
-                READER.format(md5=_big_md5(BIG)))
+                READER.format(md5=big_md5(BIG)))
         try:
             w = Watched(env)
             w.advance(1)
@@ -190,8 +187,8 @@ def test_running_container_reads_on_across_daemon_kills_snapshotter_kills_and_up
             if mode == "dedicated":
                 assert "restarting" not in env.log_tail("snapshotter", 400)
         finally:
-            _kill_task(env, "reader")
-        base._remove_image_and_check_clean(env, ref)      # supervisors and daemons stop too
+            kill_task(env, "reader")
+        remove_image_and_check_clean(env, ref)      # supervisors and daemons stop too
         assert nydusd_processes_under(env.dir) == []
 
 
@@ -207,9 +204,9 @@ def test_read_in_flight_when_the_daemon_is_killed_is_answered(mode, reg, nydus_i
             env.start_snapshotter()
             env.start_containerd()
             ref = nydus_image["ref"].replace(reg.host, proxy.host)
-            _rpull(env, ref)
+            rpull(env, ref)
             env.ctr("run", "-d", "--snapshotter", SNAPSHOTTER, ref, "reader", "/bin/sh", "-c",
-                    READER.format(md5=_big_md5(BIG)))
+                    READER.format(md5=big_md5(BIG)))
             try:
                 w = Watched(env)
                 pid = the_daemon(env)
@@ -226,7 +223,7 @@ def test_read_in_flight_when_the_daemon_is_killed_is_answered(mode, reg, nydus_i
                 w.advance(2)
                 assert proxy.count("GET", r"/blobs/sha256:") >= 2
             finally:
-                _kill_task(env, "reader")
+                kill_task(env, "reader")
     finally:
         proxy.close()
 

@@ -8,43 +8,17 @@ import json
 import os
 import subprocess
 import time
-import sys
 from pathlib import Path
 
 import pytest
 
 from converter.compare import compare_trees
+from tests.fixtures.cli import Mount, nydusify
 from tests.fixtures.imagegen import (Image, Layer, busybox_image, feature_image, large_image,
                                      whiteout_image)
 from tests.fixtures.umoci import umoci_reference
 
 pytestmark = pytest.mark.e2e
-
-VENV_BIN = Path(sys.executable).parent
-
-
-def nydusify(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([str(VENV_BIN / "nydusify"), *args], capture_output=True, text=True)
-    if check and r.returncode != 0:
-        raise AssertionError(f"nydusify {' '.join(args)} failed: {r.stderr}")
-    return r
-
-
-class Mount:
-    def __init__(self, image: str, mnt: Path, cache: Path):
-        self.args = [str(VENV_BIN / "nydusd"), "mount", "--image", image, "--cache-dir", str(cache),
-                     "--daemon", str(mnt)]
-        self.mnt = mnt
-
-    def __enter__(self) -> Path:
-        self.mnt.mkdir(exist_ok=True)
-        r = subprocess.run(self.args, capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0, r.stderr
-        assert os.path.ismount(self.mnt)
-        return self.mnt
-
-    def __exit__(self, *exc) -> None:
-        subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
 
 
 def cache_bytes(cache: Path) -> int:

@@ -15,10 +15,10 @@ from nydus_py.oci import mediatypes as mt
 from nydus_py.oci.auth import Credentials
 from nydus_py.oci.layout import OCILayout
 from nydus_py.oci.registry import RegistryClient, RegistryConfig
-from tests.e2e.test_convert_mount import nydusify
+from tests.fixtures.cli import nydusify
 from tests.fixtures.containerd import push_oci_layout
 from tests.fixtures.imagegen import feature_image, whiteout_image
-from tests.fixtures.registry import USERS, basic_registry, registry  # noqa: F401 (fixtures)
+from tests.fixtures.registry import USERS
 
 pytestmark = pytest.mark.e2e
 

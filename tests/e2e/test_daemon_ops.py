@@ -9,15 +9,12 @@ hits, prefetch progress), so a test cannot pass by accident through the page cac
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 import random
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,126 +23,22 @@ import pytest
 
 from nydus_py.daemon.api import call_sync, get_json
 from nydus_py.format.bootstrap import Bootstrap
+from tests.fixtures.daemon import (
+    CHUNK,
+    VENV_BIN,
+    Daemon,
+    backend_reads,
+    force_unmount,
+    mounted,
+    nydusd_cmd,
+    rand_bytes,
+    read_all,
+    src_args,
+    wait_for,
+)
 from tests.fixtures.nydus_build import build
 
 pytestmark = pytest.mark.e2e
-
-VENV_BIN = Path(sys.executable).parent
-CHUNK = 64 << 10
-TIMEOUT = 20.0
-
-
-# -- helpers --------------------------------------------------------------------------------------
-def nydusd_cmd() -> list[str]:
-    exe = VENV_BIN / "nydusd"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "nydus_py.daemon.cli"]
-
-
-def mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
-
-
-def force_unmount(path: Path) -> None:
-    for _ in range(3):
-        if not mounted(path):
-            return
-        subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True)
-
-
-def wait_for(cond, what: str, timeout: float = TIMEOUT, log: Path | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    extra = f"\n{log.read_text()}" if log is not None and log.exists() else ""
-    pytest.fail(f"timed out waiting for {what}{extra}")
-
-
-class Daemon:
-    """`nydusd mount ... --apisock SOCK MNT` in the foreground, with API helpers."""
-
-    def __init__(self, tmp: Path, *args: str, name: str = "d", mnt: Path | None = None):
-        self.mnt = mnt or tmp / f"mnt-{name}"
-        self.sock = tmp / f"{name}.sock"
-        self.log = tmp / f"{name}.log"
-        self.args = args
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "Daemon":
-        self.mnt.mkdir(exist_ok=True)
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([*nydusd_cmd(), "mount", "--apisock", str(self.sock),
-                                          *self.args, str(self.mnt)],
-                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-        def ready():
-            if self.proc.poll() is not None:
-                pytest.fail(f"nydusd exited {self.proc.returncode}: {self.log.read_text()}")
-            try:
-                return self.sock.exists() and self.api("/api/v1/daemon")["state"] == "RUNNING"
-            except OSError:
-                return False
-        wait_for(ready, "daemon ready", log=self.log)
-        assert mounted(self.mnt)
-        return self
-
-    def api(self, target: str, method: str = "GET", body=None):
-        status, doc = get_json(str(self.sock), target, method, body)
-        assert status in (200, 204), (target, status, doc)
-        return doc
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if sig != signal.SIGKILL:
-            force_unmount(self.mnt)
-        return self.proc.returncode
-
-    def __enter__(self) -> "Daemon":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.stop()
-        force_unmount(self.mnt)
-
-
-def rand_bytes(n: int, seed: int) -> bytes:
-    return random.Random(seed).randbytes(n)
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    """~3.5 MiB of incompressible files in one blob: big/ (prefetch material), small/."""
-    root = tmp_path_factory.mktemp("img")
-    files = {f"big/b{i}": rand_bytes(768 << 10, i) for i in range(4)}
-    files.update({f"small/s{i:03d}": rand_bytes(1000 + 3001 * i, 100 + i) for i in range(60)})
-    b = build(files, chunk_size=CHUNK)
-    b.write(root / "blobs", root / "bootstrap")
-    return root, b
-
-
-def src_args(image) -> list[str]:
-    root, _ = image
-    return ["--bootstrap", str(root / "bootstrap"), "--blob-dir", str(root / "blobs")]
-
-
-def read_all(mnt: Path, built) -> None:
-    for path, data in built.files.items():
-        assert (mnt / path).read_bytes() == data, path
-
-
-def backend_reads(d: Daemon) -> int:
-    return d.api("/api/v1/metrics/backend")["read_count"]
 
 
 # -- cache: persistence, repair, limit, gc ------------------------------------------------------
@@ -298,8 +191,8 @@ def test_api_endpoints_return_the_documented_fields(tmp_path, image):
         pf = d.api("/api/v1/metrics/prefetch")   # only the learned-list lookup runs: it finds none
         assert pf.get("planned_chunks", 0) == 0 and pf.get("fetched_chunks", 0) == 0, pf
         status, text = call_sync(str(d.sock), "GET", "/metrics")
-        assert status == 200 and b"# TYPE nydus_fs_read_latency histogram" in text
-        assert b"nydus_backend_read_count " in text and b"nydus_blobcache_hits " in text
+        assert status == 200 and b"# TYPE nydus_fs_read_latency_seconds histogram" in text
+        assert b"nydus_backend_read_count_total " in text and b"nydus_blobcache_hits_total " in text
         assert get_json(str(d.sock), "/api/v1/nope")[0] == 404
         assert get_json(str(d.sock), "/api/v1/metrics", "DELETE")[0] == 405
         assert get_json(str(d.sock), "/api/v1/mount?mountpoint=/x", "POST", {})[0] == 501
@@ -502,8 +395,8 @@ def test_one_daemon_serves_several_mounts_through_the_api(tmp_path, image):
         assert both["read_count"] == one["read_count"] + two["read_count"] > 0
         assert get_json(str(sock), "/api/v1/metrics/pattern")[1][str(m1)][0]["path"]
         st, text = call_sync(str(sock), "GET", "/metrics")
-        assert f'nydus_fs_read_count{{mountpoint="{m1}"}}'.encode() in text
-        assert f'nydus_fs_read_count{{mountpoint="{m2}"}}'.encode() in text
+        assert f'nydus_fs_read_count_total{{mountpoint="{m1}"}}'.encode() in text
+        assert f'nydus_fs_read_count_total{{mountpoint="{m2}"}}'.encode() in text
         # a crashed mount is restarted, its stale mountpoint cleared
         os.kill(info2["pid"], signal.SIGKILL)
         wait_for(lambda: any(x["state"] == "RUNNING" and x["restarts"] == 1 and x["pid"] != info2["pid"]

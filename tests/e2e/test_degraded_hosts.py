@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_daemon_ops import Daemon, backend_reads, force_unmount, nydusd_cmd
+from tests.fixtures.daemon import Daemon, backend_reads, force_unmount, nydusd_cmd
 from tests.fixtures.containerd import push_oci_layout
 from tests.fixtures.imagegen import Image, Layer
 from tests.fixtures.nydus_build import build

@@ -12,16 +12,13 @@ from pathlib import Path
 import pytest
 
 from nydus_py.daemon.api import call_sync, get_json
-from tests.e2e import test_daemon_ops as daemon_ops
-from tests.e2e.test_daemon_ops import (
+from tests.fixtures.daemon import (
     force_unmount,
     mounted,
     nydusd_cmd,
     read_all,
     wait_for,
 )
-
-image = daemon_ops.image    # the same module-scoped image fixture
 
 pytestmark = pytest.mark.e2e
 

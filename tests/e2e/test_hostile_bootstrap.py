@@ -16,7 +16,7 @@ import msgpack
 import pytest
 
 from nydus_py.format.bootstrap import Bootstrap
-from tests.e2e.test_daemon_ops import Daemon, mounted, nydusd_cmd, wait_for
+from tests.fixtures.daemon import Daemon, mounted, nydusd_cmd, read_errno, wait_for
 from tests.fixtures.nydus_build import build
 
 pytestmark = pytest.mark.e2e
@@ -37,14 +37,6 @@ def with_prefetch(bootstrap: bytes, paths: list[str], bad_ref: str | None = None
         refs[start * 4:start * 4 + 4] = (10**6).to_bytes(4, "little")
         doc["chunk_refs"] = bytes(refs)
     return msgpack.packb(doc, use_bin_type=True)
-
-
-def read_errno(path: Path) -> int | None:
-    try:
-        path.read_bytes()
-    except OSError as e:
-        return e.errno
-    return None
 
 
 def test_bad_chunk_on_the_prefetch_list_is_counted_not_fatal(tmp_path):

@@ -18,8 +18,8 @@ from nydus_py.oci import mediatypes as mt
 from nydus_py.oci import referrers
 from nydus_py.oci.layout import Descriptor
 from nydus_py.oci.registry import RegistryClient, RegistryConfig
-from tests.e2e.test_convert_mount import nydusify
-from tests.e2e.test_daemon_ops import Daemon, wait_for
+from tests.fixtures.cli import nydusify
+from tests.fixtures.daemon import Daemon, wait_for
 from tests.fixtures.containerd import push_oci_layout
 from tests.fixtures.imagegen import Image, Layer
 from tests.fixtures.registry import Fault, FaultProxy, RegistryServer

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fs.rich_image import BIG_DIR_ENTRIES, CAP_NET_RAW_EP, MTIME, build_rich
+from nydus_py import mountinfo
+from tests.fixtures.rich_image import BIG_DIR_ENTRIES, CAP_NET_RAW_EP, MTIME, build_rich
 
 pytestmark = pytest.mark.e2e
 
@@ -36,21 +37,15 @@ def nydusd_cmd() -> list[str]:
     return [sys.executable, "-m", "nydus_py.daemon.cli"]
 
 
-def mount_entry(path: Path) -> str | None:
-    """The /proc/self/mountinfo line for `path` (works for stale mounts too, unlike ismount)."""
-    target = os.path.realpath(path)
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            if line.split()[4].encode().decode("unicode_escape") == target:
-                found = line
-    return found
+def mount_entry(path: Path) -> mountinfo.MountEntry | None:
+    """The mountinfo entry for `path` (works for stale mounts too, unlike ismount)."""
+    return mountinfo.find(os.path.realpath(path))
 
 
 def mount_options(path: Path) -> tuple[str, set[str]]:
-    left, _, right = mount_entry(path).partition(" - ")
-    fstype, _source, super_opts = right.split()[:3]
-    return fstype, set(left.split()[5].split(",")) | set(super_opts.split(","))
+    e = mount_entry(path)
+    assert e is not None, f"{path} is not mounted"
+    return e.fstype, set(e.options) | set(e.super_options)
 
 
 def force_unmount(path: Path) -> None:
@@ -337,13 +332,14 @@ def test_daemon_mode_reports_errors_from_the_child(tmp_path):
 
 def test_stale_mountpoint_is_recovered_after_kill_9(oci_image, tmp_path):
     mnt = tmp_path / "mnt"
-    with nydusd(mnt, "--image", f"oci:{oci_image}:v1", log=tmp_path / "log1") as proc:
+    cache = ("--cache-dir", str(tmp_path / "cache"))   # a killed daemon cannot remove a temporary cache
+    with nydusd(mnt, "--image", f"oci:{oci_image}:v1", *cache, log=tmp_path / "log1") as proc:
         proc.kill()
         proc.wait()
         with pytest.raises(OSError) as ei:
             os.statvfs(mnt)     # not listdir: the kernel may answer a listing from its cache
         assert ei.value.errno == errno.ENOTCONN
-        with nydusd(mnt, "--image", f"oci:{oci_image}:v1", log=tmp_path / "log2"):
+        with nydusd(mnt, "--image", f"oci:{oci_image}:v1", *cache, log=tmp_path / "log2"):
             assert (mnt / "etc/hostname").read_bytes() == b"nydus\n"
     assert mount_entry(mnt) is None
 

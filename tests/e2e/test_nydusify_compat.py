@@ -15,8 +15,6 @@ from nydus_py.oci.layout import OCILayout
 from tests.fixtures.containerd import push_oci_layout
 from tests.fixtures.imagegen import feature_image, whiteout_image
 from tests.fixtures.mounts import command, running
-from tests.fixtures.registry import registry  # noqa: F401  (fixture)
-from tests.fixtures.s3 import moto_s3  # noqa: F401  (fixture)
 from tests.fixtures.umoci import umoci_reference
 
 pytestmark = pytest.mark.e2e
@@ -96,7 +94,7 @@ def test_target_suffix_names_the_target_after_the_source(src, tmp_path):
 
 
 @pytest.mark.parametrize("flag, value", [("--fs-version", "6"), ("--oci-ref", None), ("--oci", None),
-                                         ("--batch-size", "0x100000"), ("--build-cache", "r/c:1"),
+                                         ("--build-cache", "r/c:1"),
                                          ("--docker-v2-format", None), ("--nydus-image", "/bin/x")])
 def test_nydusify_flags_without_meaning_are_refused_in_one_line(src, tmp_path, flag, value):
     r = nydusify("convert", "--source", f"oci:{src}:v1", "--target", f"oci:{tmp_path}/d:x", flag,
@@ -115,7 +113,7 @@ def test_sizes_in_flags(src, tmp_path):
 
 
 # -- registry: copy, check by subject, mount ------------------------------------------------------
-def test_copy_registry_to_registry_and_layout_then_mount(src, tmp_path, registry):  # noqa: F811
+def test_copy_registry_to_registry_and_layout_then_mount(src, tmp_path, registry):
     push_oci_layout(src, "v1", registry.host, "compat/app")
     nydusify("convert", "--source", f"{registry.host}/compat/app:v1", "--source-insecure",
              "--target", f"{registry.host}/compat/app:v1-nydus", "--target-insecure", "--quiet")
@@ -143,7 +141,7 @@ def test_copy_registry_to_registry_and_layout_then_mount(src, tmp_path, registry
         assert (mnt2 / "etc/hostname").read_bytes() == (ref.rootfs / "etc/hostname").read_bytes()
 
 
-def test_s3_image_mounts_by_reference_with_the_configs_backend(src, tmp_path, moto_s3):  # noqa: F811
+def test_s3_image_mounts_by_reference_with_the_configs_backend(src, tmp_path, moto_s3):
     moto_s3.client().create_bucket(Bucket="compat")
     conf = moto_s3.backend_config("compat", object_prefix="n/")
     nydusify("convert", "--source", f"oci:{src}:v1", "--target", f"oci:{tmp_path}/dst:s3",
@@ -187,7 +185,7 @@ def _mount_compare(tmp_path, image: str, src_layout, src_tag, name, *extra):
         assert compare_trees(ref.rootfs, mnt, ignore_mtime=ref.volatile_mtimes) == []
 
 
-def test_all_platforms_and_platform_list_give_an_index(tmp_path, registry):  # noqa: F811
+def test_all_platforms_and_platform_list_give_an_index(tmp_path, registry):
     amd, arm = _multi(tmp_path)
     out = tmp_path / "out.json"
     nydusify("convert", "--source", f"oci:{tmp_path}/multi:m", "--target", f"oci:{tmp_path}/n:m",
@@ -223,7 +221,7 @@ def test_all_platforms_and_platform_list_give_an_index(tmp_path, registry):  # n
     assert len(json.loads(data)["manifests"]) == 2
 
 
-def test_nydus_sample_registry_config_without_host_mounts_by_reference(src, tmp_path, registry):  # noqa: F811
+def test_nydus_sample_registry_config_without_host_mounts_by_reference(src, tmp_path, registry):
     push_oci_layout(src, "v1", registry.host, "compat/sample")
     nydusify("convert", "--source", f"{registry.host}/compat/sample:v1", "--source-insecure",
              "--target", f"{registry.host}/compat/sample:n", "--target-insecure", "--quiet")

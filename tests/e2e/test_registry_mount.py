@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_convert_mount import nydusify
+from tests.fixtures.cli import nydusify
 from tests.fixtures.containerd import push_oci_layout
 from tests.fixtures.imagegen import Content, Image, Layer
 from tests.fixtures.registry import Fault, FaultProxy, RegistryServer

@@ -13,9 +13,8 @@ import pytest
 from converter.compare import compare_trees
 from nydus_py.oci.layout import OCILayout
 from tests.fixtures.umoci import umoci_reference
-from tests.e2e.test_convert_mount import nydusify
+from tests.fixtures.cli import nydusify
 from tests.fixtures.imagegen import feature_image
-from tests.fixtures.s3 import moto_s3  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
@@ -88,7 +87,7 @@ def _mount_s3_and_compare(tmp_path: Path, layout_dir: Path, tag: str, src: Path,
 def test_chunk_dicts_with_s3_blobs_store_only_new_chunks_and_mount(tmp_path, moto_s3):
     """A series into S3: b uses a (itself S3-backed) as its dictionary; c uses a's S3-backed
     image and an ordinary image (blobs in the layout, copied into S3) as two dictionaries."""
-    from tests.e2e.test_chunk_dict import app_layer, base_layer, extra_layer
+    from tests.fixtures.chunk_dict import app_layer, base_layer, extra_layer
     from tests.fixtures.imagegen import Image
     client = moto_s3.client()
     client.create_bucket(Bucket="series")

@@ -72,7 +72,7 @@ class Hang(BaseException):
 def original() -> bytes:
     global _ORIGINAL
     if _ORIGINAL is None:
-        from tests.fs.rich_image import build_rich
+        from tests.fixtures.rich_image import build_rich
         r = build_rich()
         doc = msgpack.unpackb(r.bootstrap, raw=False)
         bs = Bootstrap.from_bytes(r.bootstrap)
@@ -82,7 +82,7 @@ def original() -> bytes:
 
 
 def rich_blob() -> tuple[str, bytes]:
-    from tests.fs.rich_image import build_rich
+    from tests.fixtures.rich_image import build_rich
     r = build_rich()
     return r.blob_id, r.blob
 

@@ -11,8 +11,7 @@ import trio
 from nydus_py.format.bootstrap import ROOT_INO, Bootstrap
 from nydus_py.fs.ops import TIMEOUT, NydusOperations
 from nydus_py.fs.vfs import Vfs
-from tests.fs.rich_image import build_rich
-from tests.fs.test_vfs import FakeReader
+from tests.fixtures.rich_image import FakeReader, build_rich
 
 
 @pytest.fixture(scope="module")

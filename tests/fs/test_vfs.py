@@ -8,29 +8,9 @@ import stat
 import pytest
 import trio
 
-from nydus_py.errors import IntegrityError
 from nydus_py.format.bootstrap import ROOT_INO, Bootstrap
 from nydus_py.fs.vfs import FsError, Vfs
-from tests.fs.rich_image import BIG_DIR_ENTRIES, CHUNK, MTIME, build_rich
-
-
-class FakeReader:
-    """Serves file content from a path→bytes map; can be told to fail for one inode."""
-
-    def __init__(self, boot: Bootstrap, files: dict[str, bytes]):
-        self.by_ino = {}
-        for path, ino in boot.iter_paths():
-            name = path.decode("utf-8", "surrogateescape").lstrip("/")
-            if name in files:
-                self.by_ino[ino] = files[name]
-        self.fail: set[int] = set()
-        self.calls = []
-
-    async def read(self, ino, offset, size):
-        self.calls.append((ino, offset, size))
-        if ino in self.fail:
-            raise IntegrityError(f"blob sha256:abc chunk 3: digest mismatch")
-        return self.by_ino[ino][offset:offset + size]
+from tests.fixtures.rich_image import BIG_DIR_ENTRIES, CHUNK, MTIME, FakeReader, build_rich
 
 
 @pytest.fixture(scope="module")

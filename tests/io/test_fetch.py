@@ -5,7 +5,13 @@ import pytest
 from nydus_py.errors import IntegrityError
 from nydus_py.format import compression
 from nydus_py.format.bootstrap import BlobInfo, Chunk
-from nydus_py.io.fetch import Range, decode_chunk, extend_forward, plan_ranges
+from nydus_py.io.fetch import (
+    Range,
+    decode_chunk,
+    extend_forward,
+    own_first,
+    plan_ranges,
+)
 
 
 def ch(blob, index, comp_offset, comp_size):
@@ -43,6 +49,22 @@ def test_extend_forward_stops_at_limit_gap_or_rejected_chunk():
     assert extend_forward(r, following, max_gap=0, limit=1000, accept=lambda c: c.index != 3) == 2
     r = Range(0, 0, 100, [ch(0, 0, 0, 100)])
     assert extend_forward(r, [ch(0, 1, 500, 10)], max_gap=16, limit=1000, accept=lambda c: True) == 0
+
+
+def test_own_first_passes_the_files_next_chunks_and_other_files_within_a_budget():
+    following = [ch(0, i, i * 100, 100) for i in range(1, 10)]
+    ids = [c.id for c in following]
+    # the file's next chunks are 1, 2, 3; chunk 4 on belongs to other files
+    assert [c.index for c in own_first(following, ids[:3], 0)] == [1, 2, 3]
+    assert [c.index for c in own_first(following, ids[:3], 250)] == [1, 2, 3, 4, 5]
+    # another file's chunk in between costs budget but does not end the file's run
+    assert [c.index for c in own_first(following, [ids[0], ids[2]], 100)] == [1, 2, 3]
+    assert [c.index for c in own_first(following, [ids[0], ids[2]], 99)] == [1]
+    # a file whose next chunk lies elsewhere (deduplicated) gets nothing but the budget
+    assert [c.index for c in own_first(following, [999], 0)] == []
+    r = Range(0, 0, 100, [ch(0, 0, 0, 100)])
+    assert extend_forward(r, own_first(following, ids[:2], 0), max_gap=0, limit=1 << 20,
+                          accept=lambda c: True) == 2
 
 
 def test_decode_chunk_verifies_digest_and_sizes():

@@ -1,5 +1,8 @@
 import threading
 
+from prometheus_client.parser import text_string_to_metric_families
+
+from nydus_py import prometheus
 from nydus_py.metrics import Metrics
 
 
@@ -29,10 +32,18 @@ def test_histogram_buckets_and_prometheus_text():
     assert snap["counts"][0] == 1 and snap["counts"][-1] == 1
     assert snap["counts"][snap["le"].index(0.0005)] == 2
     m.blobcache.gauge("used_bytes").set(42)
-    text = m.render_prometheus()
-    assert 'nydus_fs_read_latency_bucket{le="+Inf"} 5' in text
-    assert 'nydus_fs_read_latency_bucket{le="0.0005"} 3' in text
-    assert "# TYPE nydus_blobcache_used_bytes gauge\nnydus_blobcache_used_bytes 42" in text
+    m.backend.inc("read_count", 7)
+    text = prometheus.text(m)
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    lat = fams["nydus_fs_read_latency_seconds"]
+    assert lat.type == "histogram" and lat.documentation == "latency of FUSE reads (seconds)"
+    buckets = {s.labels["le"]: s.value for s in lat.samples if s.name.endswith("_bucket")}
+    assert buckets["+Inf"] == 5 and buckets["0.0005"] == 3
+    assert fams["nydus_blobcache_used_bytes"].type == "gauge"
+    assert fams["nydus_blobcache_used_bytes"].samples[0].value == 42
+    c = fams["nydus_backend_read_count"]
+    assert c.type == "counter" and c.samples[0].name == "nydus_backend_read_count_total" and c.samples[0].value == 7
+    assert "# HELP nydus_backend_read_count_total requests to the storage backend" in text
 
 
 def test_group_inc_is_what_the_vfs_calls():

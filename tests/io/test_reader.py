@@ -3,8 +3,6 @@ real worker threads. Backend traffic is counted by MeteredBackend (metrics.backe
 
 from __future__ import annotations
 
-import hashlib
-import os
 import random
 import time
 from pathlib import Path
@@ -19,6 +17,7 @@ from nydus_py.errors import BackendError, BlobNotFoundError, IntegrityError
 from nydus_py.format.bootstrap import ROOT_INO, Bootstrap
 from nydus_py.io.reader import FileReader
 from nydus_py.metrics import Metrics
+from nydus_py.retry import RetryPolicy
 from nydus_py.storage.localfs import LocalFsBackend
 from nydus_py.storage.wrappers import MeteredBackend, RetryingBackend
 from tests.fixtures.nydus_build import build
@@ -105,7 +104,7 @@ def test_deduplicated_chunks_are_fetched_once(tmp_path):
     assert img.read("b", 0, CS) == block          # same chunk: cache hit
     assert img.read("b", 0, 2 * CS) == files["b"]
     assert img.read("a", CS - 10, CS + 20) == files["a"][CS - 10:2 * CS + 10]  # one chunk, 3 spans
-    assert img.requests == 1   # b's other chunk came with the first read (amplify_io)
+    assert img.requests == 2   # b's own chunk is not a's: amplify_io stays within "a"
     assert img.metrics.fs.value("chunk_hits") >= 2
 
 
@@ -140,6 +139,58 @@ def test_amplify_io_reads_ahead_over_following_uncached_chunks(tmp_path):
     assert img.requests == 1                                 # all from the cache
     assert img.read("f", 8 * CS, 8 * CS) == data[8 * CS:]
     assert img.requests == 2
+
+
+def test_amplify_io_reads_ahead_the_files_own_chunks_not_the_files_after_it(tmp_path):
+    # small files lie back to back in tar (= blob) order; a miss on one must not pull the
+    # next ones in (a cold python start fetched 1400 such chunks for 18 misses)
+    files = {f"lib/m{i:02d}.py": incompressible(CS // 2, 30 + i) for i in range(8)}
+    files["lib/big"] = incompressible(4 * CS, 40)
+    img = Image(tmp_path, files, amplify_io=1 << 20)
+    assert img.read("lib/m03.py", 0, CS) == files["lib/m03.py"]
+    (m03,) = img.chunks_of("lib/m03.py")
+    assert img.requests == 1 and img.fetched == m03.comp_size
+    assert img.metrics.fs.value("readahead_chunks") == 0
+    big = img.chunks_of("lib/big")
+    assert img.read("lib/big", 0, 100) == files["lib/big"][:100]
+    assert img.requests == 2 and img.fetched == m03.comp_size + sum(c.comp_size for c in big)
+    assert img.metrics.fs.value("readahead_chunks") == 3          # its own chunks 1..3
+    assert img.read("lib/m04.py", 0, CS) == files["lib/m04.py"]   # not read ahead: a miss
+    assert img.requests == 3
+
+
+def test_readahead_other_bytes_lets_a_small_budget_of_following_files_in(tmp_path):
+    files = {f"lib/m{i:02d}.py": incompressible(CS // 2, 50 + i) for i in range(8)}
+    budget = 2 * (CS // 2)     # room for two of the following files, not three
+    img = Image(tmp_path, files, amplify_io=1 << 20)
+    img.reader.readahead_other_bytes = budget
+    assert img.read("lib/m01.py", 0, CS) == files["lib/m01.py"]
+    assert img.requests == 1 and img.metrics.fs.value("readahead_chunks") == 2
+    assert img.read("lib/m02.py", 0, CS) == files["lib/m02.py"]
+    assert img.read("lib/m03.py", 0, CS) == files["lib/m03.py"]
+    assert img.requests == 1
+    assert img.read("lib/m04.py", 0, CS) == files["lib/m04.py"]
+    assert img.requests == 2
+
+
+def test_misses_that_walk_the_blob_in_file_order_read_other_files_ahead(tmp_path):
+    # reading a tree in tar order (cold `cat`, an image scan): the second miss right after the
+    # first one's range lets the following files in; a miss elsewhere in the blob resets it
+    files = {f"d/m{i:03d}": incompressible(CS // 2, 60 + i) for i in range(300)}
+    img = Image(tmp_path, files, amplify_io=1 << 20)
+    names = sorted(files)
+    assert [img.chunks_of(n)[0].index for n in names] == list(range(300))     # tar order
+    for n in names[:2]:
+        assert img.read(n, 0, CS) == files[n]
+    assert img.requests == 2                        # m000 alone, m001 + 128 KiB of the next
+    assert img.metrics.fs.value("readahead_chunks") == (128 << 10) // (CS // 2)
+    for n in names[2:66]:
+        assert img.read(n, 0, CS) == files[n]
+    assert img.requests == 2
+    assert img.read(names[66], 0, CS) == files[names[66]]                   # 256 KiB next
+    assert img.requests == 3
+    assert img.read(names[250], 0, CS) == files[names[250]]                 # a jump
+    assert img.requests == 4 and img.fetched == 4 * (CS // 2) + (128 << 10) + (256 << 10)
 
 
 def test_sequential_reads_fetch_the_files_next_chunks_in_the_background_concurrently(tmp_path):
@@ -295,7 +346,7 @@ class Flaky:
 def test_transient_backend_errors_are_retried(tmp_path):
     data = compressible(2 * CS, 60)
     img = Image(tmp_path, {"f": data}, wrap=Flaky)
-    img.reader.backend = RetryingBackend(img.backend, retry_limit=3, backoff=0, sleep=lambda s: None)
+    img.reader.backend = RetryingBackend(img.backend, RetryPolicy(limit=3, backoff=0, sleep=lambda s: None))
     assert img.read("f", 0, 2 * CS) == data
     assert img.metrics.backend.value("read_errors") == 2
     assert img.requests == 3

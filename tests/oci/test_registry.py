@@ -1,8 +1,8 @@
 """RegistryClient against a real docker-registry process on 127.0.0.1 (plus proxies)."""
 
+import dataclasses
 import os
 import threading
-import time
 
 import pytest
 
@@ -12,8 +12,8 @@ from nydus_py.oci import mediatypes as mt
 from nydus_py.oci.auth import Credentials
 from nydus_py.oci.layout import canonical_json
 from nydus_py.oci.registry import RegistryClient, RegistryConfig
-from tests.fixtures.registry import (USERS, Fault, FaultProxy, basic_registry, fault_proxy,  # noqa: F401
-                                     registry, tls_registry, token_registry)
+from nydus_py.retry import RetryPolicy
+from tests.fixtures.registry import USERS, Fault, FaultProxy
 
 ALICE = Credentials("alice", USERS["alice"])
 BLOB = os.urandom(300_000) + b"tail-marker"
@@ -21,9 +21,10 @@ BLOB_D = dg.of_bytes(BLOB)
 
 
 def client(host: str, **kw) -> RegistryClient:
-    kw.setdefault("backoff_base", 0.01)
+    """A client whose retries do not sleep (the schedule itself is tested in tests/test_retry.py)."""
     kw.setdefault("timeout", 5.0)
-    return RegistryClient(config=RegistryConfig(host=host, scheme="http", **kw))
+    cfg = RegistryConfig(host=host, scheme="http", **kw)
+    return RegistryClient(config=cfg, retry=dataclasses.replace(cfg.retry_policy(), sleep=lambda s: None))
 
 
 def push(c: RegistryClient, repo: str, data: bytes = BLOB) -> str:
@@ -204,7 +205,7 @@ def test_expired_token_is_fetched_again(token_registry):
     iss = token_registry.issuer
     c = client(token_registry.host, credentials=ALICE)
     now = [1000.0]
-    c.auth._clock = lambda: now[0]
+    c.transport.auth._clock = lambda: now[0]
     assert c.head_blob("t/expiry", BLOB_D) is None
     iss.requests.clear()
     now[0] += iss.expires_in - 60          # still valid: cached
@@ -362,10 +363,11 @@ def test_retry_limit_exhausted_is_a_transient_backend_error(fault_proxy, pushed)
 
 def test_429_honours_retry_after(fault_proxy, pushed):
     fault_proxy.add(Fault.http(429, retry_after="1"), method="GET", path="/blobs/", times=1)
-    c = client(fault_proxy.host)
-    t0 = time.monotonic()
+    sleeps: list[float] = []
+    c = RegistryClient(config=RegistryConfig(host=fault_proxy.host, scheme="http"),
+                       retry=RetryPolicy(sleep=sleeps.append))
     assert c.read_range(pushed, BLOB_D, 0, 10) == BLOB[:10]
-    assert time.monotonic() - t0 >= 0.9
+    assert sleeps == [1.0]
 
 
 @pytest.mark.parametrize("fault", [Fault.truncate(keep=7), Fault.reset()], ids=["truncated", "reset"])

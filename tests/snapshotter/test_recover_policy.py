@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from nydus_py.snapshotter.remote import DaemonManager, RemoteConfig, Resolver
+from nydus_py.snapshotter.daemons import DaemonManager
+from nydus_py.snapshotter.remote import RemoteConfig
+from nydus_py.snapshotter.resolver import Resolver
 from nydus_py.snapshotter.store import ImageRecord, Store
 
 
@@ -28,8 +30,9 @@ def record(tmp_path, image_id: str = "ab" * 32) -> ImageRecord:
 def test_failover_runs_each_dedicated_daemon_under_a_supervisor(manager, tmp_path):
     cmd = manager._command(record(tmp_path))
     assert cmd[cmd.index("--supervisor") + 1].endswith("/supervisor.sock") and "--failover" in cmd
+    assert cmd.count("--apisock") == 1      # the daemon's socket is the one Cleanup knows
     sock = cmd[cmd.index("--apisock") + 1]
-    assert len(sock.encode()) < 108 and sock.startswith(str(tmp_path / "sock"))
+    assert len(sock.encode()) < 108 and sock == str(manager.api_sock(record(tmp_path).id))
     assert cmd[-1] == str(tmp_path / "mnt")
 
 

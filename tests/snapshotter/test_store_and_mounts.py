@@ -15,7 +15,8 @@ from nydus_py.oci import mediatypes as mt
 from nydus_py.snapshotter import overlay
 from nydus_py.snapshotter.core import Snapshotter, disk_usage
 from nydus_py.snapshotter.remote import (LABEL_TARGET, STARGZ_DIGEST, STARGZ_REF, RemoteConfig,
-                                         RemoteLayer, Resolver, layer_kind)
+                                         RemoteFileSystem, RemoteLayer)
+from nydus_py.snapshotter.resolver import Resolver, layer_kind
 from nydus_py.snapshotter.service import make_server, parse_filter
 from nydus_py.snapshotter.store import (KIND_ACTIVE, KIND_COMMITTED, KIND_VIEW, REMOTE_BLOB,
                                         REMOTE_BOOTSTRAP, Snapshot, SnapshotExists,
@@ -127,7 +128,7 @@ def test_lowers_of_a_nydus_image_are_its_mount_only(tmp_path):
 # ---------------------------------------------------------------------------- core without containerd
 
 def test_unpack_then_container_flow_creates_and_frees_dirs(tmp_path):
-    sn = Snapshotter(tmp_path / "root", enable_remote=False)
+    sn = Snapshotter(tmp_path / "root")
     root = sn.root
     (m,) = sn.prepare("ex1", "", {})
     assert m.type == "bind" and m.source == f"{root}/snapshots/1/fs"
@@ -147,7 +148,7 @@ def test_unpack_then_container_flow_creates_and_frees_dirs(tmp_path):
 
 
 def test_cleanup_removes_orphan_dirs(tmp_path):
-    sn = Snapshotter(tmp_path / "root", enable_remote=False)
+    sn = Snapshotter(tmp_path / "root")
     sn.prepare("a", "", {})
     (sn.root / "snapshots" / "99").mkdir()
     (sn.root / "snapshots" / "rm-7").mkdir()
@@ -163,37 +164,29 @@ def test_disk_usage_counts_hardlinks_once(tmp_path):
     assert inodes == 2 and 8192 <= size < 3 * 8192
 
 
-class _FakeResolver:
-    def __init__(self, kinds):
-        self.kinds = kinds
+class _FakeFS:
+    """A RemoteFileSystem that records what the snapshotter asked of it."""
+
+    def __init__(self, root, kinds):
+        self.root, self.kinds, self.started, self.released = root, kinds, [], []
+        self.cleaned = False
 
     def classify(self, labels):
         from nydus_py.oci.reference import parse
         kind = self.kinds.get(labels.get(LABEL_TARGET))
         return RemoteLayer(kind, parse("127.0.0.1:5000/r:t"), "sha256:" + "ab" * 32, "sha256:" + "cd" * 32, 1) if kind else None
 
-    def close(self):
-        pass
-
-
-class _FakeDaemons:
-    def __init__(self, root):
-        self.root, self.started, self.released = root, [], []
-
-    def ensure(self, layer):
+    def mount(self, layer):
         self.started.append(layer.image_id)
         return self.mountpoint(layer.image_id)
 
     def mountpoint(self, image_id):
         return self.root / "mnt" / image_id
 
-    def release(self, image_id):
+    def unmount(self, image_id):
         self.released.append(image_id)
 
-    def reattach_all(self):
-        pass
-
-    def start_monitor(self, interval):
+    def start(self):
         pass
 
     def cleanup(self):
@@ -204,16 +197,16 @@ class _FakeDaemons:
 
 
 def test_nydus_layers_become_remote_snapshots_and_release_daemon(tmp_path):
-    sn = Snapshotter(tmp_path / "root", enable_remote=False)
-    sn.resolver = _FakeResolver({"chain1": REMOTE_BLOB, "chain2": REMOTE_BOOTSTRAP})
-    sn.daemons = _FakeDaemons(sn.root)
+    fs = _FakeFS(tmp_path / "root", {"chain1": REMOTE_BLOB, "chain2": REMOTE_BOOTSTRAP})
+    assert isinstance(fs, RemoteFileSystem)
+    sn = Snapshotter(tmp_path / "root", fs=fs)
     with pytest.raises(SnapshotExists):
         sn.prepare("ex1", "", {LABEL_TARGET: "chain1"})
     with pytest.raises(SnapshotExists):
         sn.prepare("ex2", "chain1", {LABEL_TARGET: "chain2"})
     with pytest.raises(SnapshotExists):                   # second pull: no second daemon
         sn.prepare("ex3", "chain1", {LABEL_TARGET: "chain2"})
-    assert sn.daemons.started == ["ab" * 32]
+    assert fs.started == ["ab" * 32]
     info = sn.stat("chain2")
     assert info.kind == KIND_COMMITTED and info.labels["containerd.io/snapshot/remote"] == "nydus-py"
     (m,) = sn.prepare("ctr", "chain2", {})
@@ -221,7 +214,7 @@ def test_nydus_layers_become_remote_snapshots_and_release_daemon(tmp_path):
     sn.remove("ctr")
     sn.remove("chain2")
     sn.remove("chain1")
-    assert sn.daemons.released == ["ab" * 32]
+    assert fs.released == ["ab" * 32]
     sn.close()
 
 
@@ -269,7 +262,7 @@ def test_grpc_service_round_trip_and_error_codes(tmp_path):
     from nydus_py.snapshotter.proto import snapshots_pb2 as pb
     from nydus_py.snapshotter.proto import snapshots_pb2_grpc as pbg
 
-    sn = Snapshotter(tmp_path / "root", enable_remote=False)
+    sn = Snapshotter(tmp_path / "root")
     sock = tmp_path / "s.sock"
     server = make_server(sn, str(sock))
     server.start()

@@ -6,16 +6,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import http.client
-import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
 
 import pytest
 
-import tests.storage.test_backend_conformance as _conformance
 from nydus_py.errors import AuthError, BackendError, BlobNotFoundError, ConfigError
 from nydus_py.metrics import Metrics
 from nydus_py.oci.auth import Credentials
@@ -25,15 +19,15 @@ from nydus_py.config.schema import BackendConfig
 from nydus_py.storage.factory import make_backend
 from nydus_py.config.schema import RegistryBackendConfig
 from nydus_py.storage.registry import RegistryBackend
-from tests.fixtures.registry import (USERS, Fault, FaultProxy, RegistryServer, basic_registry,  # noqa: F401
-                                     free_port, registry, token_registry)
+from tests.fixtures.backend_contract import BIG, EMPTY, SMALL, blob_id, contract_tests
+from tests.fixtures.proxy import ForwardProxy
+from tests.fixtures.registry import USERS, Fault, FaultProxy, RegistryServer, free_port
 
 # The conformance tests, collected again in this module against the `backend` fixture below.
-globals().update({k: v for k, v in vars(_conformance).items() if k.startswith("test_")})
+globals().update(contract_tests())
 
-BIG, SMALL, EMPTY = _conformance.BIG, _conformance.SMALL, _conformance.EMPTY
-BLOBS = {_conformance._blob_id(x): x for x in (BIG, SMALL, EMPTY)}
-BIG_ID = _conformance._blob_id(BIG)
+BLOBS = {blob_id(x): x for x in (BIG, SMALL, EMPTY)}
+BIG_ID = blob_id(BIG)
 REPO = "nydus/blobs"
 AUTH = base64.b64encode(f"alice:{USERS['alice']}".encode()).decode()
 
@@ -67,100 +61,6 @@ def wait_until(pred, timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.02)
     return pred()
-
-
-# ---------------------------------------------------------------------------- a forward proxy
-
-class ForwardProxy:
-    """A Dragonfly-dfdaemon stand-in: an HTTP forward proxy on 127.0.0.1 that relays
-    absolute-form requests to loopback hosts and answers its own GET /server/ping. `stop()` and
-    `start()` keep the port, so a config pointing at it stays valid across a restart."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.seen: list[tuple[str, str]] = []     # (method, absolute URL)
-        self.lock = threading.Lock()
-        self.httpd: ThreadingHTTPServer | None = None
-        self.conns: list[socket.socket] = []
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), _ForwardHandler)
-        self.httpd.daemon_threads = True
-        self.httpd.owner = self  # type: ignore[attr-defined]
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def stop(self) -> None:
-        """Like killing the process: the listener and every open connection go away."""
-        if self.httpd is not None:
-            self.httpd.shutdown()
-            self.httpd.server_close()
-            self.httpd = None
-        with self.lock:
-            conns, self.conns = self.conns, []
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def count(self, method: str, part: str) -> int:
-        with self.lock:
-            return sum(1 for m, u in self.seen if m == method and part in u)
-
-
-class _ForwardHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def setup(self) -> None:
-        super().setup()
-        px: ForwardProxy = self.server.owner  # type: ignore[attr-defined]
-        with px.lock:
-            px.conns.append(self.connection)
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def _reply(self, status: int, body: bytes = b"") -> None:
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _handle(self) -> None:
-        px: ForwardProxy = self.server.owner  # type: ignore[attr-defined]
-        u = urlsplit(self.path)
-        if not u.scheme:                                # addressed to the proxy itself
-            return self._reply(200, b"pong") if u.path == "/server/ping" else self._reply(404)
-        if u.hostname not in ("127.0.0.1", "localhost") or u.scheme != "http":
-            return self._reply(403)                     # loopback only
-        with px.lock:
-            px.seen.append((self.command, self.path))
-        headers = {k: v for k, v in self.headers.items()
-                   if k.lower() not in ("connection", "proxy-connection", "keep-alive", "content-length")}
-        conn = http.client.HTTPConnection(u.netloc, timeout=10)
-        try:
-            conn.request(self.command, u.path + (f"?{u.query}" if u.query else ""), headers=headers)
-            resp = conn.getresponse()
-            data = resp.read()
-            self.send_response(resp.status)
-            for k, v in resp.getheaders():
-                if k.lower() not in ("connection", "keep-alive", "transfer-encoding", "content-length"):
-                    self.send_header(k, v)
-            self.send_header("Content-Length", resp.getheader("Content-Length", "0")
-                             if self.command == "HEAD" else str(len(data)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
-        finally:
-            conn.close()
-
-    do_GET = do_HEAD = _handle
 
 
 # ---------------------------------------------------------------------------- conformance

@@ -7,7 +7,6 @@ import os
 
 import pytest
 
-import tests.storage.test_backend_conformance as _conformance
 from nydus_py.errors import AuthError, BackendError, BlobNotFoundError, ConfigError
 from nydus_py.metrics import Metrics
 from nydus_py.storage import s3 as s3mod
@@ -16,14 +15,13 @@ from nydus_py.config.schema import BackendConfig
 from nydus_py.storage.factory import make_backend
 from nydus_py.config.schema import S3BackendConfig
 from nydus_py.storage.s3 import S3Backend
-from tests.fixtures.s3 import moto_s3  # noqa: F401  (fixture)
+from tests.fixtures.backend_contract import BIG, EMPTY, SMALL, blob_id, contract_tests
 
 # The conformance tests, collected again in this module against the `backend` fixture below.
-globals().update({k: v for k, v in vars(_conformance).items() if k.startswith("test_")})
+globals().update(contract_tests())
 
-BIG, SMALL, EMPTY = _conformance.BIG, _conformance.SMALL, _conformance.EMPTY
-BLOBS = {_conformance._blob_id(x): x for x in (BIG, SMALL, EMPTY)}
-BIG_ID = _conformance._blob_id(BIG)
+BLOBS = {blob_id(x): x for x in (BIG, SMALL, EMPTY)}
+BIG_ID = blob_id(BIG)
 BUCKET = "nydus-blobs"
 
 
@@ -104,7 +102,7 @@ def test_object_key_is_prefix_plus_hex_digest(stored):
 
 def test_prefix_is_honoured_for_reads(stored, tmp_path):
     only = os.urandom(1000)
-    bid = _conformance._blob_id(only)
+    bid = blob_id(only)
     (tmp_path / "blob").write_bytes(only)
     a = s3_backend(stored, object_prefix="other/")
     b = s3_backend(stored)
@@ -123,14 +121,14 @@ def test_put_blob_skips_an_object_that_exists(stored, tmp_path):
     b = s3_backend(stored, object_prefix="nydus/v1/")
     p = tmp_path / "x"
     p.write_bytes(SMALL)
-    assert b.put_blob(_conformance._blob_id(SMALL), p) == "exists"
+    assert b.put_blob(blob_id(SMALL), p) == "exists"
     b.close()
 
 
 def test_large_put_blob_goes_up_in_parts(stored, tmp_path, monkeypatch):
     monkeypatch.setattr(s3mod, "MULTIPART_THRESHOLD", 5 << 20)      # S3's minimum part size
     data = os.urandom((5 << 20) * 2 + 12345)
-    bid = _conformance._blob_id(data)
+    bid = blob_id(data)
     p = tmp_path / "big"
     p.write_bytes(data)
     b = s3_backend(stored, object_prefix="mp/")

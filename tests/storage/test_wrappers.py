@@ -4,6 +4,7 @@ import pytest
 
 from nydus_py.errors import AuthError, BackendError, BlobNotFoundError
 from nydus_py.metrics import Metrics
+from nydus_py.retry import RetryPolicy
 from nydus_py.storage.wrappers import MeteredBackend, RetryingBackend
 
 BID = "sha256:" + "ab" * 32
@@ -42,7 +43,7 @@ def test_transient_errors_are_retried_with_growing_jittered_backoff():
     inner = Scripted([transient(), transient(), transient()])
     sleeps = []
     m = Metrics()
-    r = RetryingBackend(inner, retry_limit=3, backoff=0.1, sleep=sleeps.append, rand=lambda: 0.5,
+    r = RetryingBackend(inner, RetryPolicy(limit=3, backoff=0.1, sleep=sleeps.append, rand=lambda: 0.5),
                         metrics=m.backend)
     assert r.read_range(BID, 2, 3) == b"xxx"
     assert inner.calls == 4
@@ -51,15 +52,15 @@ def test_transient_errors_are_retried_with_growing_jittered_backoff():
 
 
 def test_jitter_stays_within_half_to_one_and_a_half_of_the_base():
-    r = RetryingBackend(Scripted([]), retry_limit=1, backoff=1.0, max_backoff=2.0, rand=lambda: 0.0)
+    r = RetryPolicy(limit=1, backoff=1.0, max_backoff=2.0, rand=lambda: 0.0)
     assert r.delay(0) == 0.5 and r.delay(5) == 1.0
-    r = RetryingBackend(Scripted([]), retry_limit=1, backoff=1.0, max_backoff=2.0, rand=lambda: 0.999)
+    r = RetryPolicy(limit=1, backoff=1.0, max_backoff=2.0, rand=lambda: 0.999)
     assert r.delay(5) == pytest.approx(2.998)
 
 
 def test_gives_up_after_retry_limit_with_the_last_error():
     inner = Scripted([transient("a"), transient("b"), transient("c")])
-    r = RetryingBackend(inner, retry_limit=2, backoff=0, sleep=lambda s: None)
+    r = RetryingBackend(inner, RetryPolicy(limit=2, backoff=0, sleep=lambda s: None))
     with pytest.raises(BackendError, match="c"):
         r.read_range(BID, 0, 1)
     assert inner.calls == 3
@@ -69,7 +70,7 @@ def test_gives_up_after_retry_limit_with_the_last_error():
                                  BackendError("bad range", permanent=True)])
 def test_permanent_errors_are_not_retried(err):
     inner = Scripted([err])
-    r = RetryingBackend(inner, retry_limit=5, backoff=0, sleep=lambda s: None)
+    r = RetryingBackend(inner, RetryPolicy(limit=5, backoff=0, sleep=lambda s: None))
     with pytest.raises(type(err)):
         r.read_range(BID, 0, 1)
     assert inner.calls == 1
@@ -77,7 +78,7 @@ def test_permanent_errors_are_not_retried(err):
 
 def test_blob_size_is_retried_too():
     inner = Scripted([transient()])
-    r = RetryingBackend(inner, retry_limit=1, backoff=0, sleep=lambda s: None)
+    r = RetryingBackend(inner, RetryPolicy(limit=1, backoff=0, sleep=lambda s: None))
     assert r.blob_size(BID) == 10
 
 
@@ -99,7 +100,7 @@ def test_metered_counts_requests_bytes_errors_and_latency():
 def test_metered_inside_retrying_counts_every_attempt():
     m = Metrics()
     inner = Scripted([transient(), transient()])
-    b = RetryingBackend(MeteredBackend(inner, m.backend), retry_limit=2, backoff=0, sleep=lambda s: None)
+    b = RetryingBackend(MeteredBackend(inner, m.backend), RetryPolicy(limit=2, backoff=0, sleep=lambda s: None))
     b.read_range(BID, 0, 1)
     assert m.backend.value("read_count") == 3 and m.backend.value("read_errors") == 2
 
