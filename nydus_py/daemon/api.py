@@ -348,8 +348,15 @@ def _build(method: str, target: str, body: bytes | None) -> bytes:
 
 
 def _parse_response(raw: bytes) -> tuple[int, bytes]:
+    """(status, body). A daemon that closes the connection without a status line (it is
+    exiting: stopped, killed, or handing its session over in a hot upgrade) is a
+    ConnectionError, an OSError like a refused connect, so callers handle both alike."""
     head, _, body = raw.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
+    try:
+        status = int(head.split(b" ", 2)[1])
+    except (IndexError, ValueError):
+        raise ConnectionError(f"no HTTP response ({len(raw)} bytes before the daemon closed "
+                              "the connection)") from None
     return status, body
 
 

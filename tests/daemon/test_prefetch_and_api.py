@@ -127,6 +127,28 @@ def test_api_server_parses_requests_and_answers_errors(tmp_path):
     assert not (tmp_path / "api.sock").exists()          # removed when the server stops
 
 
+@pytest.mark.parametrize("answer", [b"", b"garbage"])
+def test_a_daemon_closing_without_a_response_is_a_connection_error(tmp_path, answer):
+    """A daemon exiting mid-request (e.g. a hot upgrade) answers nothing: callers catch OSError."""
+    import socket
+    import threading
+    path = str(tmp_path / "api.sock")
+    with socket.socket(socket.AF_UNIX) as srv:
+        srv.bind(path)
+        srv.listen(1)
+
+        def close_after_reading() -> None:
+            c, _ = srv.accept()
+            with c:
+                c.recv(65536)
+                c.sendall(answer)
+        t = threading.Thread(target=close_after_reading)
+        t.start()
+        with pytest.raises(ConnectionError, match="no HTTP response"):
+            api.get_json(path, "/api/v1/daemon")
+        t.join()
+
+
 def test_merge_sum_adds_numbers_and_histograms():
     a = {"read_count": 2, "lat": {"le": [0.1, "+Inf"], "counts": [1, 1], "sum": 0.5}, "id": "a", "on": True}
     b = {"read_count": 3, "lat": {"le": [0.1, "+Inf"], "counts": [0, 2], "sum": 1.0}, "id": "b", "on": True}
