@@ -31,7 +31,8 @@ import sys
 
 from nydus_py import config as config_mod
 from nydus_py.daemon.mount import MountRequest, mount
-from nydus_py.daemon.procutil import EXIT_ERROR, _error, _read_all, _remove_pid, _setup_logging, _write_pid
+from nydus_py.daemon.procutil import (EXIT_ERROR, _error, _remove_pid, _setup_logging,
+                                      _write_pid, await_verdict)
 from nydus_py.errors import ConfigError, NydusError
 
 log = logging.getLogger("nydusd")
@@ -357,13 +358,7 @@ def _daemonize(req: MountRequest, args) -> int:
     pid = os.fork()
     if pid:
         os.close(w)
-        verdict = _read_all(r)
-        os.close(r)
-        if verdict.startswith(b"ready"):
-            return 0
-        os.waitpid(pid, 0)
-        msg = verdict.decode("utf-8", "replace").strip() or "daemon exited before the mount was ready"
-        return _error(msg.removeprefix("error: "))
+        return await_verdict(pid, r, "daemon")
     os.close(r)
     code = _daemon_child(req, args, w, pid_file, log_file)
     os._exit(code)

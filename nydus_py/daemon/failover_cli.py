@@ -12,7 +12,7 @@ import os
 import sys
 
 from nydus_py.daemon.mount import MountRequest
-from nydus_py.daemon.procutil import _error, _read_all, _remove_pid, _setup_logging, _write_pid
+from nydus_py.daemon.procutil import _remove_pid, _setup_logging, _write_pid, await_verdict
 
 log = logging.getLogger("nydusd")
 
@@ -67,13 +67,7 @@ def run_failover(req: MountRequest, args, argv: list[str], parser) -> int:
     pid = os.fork()
     if pid:
         os.close(w)
-        verdict = _read_all(r)
-        os.close(r)
-        if verdict.startswith(b"ready"):
-            return 0
-        os.waitpid(pid, 0)
-        msg = verdict.decode("utf-8", "replace").strip() or "supervisor exited before the mount was ready"
-        return _error(msg.removeprefix("error: "))
+        return await_verdict(pid, r, "supervisor")
     os.close(r)
     code = 1
     reported = False

@@ -52,3 +52,15 @@ def _read_all(fd: int) -> bytes:
     while chunk := os.read(fd, 4096):
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def await_verdict(pid: int, r: int, what: str) -> int:
+    """The parent's side of a daemonizing fork: read the child's verdict ("ready", or
+    "error: MSG") from `r` and turn it into this process's exit code."""
+    verdict = _read_all(r)
+    os.close(r)
+    if verdict.startswith(b"ready"):
+        return 0
+    os.waitpid(pid, 0)
+    msg = verdict.decode("utf-8", "replace").strip() or f"{what} exited before the mount was ready"
+    return _error(msg.removeprefix("error: "))
