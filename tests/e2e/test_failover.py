@@ -17,13 +17,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import requests
 
 from nydus_py.daemon.api import get_json
+from tests.fixtures import daemon as daemon_fixtures
 from tests.fixtures.nydus_build import build
 from tests.fixtures.registry import Fault, FaultProxy, RegistryServer
 
@@ -36,14 +36,8 @@ BIN = Path(sys.executable).parent
 
 
 def wait_for(cond, what: str, timeout: float = TIMEOUT, log: Path | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.02)
-    extra = f"\n{log.read_text()}" if log is not None and log.exists() else ""
-    pytest.fail(f"timed out waiting for {what}{extra}")
+    """tests/fixtures/daemon.py's wait_for with this module's longer default (takeovers)."""
+    return daemon_fixtures.wait_for(cond, what, timeout, log)
 
 
 def mount_entry(mnt: Path) -> tuple[str, str] | None:
