@@ -24,6 +24,7 @@ import pytest
 
 from nydus_py import mountinfo
 from tests.fixtures.rich_image import BIG_DIR_ENTRIES, CAP_NET_RAW_EP, MTIME, build_rich
+from tests.fixtures.registry import stop_process
 
 pytestmark = pytest.mark.e2e
 
@@ -89,13 +90,7 @@ def nydusd(mountpoint: Path, *args: str, log: Path):
         wait_mounted(mountpoint, proc, log)
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, grace=10)
         force_unmount(mountpoint)
 
 
