@@ -169,9 +169,11 @@ class Supervisor:
         self._exit = trio.Event()
         self._nursery: trio.Nursery | None = None
         # Mount children are forked from a pre-imported process (daemon/forkserver.py) unless
-        # NYDUS_PY_NO_FORKSERVER=1; they start ~0.2 s sooner than a new interpreter.
+        # NYDUS_PY_NO_FORKSERVER=1; they start ~0.2 s sooner than a new interpreter. Not with
+        # --failover: those children are exec'd (see _start_process), so a server would only
+        # cost a process and its imports.
         self._mount_entry = mount_entry
-        self.use_forkserver = (mount_entry is not None
+        self.use_forkserver = (mount_entry is not None and not failover
                                and os.environ.get("NYDUS_PY_NO_FORKSERVER", "") != "1")
         self._forkserver: forkserver.ForkServer | None = None
         self._metrics_server: Any = None

@@ -33,11 +33,25 @@ def _comm(pid: int) -> str:
         return f.read().strip()
 
 
-def _serve(tmp_path: Path, env: dict | None = None) -> tuple[subprocess.Popen, Path, Path]:
+def _children(pid: int) -> set[int]:
+    out = set()
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if _ppid(int(d)) == pid:
+                    out.add(int(d))
+            except (OSError, IndexError):
+                pass                    # ended meanwhile
+    return out
+
+
+def _serve(tmp_path: Path, env: dict | None = None,
+           *extra: str) -> tuple[subprocess.Popen, Path, Path]:
     sock, log = tmp_path / "sup.sock", tmp_path / "sup.log"
     with open(log, "wb") as out:
         sup = subprocess.Popen([*nydusd_cmd(), "serve", "--apisock", str(sock), "--cache-dir",
-                                str(tmp_path / "cache"), "--state-dir", str(tmp_path / "state")],
+                                str(tmp_path / "cache"), "--state-dir", str(tmp_path / "state"),
+                                *extra],
                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                env={**os.environ, **(env or {})})
     wait_for(sock.exists, "supervisor socket", log=log)
@@ -102,6 +116,32 @@ def test_without_the_fork_server_mounts_are_new_interpreters(tmp_path, image):
         assert call_sync(str(sock), "PUT", "/api/v1/daemon/exit")[0] == 204
         assert sup.wait(30) == 0
         assert not mounted(m1)
+    finally:
+        if sup.poll() is None:
+            sup.terminate()
+            sup.wait(30)
+        force_unmount(m1)
+
+
+def test_serve_failover_starts_no_fork_server(tmp_path, image):
+    """`serve --failover` execs its mount children (they must outlive it and be found again by
+    their command line), so it must not fork a server it never uses: its only children are
+    the mounts' own `nydusd mount --failover` supervisors."""
+    root, built = image
+    sup, sock, log = _serve(tmp_path, None, "--failover")
+    m1 = tmp_path / "m1"
+    try:
+        assert _children(sup.pid) == set(), "a process nobody uses"
+        info = _mount(sock, m1, root)
+        assert _children(sup.pid) == {info["pid"]}
+        with open(f"/proc/{info['pid']}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        assert b"mount" in argv and b"--failover" in argv, argv
+        read_all(m1, built)
+        assert call_sync(str(sock), "DELETE", f"/api/v1/mount?mountpoint={m1}")[0] == 204
+        assert not mounted(m1)
+        assert call_sync(str(sock), "PUT", "/api/v1/daemon/exit")[0] == 204
+        assert sup.wait(30) == 0
     finally:
         if sup.poll() is None:
             sup.terminate()
