@@ -22,8 +22,8 @@ One `Inode` per file (slots; hardlinked paths share one object), directories hol
 | a parent component is a symlink     | followed INSIDE the root, for entries, whiteouts and hardlink   |
 | (`lib/x`, lib -> usr/lib)           | targets (umoci SecureJoin, containerd fs.RootPath): absolute    |
 |                                     | targets start at the root, `..` stops there, chains are         |
-|                                     | followed, > 40 links → LayerError (ELOOP); the last component   |
-|                                     | of a path is never followed                                     |
+|                                     | followed, > 255 links → LayerError (ELOOP, as SecureJoin); the  |
+|                                     | last component of a path is never followed                     |
 | a parent component is another       | LayerError (umoci: MkdirAll fails with ENOTDIR, same outcome)   |
 | non-directory                       |                                                                 |
 | a symlink                           | mode 0777 whatever the header says (lstat on Linux)             |
@@ -53,7 +53,7 @@ from nydus_py.errors import LayerError
 _NO_DEV = (0, 0)
 MAX_ID = (1 << 32) - 2          # uid/gid are 32-bit, and 2^32-1 is chown's "leave unchanged"
 MAX_MAJOR, MAX_MINOR = (1 << 12) - 1, (1 << 20) - 1   # what mknod(2)'s 32-bit dev_t holds
-MAX_SYMLINKS = 40               # links followed in one path lookup, as the kernel (ELOOP beyond)
+MAX_SYMLINKS = 255              # links followed in one path lookup: SecureJoin's maxSymlinkLimit (umoci), ELOOP beyond
 
 
 class Inode:
@@ -226,7 +226,8 @@ class Tree:
         never climbs above it, a missing component is taken as it is (so is the rest, which
         can only be missing too until a `..` climbs back). Returns (resolved path, its node or
         None when missing or under a non-directory). At most MAX_SYMLINKS links are followed
-        (ELOOP, as the kernel). `gone`: a path to treat as missing (just clobbered)."""
+        (ELOOP, as SecureJoin: umoci's unpack fails there too). `gone`: a path to treat as
+        missing (just clobbered)."""
         node: Inode | None = self.root
         for c in path:                       # the common case: every component a directory
             if node is None or node.children is None:

@@ -696,3 +696,30 @@ def _converted_and_mounted(tmp_path: Path, src: Path, tag: str):
         yield mnt
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+
+
+def _link_chain(n: int) -> tuple[Layer, Layer]:
+    """`l0 -> l1 -> … -> l<n-1> -> d`: n links on the way to d, then a layer that writes a file
+    and whites one out through l0."""
+    base, upper = Layer(), Layer()
+    base.dir("d")
+    base.file("d/old", b"old")
+    for i in range(n):
+        base.symlink(f"l{i}", f"l{i + 1}" if i + 1 < n else "d")
+    upper.file("l0/new", b"written through the chain")
+    upper.whiteout("l0/old")
+    return base, upper
+
+
+@pytest.mark.parametrize("n", [41, 255])
+def test_symlink_chains_up_to_securejoin_s_limit_resolve_as_umoci(tmp_path, umoci, n):
+    """umoci resolves a path's symlinks with SecureJoin, whose limit is 255 links (the kernel's
+    40 does not apply: the links are resolved in user space); we refused chains over 40."""
+    _check(tmp_path, *_link_chain(n))
+
+
+def test_symlink_chain_over_securejoin_s_limit_is_refused_as_umoci_does(tmp_path, umoci):
+    """256 links: SecureJoin fails with ELOOP and umoci's unpack with it; so does the convert,
+    with one line naming the entry."""
+    line = _both_reject(tmp_path, *_link_chain(256), match="more than 255 symlinks")
+    assert "l0/new" in line
