@@ -25,6 +25,7 @@ import secrets
 from pathlib import Path
 
 from nydus_py.cache import safedir
+from nydus_py.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,22 @@ MAX_RECORD = 4096
 
 
 class ImageStore:
+    """Opens (or creates) its directory only when it first needs it: a save after the image was
+    verified, or a load. A refused image (bad digest, invalid bootstrap) so leaves no
+    `images/`, nor a cache directory created for it, behind."""
+
     def __init__(self, cache_dir: str | os.PathLike):
         self.dir = Path(cache_dir) / SUBDIR
-        self.fd = safedir.open_dir(self.dir, what="image metadata directory")
+        self.fd = -1
+
+    def _open(self, create: bool) -> bool:
+        """True once the directory is open; False when it does not exist and `create` is off.
+        A directory that cannot be used raises ConfigError (cache/safedir.py)."""
+        if self.fd < 0:
+            if not create and not os.path.lexists(self.dir):
+                return False
+            self.fd = safedir.open_dir(self.dir, what="image metadata directory", create=create)
+        return True
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -59,16 +73,19 @@ class ImageStore:
             algo, _, hexd = bootstrap_digest.partition(":")
             if algo != "sha256" or hashlib.sha256(layer).hexdigest() != hexd:
                 raise ValueError(f"bootstrap layer does not match {bootstrap_digest}")
+            self._open(create=True)
             self._write(f"sha256-{hexd}", layer)
             record = {"ref": ref, "manifest": manifest_digest, "bootstrap": bootstrap_digest}
             self._write(self._ref_name(ref), json.dumps(record).encode())
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, ConfigError) as e:
             log.warning("%s: cannot keep the bootstrap of %s for offline mounts: %s", self.dir,
                         ref, getattr(e, "strerror", None) or e)
 
     def load(self, ref: str, manifest_digest: str | None = None) -> tuple[str, bytes] | None:
         """(bootstrap digest, verified bootstrap layer) last saved for `ref`, or None. With
         `manifest_digest` (a digest reference), only if it came from that manifest."""
+        if not self._open(create=False):
+            return None
         raw = self._read(self._ref_name(ref), MAX_RECORD)
         if raw is None:
             return None

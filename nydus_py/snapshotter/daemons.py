@@ -70,13 +70,26 @@ class DaemonManager:
     def ensure(self, layer: RemoteLayer) -> Path:
         """The image's bootstrap fetched and nydusd serving it; returns the mountpoint."""
         image_id = layer.image_id
-        with self._lock(image_id):
-            rec = self.store.get_image(image_id)
-            if rec is not None and self._healthy(rec):
-                return Path(rec.mountpoint)
-            if rec is None:
-                rec = self._prepare_image(layer)
-            return Path(self._start(rec).mountpoint)
+        refused = False
+        try:
+            with self._lock(image_id):
+                rec = self.store.get_image(image_id)
+                if rec is not None and self._healthy(rec):
+                    return Path(rec.mountpoint)
+                if rec is not None:
+                    return Path(self._start(rec).mountpoint)
+                try:
+                    rec = self._prepare_image(layer)
+                    return Path(self._start(rec).mountpoint)
+                except BaseException:
+                    # refused (bootstrap digest, nydusd rejecting the bootstrap, a daemon that
+                    # does not start): no image dir, mountpoint, socket or record stays behind
+                    refused = True
+                    self._forget(image_id, self.store.get_image(image_id))
+                    raise
+        finally:
+            if refused and self.config.daemon_mode == SHARED:
+                self._stop_idle_shared()        # a shared nydusd started for it alone goes too
 
     def _prepare_image(self, layer: RemoteLayer) -> ImageRecord:
         image_id = layer.image_id
@@ -303,18 +316,26 @@ class DaemonManager:
             rec = self.store.get_image(image_id)
             if rec is None:
                 return
-            self._stop_process(rec)
-            unmount(rec.mountpoint)
-            try:
-                os.rmdir(rec.mountpoint)
-            except OSError:
-                pass
-            shutil.rmtree(self.image_dir(image_id), ignore_errors=True)
-            self.api_sock(image_id).unlink(missing_ok=True)
-            self.store.delete_image(image_id)
+            self._forget(image_id, rec)
             log.info("released image %s (%s)", rec.ref, image_id)
         if self.mode_of(rec) == SHARED:
             self._stop_idle_shared()
+
+    def _forget(self, image_id: str, rec: ImageRecord | None) -> None:
+        """Under the image's lock: stop its daemon, unmount, delete its files and record."""
+        mountpoint = Path(rec.mountpoint) if rec is not None else self.mountpoint(image_id)
+        if rec is not None:
+            self._stop_process(rec)
+        self._kill_stray(self.image_dir(image_id))     # one that outlived a failed start
+        unmount(mountpoint)
+        try:
+            os.rmdir(mountpoint)
+        except OSError:
+            pass
+        shutil.rmtree(self.image_dir(image_id), ignore_errors=True)
+        self.api_sock(image_id).unlink(missing_ok=True)
+        if rec is not None:
+            self.store.delete_image(image_id)
 
     def _stop_idle_shared(self) -> None:
         """Drop cached blobs no mount uses; stop the supervisor when no image needs it."""

@@ -13,9 +13,9 @@ import threading
 
 import pytest
 
-from nydus_py.errors import DigestMismatchError, ImageFormatError
+from nydus_py.errors import DigestMismatchError, FormatError, ImageFormatError
 from nydus_py.format.limits import MAX_BOOTSTRAP_SIZE
-from nydus_py.image_source import fetch_registry_image
+from nydus_py.image_source import fetch_registry_image, open_registry
 from nydus_py.oci import mediatypes as mt
 from nydus_py.oci.reference import parse as parse_reference
 from nydus_py.oci.registry import RegistryClient, RegistryConfig
@@ -26,6 +26,7 @@ BOOT_DIGEST = "sha256:" + hashlib.sha256(b"x").hexdigest()
 class HostileRegistry(http.server.BaseHTTPRequestHandler):
     boot_size = 1000            # what the manifest says
     sent = 0                    # bootstrap bytes the server managed to send
+    boot: bytes | None = None   # else: serve these bytes, under their true digest and size
 
     def log_message(self, *args) -> None:
         pass
@@ -34,11 +35,15 @@ class HostileRegistry(http.server.BaseHTTPRequestHandler):
         if self.path == "/v2/":
             self._send(200, b"{}", "application/json")
         elif "/manifests/" in self.path:
+            boot = type(self).boot
+            digest = BOOT_DIGEST if boot is None else "sha256:" + hashlib.sha256(boot).hexdigest()
             manifest = {"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST,
                         "config": {"mediaType": mt.OCI_CONFIG, "digest": BOOT_DIGEST, "size": 1},
-                        "layers": [{"mediaType": mt.NYDUS_PY_BOOTSTRAP, "digest": BOOT_DIGEST,
-                                    "size": type(self).boot_size}]}
+                        "layers": [{"mediaType": mt.NYDUS_PY_BOOTSTRAP, "digest": digest,
+                                    "size": type(self).boot_size if boot is None else len(boot)}]}
             self._send(200, json.dumps(manifest).encode(), mt.OCI_MANIFEST)
+        elif "/blobs/" in self.path and type(self).boot is not None:
+            self._send(200, type(self).boot, "application/octet-stream")
         elif "/blobs/" in self.path:
             self.send_response(200)                 # no Content-Length: it never ends
             self.send_header("Content-Type", "application/octet-stream")
@@ -67,6 +72,7 @@ def registry():
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
     HostileRegistry.sent = 0
+    HostileRegistry.boot = None
     try:
         yield f"127.0.0.1:{server.server_address[1]}"
     finally:
@@ -93,3 +99,17 @@ def test_a_bootstrap_descriptor_over_the_limit_is_refused_before_fetching(regist
     with pytest.raises(ImageFormatError, match="bootstrap layer"):
         _fetch(registry)
     assert HostileRegistry.sent == 0
+
+
+@pytest.mark.parametrize("boot", [None, b"\x81\xa1v\x01 not a bootstrap"])
+def test_a_refused_bootstrap_leaves_no_cache_dir_behind(registry, tmp_path, boot):
+    """A bootstrap that fails its digest (the endless one) or its validation (bytes that match
+    their digest but are no bootstrap) is refused; the cache directory named for the mount,
+    and its `images/` for offline mounts, used to be created before the check and stayed."""
+    HostileRegistry.boot_size = 1000
+    HostileRegistry.boot = boot
+    cache = tmp_path / "cache"
+    with pytest.raises((DigestMismatchError, FormatError)):
+        open_registry(f"{registry}/evil:latest", plain_http=True, cache_dir=str(cache))
+    assert not cache.exists()
+    assert list(tmp_path.iterdir()) == []

@@ -10,8 +10,10 @@ Every directory the snapshotter makes has an explicit mode, whatever the umask."
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
+import sys
 
 import pytest
 
@@ -19,7 +21,7 @@ from nydus_py.format.limits import MAX_BOOTSTRAP_SIZE
 from nydus_py.oci.reference import parse as parse_reference
 from nydus_py.snapshotter.core import prepare_root
 from nydus_py.snapshotter.daemons import DaemonManager
-from nydus_py.snapshotter.remote import RemoteConfig, RemoteError, RemoteLayer
+from nydus_py.snapshotter.remote import DEDICATED, SHARED, RemoteConfig, RemoteError, RemoteLayer
 from nydus_py.snapshotter.resolver import Resolver
 from nydus_py.snapshotter.store import REMOTE_BOOTSTRAP, Store
 
@@ -41,6 +43,20 @@ def manager(tmp_path, registry):
         store.close()
 
 
+def assert_nothing_left(dm: DaemonManager, layer: RemoteLayer) -> None:
+    """A refused image leaves no image dir (an empty one used to stay), bootstrap or partial
+    one, mountpoint, API socket, nor a record for a later start."""
+    root = dm.config.root
+    assert not dm.image_dir(layer.image_id).exists()
+    assert not dm.mountpoint(layer.image_id).exists()
+    assert not dm.api_sock(layer.image_id).exists()
+    assert dm.store.get_image(layer.image_id) is None
+    assert sorted(os.listdir(root / "images")) == [] and sorted(os.listdir(root / "mnt")) == []
+    # shared: the supervisor started for it is stopped; only its logs stay, as after any stop
+    assert set(os.listdir(root / "shared")) <= {"nydusd.log", "nydusd.err"} \
+        if (root / "shared").exists() else True
+
+
 @pytest.mark.parametrize("size", [0, MAX_BOOTSTRAP_SIZE + 1, len(BLOB) - 1])
 def test_bootstrap_download_is_bounded_by_its_descriptor(manager, registry, size):
     dm, ref, digest = manager
@@ -51,15 +67,37 @@ def test_bootstrap_download_is_bounded_by_its_descriptor(manager, registry, size
         dm.ensure(layer)
     msg = str(ei.value)
     assert "\n" not in msg and digest in msg, msg
-    d = dm.image_dir(layer.image_id)
-    assert not (d / "bootstrap").exists() and not (d / "bootstrap.part").exists()
-    assert dm.store.get_image(layer.image_id) is None      # nothing recorded for a later start
+    assert_nothing_left(dm, layer)
     registry.sync_log()
     fetched = registry.count_requests("GET", rf"/blobs/{digest}") - before
     if size in (0, MAX_BOOTSTRAP_SIZE + 1):
         assert "descriptor size" in msg and fetched == 0   # refused before asking the registry
     else:
         assert fetched >= 1                                 # served 64 bytes against a 63-byte descriptor
+
+
+@pytest.mark.parametrize("mode", [DEDICATED, SHARED])
+def test_a_bootstrap_nydusd_refuses_leaves_nothing_behind(tmp_path, registry, mode):
+    """The real nydusd, dedicated or shared, refuses BLOB (its digest is right, but it is no
+    bootstrap): the error names why, and the image's directories, record and (shared) the
+    supervisor started for it are gone."""
+    cfg = RemoteConfig(root=prepare_root(tmp_path / "root"), recover_interval=0, daemon_mode=mode,
+                       daemon_timeout=60)
+    store = Store(tmp_path / "metadata.db")
+    resolver = Resolver(cfg)
+    try:
+        ref = parse_reference(f"{registry.host}/trust/boot:v1")
+        digest = "sha256:" + hashlib.sha256(BLOB).hexdigest()
+        resolver.client(ref).push_blob(ref.repository, BLOB, digest, len(BLOB))
+        dm = DaemonManager(cfg, store, resolver)
+        layer = RemoteLayer(REMOTE_BOOTSTRAP, ref, "sha256:" + "ef" * 32, digest, len(BLOB))
+        with pytest.raises(RemoteError, match="bootstrap"):
+            dm.ensure(layer)
+        assert_nothing_left(dm, layer)
+        assert dm.shared.pid() == 0 and not dm.shared._process_alive()
+    finally:
+        resolver.close()
+        store.close()
 
 
 @pytest.fixture()
@@ -83,7 +121,14 @@ def test_snapshotter_dirs_have_explicit_modes_under_umask_000(tmp_path, registry
     assert _mode(tmp_path / "new") == 0o755
     for d in (root, root / "snapshots", root / "images", root / "mnt"):
         assert _mode(d) == 0o700, d
-    cfg = RemoteConfig(root=root, nydusd=("/bin/false",), recover_interval=0)
+    probe_out = tmp_path / "modes.json"
+    # stands in for nydusd: records the modes of what it was given, then fails
+    probe = ("import json, os, sys; a = sys.argv; m = lambda p: os.lstat(p).st_mode & 0o7777; "
+             "c = a[a.index('--config') + 1]; s = a[a.index('--apisock') + 1]; "
+             f"open({str(probe_out)!r}, 'w').write(json.dumps({{'image_dir': m(os.path.dirname(c)), "
+             "'config': m(c), 'api_dir': m(os.path.dirname(s)), 'mountpoint': m(a[-1])})); "
+             "sys.exit(1)")
+    cfg = RemoteConfig(root=root, nydusd=(sys.executable, "-c", probe), recover_interval=0)
     store = Store(tmp_path / "metadata.db")
     resolver = Resolver(cfg)
     try:
@@ -92,12 +137,11 @@ def test_snapshotter_dirs_have_explicit_modes_under_umask_000(tmp_path, registry
         resolver.client(ref).push_blob(ref.repository, BLOB, digest, len(BLOB))
         dm = DaemonManager(cfg, store, resolver)
         layer = RemoteLayer(REMOTE_BOOTSTRAP, ref, "sha256:" + "cd" * 32, digest, len(BLOB))
-        with pytest.raises(RemoteError, match="nydusd failed"):     # /bin/false: no daemon
+        with pytest.raises(RemoteError, match="nydusd failed"):     # the probe: no daemon
             dm.ensure(layer)
-        assert _mode(dm.image_dir(layer.image_id)) == 0o700
-        assert _mode(dm.mountpoint(layer.image_id)) == 0o755
-        assert _mode(dm.api_sock(layer.image_id).parent) == 0o700
-        assert _mode(dm.image_dir(layer.image_id) / "nydusd.json") == 0o600
+        modes = json.loads(probe_out.read_text())       # what nydusd found, before the cleanup
+        assert modes == {"image_dir": 0o700, "config": 0o600, "api_dir": 0o700, "mountpoint": 0o755}
+        assert not dm.image_dir(layer.image_id).exists()     # refused: removed again
     finally:
         resolver.close()
         store.close()
