@@ -479,7 +479,11 @@ class Supervisor:
             self._seq += 1      # files of a mount a previous serve started (maybe adopted)
         n = self._seq
         body = req.json()
-        argv, source = await trio.to_thread.run_sync(self._argv, mp, body, n)
+        try:
+            argv, source = await trio.to_thread.run_sync(self._argv, mp, body, n)
+        except BaseException:
+            self._remove_mount_files(n)
+            raise
         child = Child(mp, n, argv, os.path.join(self.state_dir, f"mount-{n}.sock"),
                       os.path.join(self.state_dir, f"mount-{n}.log"),
                       os.path.join(self.state_dir, f"mount-{n}.err"), source)
@@ -490,11 +494,24 @@ class Supervisor:
         except BaseException:
             child.stopping = True
             del self.mounts[mp]
+            # a refused mount leaves no files (its config may hold registry auth); its error
+            # line is in the answer
+            self._remove_mount_files(n)
             raise
         log.info("mounted %s at %s (pid %d)", source, mp, child.proc.pid if child.proc else 0)
         if isinstance(body, dict) and "fs_type" in body:
             return Response(204)            # nydusd's answer to its own mount body
         return json_response(child.info())
+
+    def _remove_mount_files(self, n: int) -> None:
+        """A handful of unlinks in our state dir: not worth a thread hop."""
+        for ext in ("sock", "sup", "log", "err", "json", "prefetch"):
+            try:
+                os.unlink(os.path.join(self.state_dir, f"mount-{n}.{ext}"))
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("cannot remove mount-%d.%s of a failed mount: %s", n, ext, e.strerror)
 
     async def _adopt(self, child: Child) -> bool:
         """A `mount --failover` supervisor of a previous serve still serving this mountpoint

@@ -228,3 +228,34 @@ def test_a_cyclic_bootstrap_is_refused_at_mount_with_one_line(tmp_path):
     assert proc.returncode != 0
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and "root directory listed as a child" in lines[0], err
+
+
+@pytest.mark.parametrize("failover", [False, True])
+def test_a_bootstrap_refused_in_nydusd_serve_leaves_no_mount_files(tmp_path, failover):
+    """`nydusd serve` answers a refused mount with the child's one line; the child's files in
+    the state dir (config with maybe registry auth, log, err, socket) used to stay behind."""
+    from nydus_py.daemon.api import call_sync, get_json
+    (tmp_path / "bootstrap").write_bytes(msgpack.packb({"version": 1, "not": "a bootstrap"}))
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "mnt").mkdir()
+    state, sock, log = tmp_path / "state", tmp_path / "sup.sock", tmp_path / "sup.log"
+    with open(log, "wb") as out:
+        sup = subprocess.Popen([*nydusd_cmd(), "serve", "--apisock", str(sock), "--state-dir",
+                                str(state), "--cache-dir", str(tmp_path / "cache"),
+                                *(["--failover"] if failover else [])],
+                               stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        wait_for(sock.exists, "supervisor socket", log=log)
+        st, info = get_json(str(sock), f"/api/v1/mount?mountpoint={tmp_path / 'mnt'}", "POST",
+                            {"bootstrap": str(tmp_path / "bootstrap"), "blob_dir": str(tmp_path / "blobs"),
+                             "config": {"device": {"backend": {"type": "localfs",
+                                                               "config": {"dir": str(tmp_path / "blobs")}}}}})
+        assert st == 500 and "bootstrap" in info["message"] and "\n" not in info["message"], info
+        assert sorted(os.listdir(state)) == []
+        assert not mounted(tmp_path / "mnt")
+        assert call_sync(str(sock), "PUT", "/api/v1/daemon/exit")[0] == 204
+        assert sup.wait(30) == 0
+    finally:
+        if sup.poll() is None:
+            sup.terminate()
+            sup.wait(30)
