@@ -82,11 +82,14 @@ class GcReport:
     removed_blobs: list[str] = field(default_factory=list)
     removed_bytes: int = 0
     busy_blobs: list[str] = field(default_factory=list)   # over the limit but in use
+    removed_images: list[str] = field(default_factory=list)   # bootstrap digests (images.py)
+    busy_images: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"before_bytes": self.before, "after_bytes": self.after,
                 "removed_blobs": self.removed_blobs, "removed_bytes": self.removed_bytes,
-                "busy_blobs": self.busy_blobs}
+                "busy_blobs": self.busy_blobs, "removed_images": self.removed_images,
+                "busy_images": self.busy_images}
 
 
 def _is_hex(name: str) -> bool:
@@ -249,11 +252,24 @@ def _remove_stale_temps(work_dir: str | os.PathLike) -> int:
 
 
 def collect(work_dir: str | os.PathLike, max_size: int = 0, *, skip: Iterable[str] = (),
-            extra_used: int = 0) -> GcReport:
+            extra_used: int = 0, image_max_age: float | None = None) -> GcReport:
     """Removes unused blobs, least recently used first, until the accounted size (plus
     `extra_used`, e.g. the caller's own open blobs) is at most `max_size`. Malformed leftovers
     (a data file without meta, a meta file of another version) go first. `max_size=0` removes
-    every unused blob. Also removes the temporary files of an entry creation that died."""
+    every unused blob. Also removes the temporary files of an entry creation that died. With
+    `image_max_age`, also the image state (kept bootstraps, learned prefetch lists) that no
+    mount uses and that was last used longer ago than that many seconds (cache/images.py)."""
+    report = _collect_blobs(work_dir, max_size, skip, extra_used)
+    if image_max_age is not None:
+        from nydus_py.cache import images
+        r = images.collect(work_dir, image_max_age)
+        report.removed_images, report.busy_images = r.removed, r.busy
+        report.removed_bytes += r.removed_bytes
+    return report
+
+
+def _collect_blobs(work_dir: str | os.PathLike, max_size: int, skip: Iterable[str],
+                   extra_used: int) -> GcReport:
     blobs = scan(work_dir, skip)
     report = GcReport(before=extra_used + sum(b.used for b in blobs))
     report.removed_bytes += _remove_stale_temps(work_dir)

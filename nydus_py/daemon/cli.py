@@ -5,7 +5,7 @@
     nydusd mount --bootstrap FILE --config nydusd.json MOUNTPOINT
         [--apisock SOCK] [--cache-dir DIR] [--cache-max-size 10G] [--prefetch-files FILE]
     nydusd serve --apisock SOCK [--cache-dir DIR] [--cache-max-size N]   (several mounts)
-    nydusd cache gc --cache-dir DIR [--max-size N]
+    nydusd cache gc --cache-dir DIR [--max-size N] [--max-age AGE]
 
 Nydus's own form works too (docs/cli.md, "coming from Nydus"):
 
@@ -123,9 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = csub.add_parser("gc", help="remove unused blobs (LRU first) down to --max-size",
                         description="Remove cached blobs no mount is using, least recently "
                         "used first, until the cache is at most --max-size (default 0: all "
-                        "unused). Prints a JSON report.")
+                        "unused), and the kept bootstraps and learned prefetch lists no mount "
+                        "is using that were last used longer ago than --max-age. Prints a JSON "
+                        "report.")
     g.add_argument("--cache-dir", metavar="DIR", required=True)
     g.add_argument("--max-size", metavar="SIZE", default="0")
+    g.add_argument("--max-age", metavar="AGE", default=None,
+                   help="seconds, or with s/m/h/d: 30m, 24h, 7d (default: 0 with --max-size 0, "
+                        "else 7d)")
     return p
 
 
@@ -265,6 +270,15 @@ def _request(args) -> MountRequest:
                         upgrade=args.upgrade)
 
 
+def _age(text: str) -> float:
+    """`90`, `90s`, `30m`, `24h`, `7d` → seconds (ValueError otherwise)."""
+    unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}.get(text[-1:], 0)
+    value = float(text[:-1] if unit else text)
+    if not 0 <= value < float("inf"):
+        raise ValueError(text)
+    return value * (unit or 1)
+
+
 def _cache_gc(args) -> int:
     import json
 
@@ -273,9 +287,13 @@ def _cache_gc(args) -> int:
         max_size = _size(args.max_size, "--max-size")
     except NydusError as e:
         return _error(str(e))
+    try:
+        max_age = _age(args.max_age) if args.max_age is not None else 0.0 if not max_size else 7 * 86400.0
+    except ValueError:
+        return _error(f"--max-age {args.max_age!r}: expected seconds or a number with s, m, h or d")
     if not os.path.isdir(args.cache_dir):
         return _error(f"{args.cache_dir}: no such cache directory")
-    report = collect(args.cache_dir, max_size or 0)
+    report = collect(args.cache_dir, max_size or 0, image_max_age=max_age)
     print(json.dumps(report.to_dict(), indent=2))
     return 0
 

@@ -26,6 +26,7 @@ import time
 
 import trio
 
+from nydus_py.cache import images
 from nydus_py.errors import NydusError
 from nydus_py.format.bootstrap import Bootstrap
 from nydus_py.io import learned as ll
@@ -102,6 +103,7 @@ class LearnedPrefetch:
     def _from_cache(self, digest: str) -> tuple[bytes, str] | None:
         if not self.cache_dir:
             return None
+        images.hold(self.cache_dir, digest)     # a `cache gc` leaves this image's list alone
         data = ll.load_local(self.cache_dir, digest)
         return None if data is None else (data, f"{self.cache_dir}/{ll.LOCAL_DIR}")
 
@@ -187,6 +189,7 @@ class LearnedPrefetch:
             res["digest"] = lst.digest
             if self.cache_dir:
                 try:
+                    images.hold(self.cache_dir, lst.bootstrap)
                     res["saved"] = ll.save_local(self.cache_dir, lst)
                 except OSError as e:
                     log.warning("learned prefetch list of %s not saved in %s: %s", self.image,

@@ -353,9 +353,12 @@ class DaemonManager:
         if not self.shared.cache_dir.is_dir():
             return
         from nydus_py.cache.gc import collect
-        report = collect(self.shared.cache_dir, 0)
-        if report.removed_blobs:
-            log.info("shared cache: removed %d unused blobs (%d bytes)", len(report.removed_blobs),
+        # as nydus-snapshotter removes a layer's blob cache with its snapshot: everything no
+        # running image uses goes, learned prefetch lists and kept bootstraps too
+        report = collect(self.shared.cache_dir, 0, image_max_age=0)
+        if report.removed_blobs or report.removed_images:
+            log.info("shared cache: removed %d unused blobs and the state of %d unused images "
+                     "(%d bytes)", len(report.removed_blobs), len(report.removed_images),
                      report.removed_bytes)
 
     def cleanup(self) -> None:

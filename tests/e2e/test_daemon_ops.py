@@ -109,16 +109,23 @@ def test_config_max_size_and_cache_gc(tmp_path, image):
         assert r.returncode == 0, r.stderr
         busy = json.loads(r.stdout)
         assert busy["removed_blobs"] == [] and len(busy["busy_blobs"]) == 1   # in use: kept
+        # the mount holds its image state (learned list) too: cache/images.py
+        assert busy["removed_images"] == [] and len(busy["busy_images"]) == 1
+        digest = busy["busy_images"][0]
+    lists = list((cache / "prefetch").iterdir())
+    assert [p.name for p in lists] == [digest.split(":")[1] + ".json"]       # saved at unmount
     r = subprocess.run([*nydusd_cmd(), "cache", "gc", "--cache-dir", str(cache), "--max-size", "1G"],
                        capture_output=True, text=True, timeout=30)
-    assert json.loads(r.stdout)["removed_blobs"] == []                        # under the limit
+    report = json.loads(r.stdout)
+    assert report["removed_blobs"] == []                                      # under the limit
+    assert report["removed_images"] == [] and lists[0].exists()              # used < 7 days ago
     r = subprocess.run([*nydusd_cmd(), "cache", "gc", "--cache-dir", str(cache), "--max-size", "0"],
                        capture_output=True, text=True, timeout=30)
     report = json.loads(r.stdout)
     assert len(report["removed_blobs"]) == 1 and report["after_bytes"] == 0
-    # only the learned prefetch list of the run is left (a few bytes, not cache data)
-    assert [p.name for p in cache.iterdir()] == ["prefetch"]
-    assert all(p.suffix == ".json" for p in (cache / "prefetch").iterdir())
+    assert report["removed_images"] == [digest] and report["busy_images"] == []
+    # nothing is left but empty directories (the learned list and its lock file went too)
+    assert [p for p in cache.rglob("*") if not p.is_dir()] == []
 
 
 # -- prefetch -------------------------------------------------------------------------------------

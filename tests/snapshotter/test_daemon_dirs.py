@@ -145,3 +145,31 @@ def test_snapshotter_dirs_have_explicit_modes_under_umask_000(tmp_path, registry
     finally:
         resolver.close()
         store.close()
+
+
+def test_releasing_shared_images_collects_their_unused_image_state(tmp_path):
+    """Shared mode: when an image is released, the shared cache loses what no running image
+    uses: blobs, and now also learned prefetch lists (and kept bootstraps), which used to pile
+    up forever; the state a running mount holds stays."""
+    from nydus_py.cache import images
+    from nydus_py.io import learned as ll
+    cfg = RemoteConfig(root=prepare_root(tmp_path / "root"), nydusd=("/bin/false",),
+                       recover_interval=0, daemon_mode=SHARED)
+    store = Store(tmp_path / "metadata.db")
+    try:
+        dm = DaemonManager(cfg, store, Resolver(cfg))
+        cache = dm.shared.cache_dir
+        cache.mkdir(parents=True, mode=0o700)
+        used, gone = ("sha256:" + h * 64 for h in "12")
+        for digest in (used, gone):
+            ll.save_local(str(cache), ll.LearnedList(digest, (3,)))
+        assert images.hold(cache, used)        # as the running mount of `used` does
+        try:
+            dm.gc_shared_cache()
+            assert sorted(p.name for p in (cache / "prefetch").iterdir()) == ["1" * 64 + ".json"]
+        finally:
+            images.release(cache, used)
+        dm.gc_shared_cache()
+        assert list((cache / "prefetch").iterdir()) == []
+    finally:
+        store.close()
