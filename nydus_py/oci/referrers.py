@@ -5,11 +5,14 @@ pushed to and found in a registry or an OCI image layout. Used for learned prefe
 An artifact is an image manifest with `artifactType`, the empty config
 (`application/vnd.oci.empty.v1+json`, `{}`), one layer (the blob) and `subject`.
 
-Registry: pushed by digest; found through the referrers API (`GET /v2/<repo>/referrers/<d>`)
-or, where the registry has none (Debian's docker-registry 2.8 answers 404), through the
-distribution spec's tag schema: an index tagged `sha256-<hex>` of the subject, which a pusher
-reads, extends with its descriptor and writes back. Two hosts pushing at the same moment can
-lose one of the two entries (the spec's known race); a lost list is only a lost optimisation.
+Registry: pushed by digest; found through the referrers API (`GET /v2/<repo>/referrers/<d>`,
+its `Link` pages followed within bounds: RegistryClient.get_referrers) or, where the registry
+has none (Debian's docker-registry 2.8 answers 404), through the distribution spec's tag schema:
+an index tagged `sha256-<hex>` of the subject, which a pusher reads, extends with its
+descriptor and writes back, keeping only the newest MAX_CANDIDATES entries of its artifact type
+(so the index of an image pushed from many hosts stays far below the 4 MiB manifest limit).
+Two hosts pushing at the same moment can lose one of the two entries (the spec's known race); a
+lost list is only a lost optimisation.
 
 OCI layout: the artifact's blobs go into `blobs/`, and its descriptor (with `artifactType`,
 no ref name) into `index.json`, as image-spec 1.1 describes for layouts.
@@ -133,7 +136,11 @@ def registry_push(client, repo: str, art: Artifact) -> str:
         index = {"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": []}
     entries = [e for e in index["manifests"] if not (isinstance(e, dict) and e.get("digest") == digest)]
     entries.append(art.descriptor())
-    index["manifests"] = entries
+    # bounded: only the newest MAX_CANDIDATES of our type are ever looked at, so older ones
+    # are dropped (their manifests stay, untagged); other types' entries are not ours to drop
+    keep = {id(e) for e in _candidates({"manifests": entries}, art.artifact_type)}
+    index["manifests"] = [e for e in entries if id(e) in keep or not
+                          (isinstance(e, dict) and e.get("artifactType") == art.artifact_type)]
     out = canonical_json(index)
     client.put_manifest(repo, tag, out, mt.OCI_INDEX)
     return digest

@@ -30,7 +30,9 @@ import logging
 import os
 import re
 from typing import Callable, Iterable
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
+
+from requests.utils import parse_header_links
 
 from nydus_py.errors import BackendError, BlobNotFoundError, DigestMismatchError, ImageFormatError
 from nydus_py.oci import digest as dg
@@ -39,12 +41,15 @@ from nydus_py.oci import upload
 from nydus_py.oci.auth import pull_scope
 from nydus_py.oci.reference import check_ref, check_repository, is_digest
 from nydus_py.oci.transport import (USER_AGENT, RegistryConfig, RegistryTransport, ResponseBody,
-                                    read_limited)
+                                    read_limited, same_origin)
 from nydus_py.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
 MAX_MANIFEST = 4 << 20
+MAX_REFERRER_PAGES = 16         # referrers API pages followed (each at most MAX_MANIFEST)
+MAX_REFERRERS = 4096            # referrer descriptors kept from all pages
+MAX_TAG_PAGES = 1000            # tag list pages followed
 MANIFEST_ACCEPT = (mt.OCI_MANIFEST, mt.OCI_INDEX, mt.DOCKER_MANIFEST, mt.DOCKER_MANIFEST_LIST)
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
@@ -167,8 +172,12 @@ class RegistryClient:
         check_repository(repo)
         what = f"tags of {self.config.host}/{repo}"
         tags: list[str] = []
-        url: str | None = f"/v2/{repo}/tags/list"
-        while url:
+        first = self.transport.url(f"/v2/{repo}/tags/list")
+        url: str | None = first
+        seen = {first}
+        for _ in range(MAX_TAG_PAGES):
+            if url is None:
+                break
             page = url
             resp = self.transport.retry_call(what, lambda: self.transport.request(
                 "GET", page, what=what, scopes=(pull_scope(repo),), not_found="repository"))
@@ -177,38 +186,70 @@ class RegistryClient:
                     tags += list(resp.json().get("tags") or [])
                 except (ValueError, AttributeError):
                     raise ImageFormatError(f"{what}: response is not a tag list") from None
-                nxt = resp.links.get("next", {}).get("url")
-            url = urljoin(resp.url, nxt) if nxt else None
+                url = _next_page(page, resp.headers.get("Link", ""), seen, what)
+        else:
+            if url is not None:
+                log.warning("%s: more than %d pages; using the first %d", what, MAX_TAG_PAGES,
+                            MAX_TAG_PAGES)
         return tags
 
     def get_referrers(self, repo: str, digest: str, artifact_type: str | None = None) -> dict | None:
         """The OCI 1.1 referrers index of `digest` (`GET /v2/<repo>/referrers/<digest>`), or
         None when the registry has no referrers API (it answers 404, which a registry with the
-        API never does: the caller then uses the `sha256-<hex>` tag schema). Not paginated
-        (Link headers are not followed: the first page is plenty for our artifacts)."""
+        API never does: the caller then uses the `sha256-<hex>` tag schema). Pages
+        (`Link: <…>; rel="next"`, distribution spec) are followed and merged into one index, as
+        far as MAX_REFERRER_PAGES pages and MAX_REFERRERS entries (of `artifact_type`, when
+        given: a registry may ignore the filter); a Link to another origin or back to a page
+        already read ends the listing with one warning (what was read is used)."""
         check_repository(repo)
         dg.parse(digest)
         what = f"referrers of {self.config.host}/{repo}@{digest}"
+        url = self.transport.url(f"/v2/{repo}/referrers/{digest}")
         params = {"artifactType": artifact_type} if artifact_type else None
+        index: dict | None = None
+        entries: list = []
+        seen = {url}
+        for page in range(MAX_REFERRER_PAGES):
+            got = self.transport.retry_call(what, lambda: self._referrers_page(repo, url, params, what))
+            if got is None:
+                return None if index is None else {**index, "manifests": entries}
+            obj, link = got
+            index = index or obj
+            entries += [e for e in obj.get("manifests", [])
+                        if not artifact_type or (isinstance(e, dict) and e.get("artifactType") == artifact_type)]
+            nxt = _next_page(url, link, seen, what)
+            if nxt is None:
+                break
+            if len(entries) >= MAX_REFERRERS:
+                log.warning("%s: more than %d referrers; using the first %d", what, MAX_REFERRERS,
+                            MAX_REFERRERS)
+                break
+            url, params = nxt, None         # the Link carries the query
+        else:
+            log.warning("%s: more than %d pages; using the first %d", what, MAX_REFERRER_PAGES,
+                        MAX_REFERRER_PAGES)
+        assert index is not None
+        return {**index, "manifests": entries[:MAX_REFERRERS]}
 
-        def attempt() -> dict | None:
-            try:
-                resp = self.transport.request("GET", f"/v2/{repo}/referrers/{digest}", what=what,
-                                              scopes=(pull_scope(repo),), params=params, stream=True,
-                                              headers={"Accept": mt.OCI_INDEX}, not_found="referrers API")
-            except BlobNotFoundError:
-                return None
-            with resp:
-                data = read_limited(resp, MAX_MANIFEST, what)
-            try:
-                obj = json.loads(data)
-            except ValueError:
-                raise ImageFormatError(f"{what}: not JSON") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("manifests", []), list):
-                raise ImageFormatError(f"{what}: not an OCI index")
-            return obj
-
-        return self.transport.retry_call(what, attempt)
+    def _referrers_page(self, repo: str, url: str, params: dict | None,
+                        what: str) -> tuple[dict, str] | None:
+        """(one page's index, its Link header) or None on 404."""
+        try:
+            resp = self.transport.request("GET", url, what=what, scopes=(pull_scope(repo),),
+                                          params=params, stream=True,
+                                          headers={"Accept": mt.OCI_INDEX}, not_found="referrers API")
+        except BlobNotFoundError:
+            return None
+        with resp:
+            data = read_limited(resp, MAX_MANIFEST, what)
+            link = resp.headers.get("Link", "")
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            raise ImageFormatError(f"{what}: not JSON") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("manifests", []), list):
+            raise ImageFormatError(f"{what}: not an OCI index")
+        return obj, link
 
     # ------------------------------------------------------------------ public API: writes
 
@@ -268,6 +309,27 @@ class BlobReader(dg.VerifyingReader):
 
 
 # ---------------------------------------------------------------------- helpers
+
+def _next_page(current: str, header: str, seen: set[str], what: str) -> str | None:
+    """The `rel="next"` page of a `Link` header, resolved against the page it came from (so
+    against the registry); None when there is none, or (one warning) when it leads to another
+    origin or back to a page already read. Adds it to `seen`."""
+    if not header:
+        return None
+    nxt = next((lk.get("url") for lk in parse_header_links(header) if lk.get("rel") == "next"), None)
+    if not nxt:
+        return None
+    url = urljoin(current, nxt)
+    if urlsplit(url).scheme not in ("http", "https") or not same_origin(url, current):
+        log.warning("%s: next page %s is not on the registry; not followed", what, url[:200])
+        return None
+    if url in seen:
+        log.warning("%s: next page %s was read already (a Link loop); stopping there", what,
+                    url[:200])
+        return None
+    seen.add(url)
+    return url
+
 
 def _check_content_range(header: str | None, start: int, end: int, what: str) -> None:
     if header is None:
