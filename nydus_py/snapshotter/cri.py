@@ -10,20 +10,28 @@ in memory for the image's registry and repository first. The Prepare that follow
 written into that image's nydusd config, like docker-config credentials (docs/containerd.md).
 
 The proxy forwards the bytes it received (fields this proto omits pass through) and only parses
-PullImageRequest. Credentials live in memory only: after a snapshotter restart, images pulled
-before are restarted with the credentials of IMAGE_PULL_AUTH / the docker config, if any.
+PullImageRequest. The keychain lives in memory, as Nydus's (stargz's CRI keychain, a map in the
+snapshotter process). What an image was started with is also kept next to it (`keep`/`kept`:
+ROOT/images/<id>/cri-auth.json, 0600 in the 0700 root, where its nydusd.json holds the same
+secret already), so that a daemon the snapshotter restarts after its own restart still
+authenticates; Nydus's snapshotter loses them there. Deleted with the image; never logged.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
+import os
+import secrets
 import threading
+from pathlib import Path
 from typing import Any, Callable
 
 import grpc
 
+from nydus_py.cache import safedir
 from nydus_py.oci.auth import Credentials
 from nydus_py.errors import NydusError
 from nydus_py.oci.reference import Reference
@@ -32,6 +40,9 @@ from nydus_py.oci.reference import parse as parse_reference
 log = logging.getLogger("nydus_py.snapshotter.cri")
 SERVICE = "runtime.v1.ImageService"
 METHODS = ("PullImage", "ImageStatus", "ListImages", "RemoveImage", "ImageFsInfo")
+KEPT = "cri-auth.json"
+MAX_KEPT = 64 << 10
+_FIELDS = ("username", "password", "identity_token", "registry_token")
 
 
 class Keychain:
@@ -120,3 +131,58 @@ def add_to_server(server: grpc.Server, target: str, keychain: Keychain) -> Calla
     proxy = ImageServiceProxy(target, keychain)
     server.add_generic_rpc_handlers((proxy,))
     return proxy.close
+
+
+# -- the copy an image keeps --------------------------------------------------------------------
+def _open_dir(image_dir: Path) -> int:
+    return os.open(image_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def keep(image_dir: Path, creds: Credentials) -> None:
+    """Writes `creds` as the image's kept CRI credentials (0600, temp + rename under the dir's
+    fd, no link followed). Best effort: a failure is one warning, without the secret."""
+    data = json.dumps({k: getattr(creds, k) for k in _FIELDS}).encode()
+    tmp = f".{KEPT}.{secrets.token_hex(4)}"
+    try:
+        d = _open_dir(image_dir)
+    except OSError as e:
+        log.warning("%s: CRI credentials not kept: %s", image_dir, e.strerror)
+        return
+    try:
+        fd = safedir.open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, d, 0o600)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.rename(tmp, KEPT, src_dir_fd=d, dst_dir_fd=d)
+    except OSError as e:
+        log.warning("%s: CRI credentials not kept: %s", image_dir, e.strerror)
+        try:
+            os.unlink(tmp, dir_fd=d)
+        except OSError:
+            pass
+    finally:
+        os.close(d)
+
+
+def kept(image_dir: Path) -> Credentials | None:
+    """The image's kept CRI credentials, None if there are none (or they are unreadable)."""
+    try:
+        d = _open_dir(image_dir)
+    except OSError:
+        return None
+    try:
+        fd = safedir.open_file(KEPT, os.O_RDONLY | os.O_NONBLOCK, d)
+    except OSError:
+        return None
+    finally:
+        os.close(d)
+    try:
+        doc = json.loads(os.read(fd, MAX_KEPT))
+        creds = Credentials(**{k: str(doc.get(k) or "") for k in _FIELDS})
+    except (OSError, ValueError, AttributeError):
+        log.warning("%s/%s: unreadable; ignored", image_dir, KEPT)
+        return None
+    finally:
+        os.close(fd)
+    return creds if (creds.username or creds.identity_token or creds.registry_token) else None

@@ -15,8 +15,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from nydus_py.errors import NydusError
+from nydus_py.oci.auth import Credentials
 from nydus_py.format.limits import MAX_BOOTSTRAP_SIZE as MAX_BOOTSTRAP
 from nydus_py.oci.reference import parse as parse_reference
+from nydus_py.snapshotter import cri
 from nydus_py.snapshotter.process import (is_live_mount, nydusd_env, pid_alive, read_pid, terminate,
                                           unmount)
 from nydus_py.snapshotter.config import host_mirrors, merge_template
@@ -116,7 +118,7 @@ class DaemonManager:
         backend: dict = {"host": reg["api_host"], "repo": reg["repo"], "scheme": reg["scheme"]}
         if self.config.skip_verify:
             backend["skip_verify"] = True
-        creds = self.resolver.credentials(parse_reference(rec.ref))
+        creds = self._credentials(rec)
         if creds is not None and creds.has_basic:
             backend["auth"] = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
         if creds is not None and creds.registry_token:
@@ -129,6 +131,16 @@ class DaemonManager:
         # other (docs/operations.md "Trust model"); true would sha256 every cache hit
         template = self.config.nydusd_template or {"mode": "direct", "digest_validate": False}
         return merge_template(template, backend, str(work))
+
+    def _credentials(self, rec: ImageRecord) -> Credentials | None:
+        """A CRI pull secret (kept with the image, so it survives a snapshotter restart:
+        cri.py), else IMAGE_PULL_AUTH / the docker config."""
+        ref = parse_reference(rec.ref)
+        creds = self.resolver.keychain.get(ref)
+        if creds is not None:
+            cri.keep(self.image_dir(rec.id), creds)
+            return creds
+        return cri.kept(self.image_dir(rec.id)) or self.resolver.credentials(ref)
 
     def _write_config(self, rec: ImageRecord) -> None:
         if "registry" not in rec.state:        # a record from before configs were rewritten
