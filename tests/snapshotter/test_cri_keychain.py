@@ -33,7 +33,8 @@ def test_keychain_is_per_registry_and_repository():
     assert kc.get(parse("reg.example:5000/team/app:v1")).username == "b"      # the latest secret wins
 
 
-def test_a_pull_secret_survives_a_snapshotter_restart_for_the_image_it_pulled(tmp_path, caplog):
+def test_a_pull_secret_survives_a_snapshotter_restart_for_the_image_it_pulled(tmp_path, caplog,
+                                                                              monkeypatch):
     """The keychain is memory only (as Nydus's); a daemon the snapshotter restarted after its
     own restart used to get no credentials (IMAGE_PULL_AUTH / docker config, none here) and
     failed with 401. The image now keeps the secret it was started with, 0600, never logged,
@@ -50,7 +51,8 @@ def test_a_pull_secret_survives_a_snapshotter_restart_for_the_image_it_pulled(tm
     from nydus_py.snapshotter.store import ImageRecord, Store
 
     caplog.set_level(logging.DEBUG)
-    env = {k: os.environ.pop(k) for k in ("IMAGE_PULL_AUTH", "DOCKER_CONFIG") if k in os.environ}
+    for k in ("IMAGE_PULL_AUTH", "DOCKER_CONFIG"):
+        monkeypatch.delenv(k, raising=False)
     cfg = RemoteConfig(root=prepare_root(tmp_path / "root"), nydusd=("/bin/false",), recover_interval=0,
                        docker_config=str(tmp_path / "no-docker-config.json"))
     store = Store(tmp_path / "metadata.db")
@@ -78,5 +80,4 @@ def test_a_pull_secret_survives_a_snapshotter_restart_for_the_image_it_pulled(tm
         assert json.loads(kept.read_text())["username"] == "bob"
         assert "s3cret-pull" not in caplog.text and secret not in caplog.text
     finally:
-        os.environ.update(env)
         store.close()
