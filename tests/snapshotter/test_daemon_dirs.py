@@ -85,17 +85,19 @@ def test_a_bootstrap_nydusd_refuses_leaves_nothing_behind(tmp_path, registry, mo
                        daemon_timeout=60)
     store = Store(tmp_path / "metadata.db")
     resolver = Resolver(cfg)
+    dm = DaemonManager(cfg, store, resolver)
     try:
         ref = parse_reference(f"{registry.host}/trust/boot:v1")
         digest = "sha256:" + hashlib.sha256(BLOB).hexdigest()
         resolver.client(ref).push_blob(ref.repository, BLOB, digest, len(BLOB))
-        dm = DaemonManager(cfg, store, resolver)
         layer = RemoteLayer(REMOTE_BOOTSTRAP, ref, "sha256:" + "ef" * 32, digest, len(BLOB))
         with pytest.raises(RemoteError, match="bootstrap"):
             dm.ensure(layer)
         assert_nothing_left(dm, layer)
         assert dm.shared.pid() == 0 and not dm.shared._process_alive()
     finally:
+        if dm.shared._process_alive():     # failed: no supervisor outlives the test
+            dm.shared.stop()
         resolver.close()
         store.close()
 
