@@ -45,7 +45,8 @@ class FsError(Exception):
 
 
 class Reader(Protocol):
-    async def read(self, ino: int, offset: int, size: int) -> bytes: ...
+    # any buffer: pyfuse3 replies from it as it is (FileReader serves cache hits without a copy)
+    async def read(self, ino: int, offset: int, size: int) -> bytes | bytearray | memoryview: ...
 
 
 class Stat(NamedTuple):
@@ -212,7 +213,7 @@ class Vfs:
         if not stat.S_ISREG(mode):
             raise FsError(errno.EINVAL)
 
-    async def read(self, ino: int, offset: int, size: int) -> bytes:
+    async def read(self, ino: int, offset: int, size: int) -> bytes | bytearray | memoryview:
         a = self._attr(ino)
         if not stat.S_ISREG(a.mode):
             raise FsError(errno.EINVAL)

@@ -290,21 +290,71 @@ def test_a_store_never_rewrites_a_chunk_another_process_stored(tmp_path, monkeyp
     assert b.read(hb, 0, items[0][0].offset, items[0][0].size) == items[0][1]
 
 
-def test_read_nowait_serves_only_checked_chunks_and_never_means_missing(tmp_path):
+def test_read_nowait_checks_a_chunk_on_its_first_read_and_never_means_missing(tmp_path):
     info, items = _blob()
     (c0, d0), (c1, _) = items[0], items[1]
+    m = Metrics()
     cache = ChunkCache(tmp_path)
     h = cache.open_blob(info)
     assert cache.read_nowait(h, 0, c0.offset, c0.size, 0, 10) is None      # not stored
     cache.store_many(h, [(c0, d0)])
     assert cache.read_nowait(h, 0, c0.offset, c0.size, 100, 300) == d0[100:300]  # stored here
     assert cache.read_nowait(h, 1, c1.offset, c1.size, 0, 10) is None
-    again = ChunkCache(tmp_path)                    # a new process: nothing checked yet
+    cache.close()
+    again = ChunkCache(tmp_path, metrics=m)     # a new process: nothing checked yet
     h2 = again.open_blob(info)
-    assert again.read_nowait(h2, 0, c0.offset, c0.size, 0, 10) is None
-    assert again.read(h2, 0, c0.offset, c0.size, 0, 10) == d0[:10]     # the full xxh3 check
+    # the whole chunk is in the page cache (just written): read whole, xxh3-checked, served
     assert again.read_nowait(h2, 0, c0.offset, c0.size, 4000, 4096) == d0[4000:]
+    assert m.blobcache.value("nowait_checks") == 1
+    assert again.read_nowait(h2, 0, c0.offset, c0.size, 0, 10) == d0[:10]    # checked now
+    assert m.blobcache.value("nowait_checks") == 1
     strict = ChunkCache(tmp_path, validate=True)    # digest_validate: every hit is read()'s
     h3 = strict.open_blob(info)
     assert strict.read(h3, 0, c0.offset, c0.size, 0, 10, c0.digest) == d0[:10]
     assert strict.read_nowait(h3, 0, c0.offset, c0.size, 0, 10) is None
+
+
+@pytest.mark.parametrize("mode", ["restart", "revalidate"])
+def test_read_nowait_never_serves_a_chunk_failing_its_check(tmp_path, mode):
+    """The first-read check on the loop is the same xxh3 check as `read`'s: a torn or rotten
+    chunk (here: a flipped byte, in the page cache) is not served, not marked checked, and
+    `read` then drops it (counted once) so that it is fetched again."""
+    info, items = _blob()
+    m = Metrics()
+    c = ChunkCache(tmp_path, revalidate=(mode == "revalidate"), metrics=m)
+    c.store_many(c.open_blob(info), items)
+    if mode == "restart":
+        c.close()
+        c = ChunkCache(tmp_path, metrics=m)
+    h = c.open_blob(info)
+    ch, data = items[2]
+    _flip(_paths(tmp_path, info)[0], ch.offset + 77)
+    for _ in range(2):
+        assert c.read_nowait(h, ch.index, ch.offset, ch.size, 0, 100) is None
+    assert m.blobcache.value("cache_corrupt") == 0 and m.blobcache.value("nowait_checks") == 0
+    assert c.read(h, ch.index, ch.offset, ch.size, 0, 100) is None
+    assert m.blobcache.value("cache_corrupt") == 1
+    assert c.missing(h, range(4)) == [2]
+    assert c.read_nowait(h, ch.index, ch.offset, ch.size, 0, 100) is None   # missing now
+    # its neighbours are unharmed and still checked on the loop
+    c1, d1 = items[1]
+    assert c.read_nowait(h, 1, c1.offset, c1.size, 0, c1.size) == d1
+
+
+def test_read_nowait_leaves_small_slices_of_big_unchecked_chunks_to_read(tmp_path):
+    """Checking a big chunk means copying and hashing all of it on the event loop: only when
+    the read wants half of it or more (or the chunk is small)."""
+    big = cc.NOWAIT_CHECK_SMALL * 2
+    data = os.urandom(big)
+    ch = Chunk(7, 0, 0, 0, big, 0, big, False, hashlib.sha256(data).digest())
+    info = BlobInfo("sha256:" + "ab" * 32, "none", big, big, 7, 1)
+    c = ChunkCache(tmp_path)
+    c.store_many(c.open_blob(info), [(ch, data)])
+    c.close()
+    m = Metrics()
+    c = ChunkCache(tmp_path, metrics=m)
+    h = c.open_blob(info)
+    assert c.read_nowait(h, 0, 0, big, 0, 4096) is None
+    assert c.read_nowait(h, 0, 0, big, 4096, 4096 + big // 2) == data[4096:4096 + big // 2]
+    assert c.read_nowait(h, 0, 0, big, 0, 4096) == data[:4096]      # checked by now
+    assert m.blobcache.value("nowait_checks") == 1
