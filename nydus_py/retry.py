@@ -19,7 +19,6 @@ so tests check the schedule without waiting.
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import random
 import time
@@ -64,6 +63,7 @@ class RetryPolicy:
         value = header.strip()
         if value.isdigit():
             return float(value)
+        import email.utils  # here: importing it costs every daemon start-up ~5 ms
         try:
             when = email.utils.parsedate_to_datetime(value)
         except (TypeError, ValueError):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +57,7 @@ def load(path: str | Path) -> DaemonConfig:
 
 def parse_text(text: str, name: str = "") -> DaemonConfig:
     if str(name).endswith(".toml") or not text.lstrip().startswith("{"):
+        import tomllib      # here: ~4 ms of every daemon start-up, and configs are mostly JSON
         try:
             doc: Any = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
