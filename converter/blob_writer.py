@@ -7,9 +7,10 @@ final blob file, next to the target, ready to be renamed into place.
 
 Small chunks (`add_member`, format v2) are not compressed alone: they are gathered per
 segment into a batch of at most `batch_size` bytes, compressed together (one zstd frame sees
-many small files, which is what makes the image smaller than gzip). A batch is compressed on
-the executor while later chunks arrive; segment writes stay in add order, so the blob is
-byte-reproducible, and at most a few batches are in flight (memory stays bounded).
+many small files, which is what makes the image smaller than gzip). Chunks (`add`) and batches
+are compressed on the executor while later chunks arrive; segment writes stay in add order, so
+the blob is byte-reproducible, and at most a few compressions are in flight (memory stays
+bounded). Only chunks that are new are compressed (the caller deduplicates first).
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from nydus_py.format import compression
 from nydus_py.format.bootstrap import ChunkSpec
 
 PREFETCH, NORMAL = 0, 1
-MAX_PENDING_BATCHES = 3     # per segment, compressing on the executor
-MAX_QUEUED = 16             # per segment: chunks waiting behind a batch (each <= chunk_size)
+# per segment: compressions in flight on the executor (each <= chunk_size or batch_size in, as
+# much out); enough to keep the workers busy while the reader is parsing
+MAX_PENDING = 6
+MAX_QUEUED = 16             # per segment: writes waiting behind a compression
 
 
 @dataclass(frozen=True)
@@ -67,12 +70,20 @@ class BlobWriter:
     def count(self) -> int:
         return len(self._entries)
 
-    def add(self, digest: bytes, data_len: int, stored: bytes, compressed: bool, *, prefetch: bool) -> int:
-        """Appends a chunk; returns its sequence number (position in add order)."""
+    def add(self, digest: bytes, data: bytes, *, prefetch: bool) -> int:
+        """Appends a chunk (uncompressed bytes, compressed alone here); returns its sequence
+        number (position in add order)."""
         seg = PREFETCH if prefetch else NORMAL
-        self._entries.append([seg, 0, len(stored), data_len, digest, compressed, 0, 0])
-        self._enqueue(seg, [len(self._entries) - 1], stored)
+        self._entries.append([seg, 0, 0, len(data), digest, False, 0, 0])
+        self._enqueue(seg, [len(self._entries) - 1], self._compress(data))
         return len(self._entries) - 1
+
+    def _compress(self, data: bytes):
+        """(stored bytes, compressed?) or a Future of it."""
+        if self.compressor == "none":
+            return data, False
+        args = (self.compressor, self._level, data)
+        return self._executor.submit(_compress_batch, *args) if self._executor else _compress_batch(*args)
 
     def add_member(self, digest: bytes, data: bytes, *, prefetch: bool) -> int:
         """Appends a small chunk (uncompressed bytes, < batch_size) to the segment's open batch;
@@ -93,31 +104,22 @@ class BlobWriter:
         for e, _ in members:
             self._entries[e][7] = len(data)
         self._open[seg], self._open_len[seg] = [], 0
-        args = (self.compressor, self._level, data)
-        job = self._executor.submit(_compress_batch, *args) if self._executor else _compress_batch(*args)
-        self._enqueue(seg, [e for e, _ in members], job)
+        self._enqueue(seg, [e for e, _ in members], self._compress(data))
 
     def _enqueue(self, seg: int, entries: list[int], item) -> None:
         q = self._queue[seg]
         q.append((entries, item))
         while q and (not isinstance(q[0][1], Future) or q[0][1].done()
-                     or len(q) > MAX_QUEUED or sum(isinstance(i, Future) for _, i in q) > MAX_PENDING_BATCHES):
+                     or len(q) > MAX_QUEUED or sum(isinstance(i, Future) for _, i in q) > MAX_PENDING):
             self._write_head(seg)
 
     def _write_head(self, seg: int) -> None:
         entries, item = self._queue[seg].popleft()
-        if isinstance(item, Future):
-            stored, z = item.result()
-        elif isinstance(item, tuple):
-            stored, z = item
-        else:
-            stored, z = item, None
+        stored, z = item.result() if isinstance(item, Future) else item
         self._segs[seg].write(stored)
         for e in entries:
             ent = self._entries[e]
-            ent[1], ent[2] = self._seg_len[seg], len(stored)
-            if z is not None:
-                ent[5] = z
+            ent[1], ent[2], ent[5] = self._seg_len[seg], len(stored), z
             self._seg_ulen[seg] += ent[3]
         self._seg_len[seg] += len(stored)
 

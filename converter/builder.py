@@ -177,14 +177,13 @@ class Builder:
         base = self.writer.chunk_count
         # "none" gains nothing from batches; keep such images v1
         batch = self.opt.batch_size if self.opt.compressor != "none" else 0
-        pipeline = ChunkPipeline(self.opt.compressor, self.opt.workers, depth=2 * self.opt.workers + 2,
-                                 level=self.opt.compression_level, batch_below=batch)
+        pipeline = ChunkPipeline(self.opt.workers)
         blob = BlobWriter(self.work_dir, self.opt.compressor, batch_size=batch,
                           level=self.opt.compression_level, executor=pipeline.executor)
         touched: list[Inode] = []
 
         def on_done(result, target, k):
-            digest, size, stored, compressed = result
+            digest, size, data = result
             inode, prefetch = target
             self.stats.chunks_seen += 1
             cid = self.index.get(digest)
@@ -192,9 +191,9 @@ class Builder:
                 self.stats.dict_chunks_used += 1
             if cid is None:
                 if size < batch:
-                    cid = base + blob.add_member(digest, stored, prefetch=prefetch)
+                    cid = base + blob.add_member(digest, data, prefetch=prefetch)
                 else:
-                    cid = base + blob.add(digest, size, stored, compressed, prefetch=prefetch)
+                    cid = base + blob.add(digest, data, prefetch=prefetch)
                 self.index.add_new(digest, cid)
                 self.stats.chunks_stored += 1
                 self.stats.stored_uncompressed += size

@@ -12,6 +12,7 @@ from pathlib import Path
 from converter import tar as tarlayer
 from converter.builder import Builder, BuildOptions, BuildResult, ProgressFn
 from converter.chunk_dict import ChunkDict
+from converter.readahead import ReadAhead, switch_interval
 from converter.sources import RegistryOptions, SourceImage, SourceRef, open_source
 from converter.target import Staging, write_image
 from nydus_py.errors import BlobNotFoundError, ConfigError
@@ -122,9 +123,11 @@ def _build_into(image: SourceImage, target_dir: Path, tag: str | None, options: 
             # (or raised) by the time add_layer returns.
             t = time.monotonic()
             stream = image.open_layer_tar(layer, max_uncompressed=options.max_layer_size)
-            built = builder.add_layer(
-                tarlayer.iter_entries(stream, layer.what, max_size=options.max_layer_size),
-                layer.index, layer.digest, layer.what)
+            # fetch + gunzip + both digests run ahead on a thread of their own (see readahead.py)
+            with switch_interval(), ReadAhead(stream, name=f"layer-{layer.index}") as ahead:
+                built = builder.add_layer(
+                    tarlayer.iter_entries(ahead, layer.what, max_size=options.max_layer_size),
+                    layer.index, layer.digest, layer.what)
             if progress:
                 progress("layer", 1)
             if on_layer:

@@ -30,8 +30,6 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from converter import builder as builder_mod
-from converter import chunker
 from converter.builder import Builder, BuildOptions
 from converter.decompress import open_layer_stream
 from converter import tar as tarlayer
@@ -50,29 +48,6 @@ WHAT = "layer 0 (sha256:fuzz)"
 
 class Hang(BaseException):
     pass
-
-
-class SyncPipeline:
-    """converter.chunker.ChunkPipeline without the thread pool (thread start-up would be most
-    of a fuzz case's time); same results, same order."""
-
-    def __init__(self, codec: str, workers: int, depth: int, level: int | None = None,
-                 batch_below: int = 0):
-        self._codec = codec
-        self._level = level
-        self._batch_below = batch_below
-        self.on_done = None
-        self.executor = None    # BlobWriter compresses batches inline then
-
-    def submit(self, data: bytes, target, k: int) -> None:
-        self.on_done(chunker._digest_and_compress(self._codec, self._level, data, self._batch_below),
-                     target, k)
-
-    def drain(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def _alarm(signum, frame):
@@ -118,7 +93,6 @@ class _Counted:
 
 @pytest.fixture
 def harness(tmp_path, monkeypatch):
-    monkeypatch.setattr(builder_mod, "ChunkPipeline", SyncPipeline)
     old = signal.signal(signal.SIGALRM, _alarm)
     tracemalloc.start()
     n = [0]
