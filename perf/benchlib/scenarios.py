@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import images, readers
 from .net import NS_IP, DelayProxy, Registry, ShapedNet
-from .nydus import NYDUSD, Mount, convert, has_chunk_dict, registry_manifest
+from .nydus import NYDUSD, NYDUSIFY, Mount, convert, has_chunk_dict, registry_manifest
 from .util import CACHE, ROOT, Timer, drop_caches, log, median, run, umount_all_under
 
 sys.path.insert(0, str(ROOT))
@@ -230,13 +230,14 @@ def conversion(b: Bench) -> dict:
     out = {"images": []}
     for tag in b.convert_images:
         log.info("conversion of %s", tag)
-        res = {"image": tag, "gzip_bytes": image_bytes(b, tag), "runs": {"nydusify": [], "estargz": [],
-                                                                          "mkfs_erofs": []}}
+        res = {"image": tag, "gzip_bytes": image_bytes(b, tag), "runs": {"nydusify": [], "nydusify_local": [],
+                                                                          "estargz": [], "mkfs_erofs": []}}
         for rep in range(b.reps):
             repo = f"bench/conv-{tag}-{rep}-{os.getpid()}"
             s = convert(b.ref(f"bench/{tag}", "oci"), b.ref(repo, "nydus"), b.work / "convwork")
             res["runs"]["nydusify"].append({"seconds": s, "bytes": _sum_layers(
                 registry_manifest(b.registry.host, repo, "nydus"))})
+            res["runs"]["nydusify_local"].append(_convert_local(b, tag))
             r = _estargz(b, tag, f"{repo}-esgz")
             if r:
                 res["runs"]["estargz"].append(r)
@@ -252,6 +253,20 @@ def conversion(b: Bench) -> dict:
                          for k, v in res["runs"].items() if v}
         out["images"].append(res)
     return out
+
+
+def _convert_local(b: Bench, tag: str) -> dict:
+    """nydusify from the local OCI layout to a local one: no registry on either side, like
+    mkfs.erofs from a local rootfs to a local file (which also skips gunzip and verification)."""
+    out = b.tmp(f"conv-local-{tag}")
+    with Timer() as t:
+        run([NYDUSIFY, "convert", "--quiet", "--source", f"oci:{images.OCI}:{tag}",
+             "--target", f"oci:{out}:{tag}"])
+    from nydus_py.oci.layout import OCILayout
+    lay = OCILayout(out)
+    m = lay.read_json(lay.resolve(tag), tag)
+    shutil.rmtree(out)
+    return {"seconds": t.s, "bytes": _sum_layers(m)}
 
 
 def _estargz(b: Bench, tag: str, repo: str) -> dict | None:
