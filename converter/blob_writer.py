@@ -15,6 +15,7 @@ bounded). Only chunks that are new are compressed (the caller deduplicates first
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -56,7 +57,12 @@ class BlobWriter:
         self._level = level
         self._executor = executor
         self._dir = work_dir
-        self._segs = [tempfile.TemporaryFile(dir=work_dir), tempfile.TemporaryFile(dir=work_dir)]
+        # the NORMAL segment is a named file hashed as it is written: without a prefetch
+        # segment (the usual case) it becomes the blob as is, no second pass over the blob
+        self._normal = tempfile.NamedTemporaryFile(dir=work_dir, prefix="blob-", delete=False)
+        self._normal_hash = hashlib.sha256()
+        self._normal_path_kept = False         # True: the file is gone or handed over as the blob
+        self._segs = [tempfile.TemporaryFile(dir=work_dir), self._normal]
         # seg, seg_off, csize, size, digest, compressed, batch_off, batch_size (0: not a member)
         self._entries: list[list] = []
         self._seg_len = [0, 0]
@@ -117,6 +123,8 @@ class BlobWriter:
         entries, item = self._queue[seg].popleft()
         stored, z = item.result() if isinstance(item, Future) else item
         self._segs[seg].write(stored)
+        if seg == NORMAL:
+            self._normal_hash.update(stored)
         for e in entries:
             ent = self._entries[e]
             ent[1], ent[2], ent[5] = self._seg_len[seg], len(stored), z
@@ -149,6 +157,17 @@ class BlobWriter:
             chunks.append(ChunkSpec(digest, base[seg] + off, csize, ubase[seg] + useg_off[seg], size, z,
                                     boff, bsize))
             useg_off[seg] += size
+        size = self._seg_len[0] + self._seg_len[1]
+        if not self._seg_len[PREFETCH]:
+            try:
+                self._normal.close()           # flushed; the file is the blob
+            except BaseException:
+                self.close()
+                raise
+            tmp, self._normal_path_kept = self._normal.name, True
+            self.close()
+            return FinishedBlob("sha256:" + self._normal_hash.hexdigest(), size,
+                                self._seg_ulen[0] + self._seg_ulen[1], Path(tmp), chunks, order)
         h = hashlib.sha256()
         fd, tmp = tempfile.mkstemp(dir=self._dir, prefix="blob-")
         try:
@@ -163,7 +182,6 @@ class BlobWriter:
             raise
         finally:
             self.close()
-        size = self._seg_len[0] + self._seg_len[1]
         return FinishedBlob("sha256:" + h.hexdigest(), size, self._seg_ulen[0] + self._seg_ulen[1],
                             Path(tmp), chunks, order)
 
@@ -175,3 +193,7 @@ class BlobWriter:
             q.clear()
         for s in self._segs:
             s.close()
+        if not self._normal_path_kept:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._normal.name)
+            self._normal_path_kept = True      # once

@@ -42,6 +42,7 @@ PINNED = {
     "lz4": "sha256:af2f8622836af7b6bf7de6e17c16fd47186f80a6d238583dbc61cebc571a41a7",
     "none": "sha256:85665aae1a9784050cdc891924db239673a0be0d2b9e2325a813153ecf021abe",
     "level 3, chunk 64 KiB": "sha256:5683e3e121d025d7bf4d097695b693a2480670c64166aa7c1e9b090aa4efa390",
+    "prefetch list": "sha256:1feb76a6a0755dd175880925281787f5808c5d0c6b4592f7d7d837f5bfc6478f",
 }
 OPTIONS = {
     "default": BuildOptions(),
@@ -49,6 +50,8 @@ OPTIONS = {
     "lz4": BuildOptions(compressor="lz4"),
     "none": BuildOptions(compressor="none"),
     "level 3, chunk 64 KiB": BuildOptions(compression_level=3, chunk_size=0x10000),
+    # a prefetch segment in front of the blob (blob_writer concatenates the two segments)
+    "prefetch list": BuildOptions(prefetch_patterns=("/etc/conf.d", "/usr/lib/noise")),
 }
 
 
