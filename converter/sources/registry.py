@@ -13,7 +13,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from converter.sources.base import (
     ImageBase,
@@ -29,7 +29,9 @@ from nydus_py.oci import mediatypes as mt
 from nydus_py.oci.layout import MAX_JSON, Descriptor
 from nydus_py.oci.reference import Reference
 from nydus_py.oci.reference import parse as parse_reference
-from nydus_py.oci.registry import RegistryClient, RegistryConfig
+
+if TYPE_CHECKING:
+    from nydus_py.oci.registry import RegistryClient
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,6 +43,9 @@ class RegistryOptions:
     concurrency: int = 3              # layer downloads / blob uploads in flight
 
     def client(self, ref: Reference) -> RegistryClient:
+        # imported here: requests & co. cost ~0.1 s of every nydusify start, and a conversion
+        # between local layouts never talks to a registry
+        from nydus_py.oci.registry import RegistryClient, RegistryConfig
         return RegistryClient(config=RegistryConfig.for_reference(
             ref, scheme="http" if self.plain_http else "https", skip_verify=self.skip_verify,
             ca_file=self.ca_file))
