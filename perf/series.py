@@ -3,7 +3,8 @@
 series-1..4 as gzip OCI and as nydus-py without / with chunk dictionaries, plus the chunk-level
 dedup of fixed-size vs content-defined chunking (offline: unique uncompressed bytes).
 
-    sudo .venv/bin/python perf/series.py [--skip-cdc]     → perf/results/series.json + a table
+    sudo .venv/bin/python perf/series.py [--skip-cdc] [--only gzip,estargz,plain,prev,all,cdc]
+                                                           → perf/results/series.json + a table
 
 "Stored" counts each distinct blob once (layer digest), as a registry does; nydus-py counts its
 bootstraps too. Conversions are OCI layout → OCI layout (no registry), one at a time.
@@ -64,6 +65,33 @@ def nydus_mode(name: str, work: Path, dict_of) -> dict:
     return {"per_image": per, "stored": stored(lays), "seconds": secs}
 
 
+def estargz_mode(work: Path) -> dict:
+    """eStargz, as perf/run's conversion scenario makes it: each series image pushed to a
+    loopback registry, then `ctr-remote image convert --estargz --oci` through containerd and
+    pushed back; stored = each distinct eStargz layer blob once (what the registry keeps)."""
+    from benchlib.net import Registry
+    from benchlib.nydus import registry_manifest
+    from benchlib.scenarios import _ctr_env
+    from benchlib.util import run
+    per, lays, secs = {}, [], {}
+    with Registry(work / "estargz-registry") as reg, _ctr_env() as env:
+        env.start_containerd()
+        for tag in series.TAGS:
+            src, dst = f"{reg.host}/series/{tag}:oci", f"{reg.host}/series/{tag}:esgz"
+            run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{images.OCI}:{tag}",
+                 f"docker://{src}"])
+            env.ctr("image", "pull", "--plain-http", src, timeout=1200)
+            t0 = time.monotonic()
+            env.ctr_remote("image", "convert", "--estargz", "--oci", src, dst, timeout=3600)
+            secs[tag] = round(time.monotonic() - t0, 2)
+            env.ctr("image", "push", "--plain-http", dst, timeout=1200)
+            ls = registry_manifest(reg.host, f"series/{tag}", "esgz")["layers"]
+            lays.append(ls)
+            per[tag] = sum(int(l["size"]) for l in ls)
+            log.info("estargz %s: %.1f MB image, convert %.1f s", tag, per[tag] / MB, secs[tag])
+    return {"per_image": per, "stored": stored(lays), "convert_seconds": secs}
+
+
 def file_datas(tag: str):
     """Regular-file contents of the image's layers (each layer's files; a file changed in an
     upper layer is in both, as in the blobs)."""
@@ -102,7 +130,8 @@ def cdc_analysis(chunk_size: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-cdc", action="store_true")
-    ap.add_argument("--only", default="gzip,plain,prev,all,cdc")
+    ap.add_argument("--only", default="gzip,estargz,plain,prev,all,cdc")
+    ap.add_argument("--work", type=Path, default=CACHE / "series-out", help="scratch dir (emptied first)")
     a = ap.parse_args()
     only = a.only.split(",")
     import logging
@@ -112,8 +141,10 @@ def main() -> int:
     res["gzip_oci"] = {"per_image": {t: sum(l["size"] for l in layers[t]) for t in series.TAGS},
                        "stored": stored([[{"digest": l["digest"], "size": l["size"]} for l in layers[t]]
                                          for t in series.TAGS])}
-    work = CACHE / "series-out"
+    work = a.work
     subprocess.run(["rm", "-rf", str(work)], check=True)
+    if "estargz" in only:
+        res["estargz"] = estargz_mode(work)
     if "plain" in only:
         res["nydus"] = nydus_mode("plain", work, lambda i, d: [])
     if "prev" in only:
@@ -126,11 +157,14 @@ def main() -> int:
         res["chunking_unique_bytes"] = cdc_analysis(1 << 20)
     out = ROOT / "perf/results/series.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():       # a partial run (--only) keeps the other rows of the last one
+        res = {**json.loads(out.read_text()), **res}
     out.write_text(json.dumps(res, indent=1))
     g = res["gzip_oci"]["stored"]
     print("| format | " + " | ".join(series.TAGS) + " | stored for all four | × gzip |")
     print("|---|" + "---:|" * (len(series.TAGS) + 2))
-    for key, label in [("gzip_oci", "gzip OCI (layers deduped by digest)"), ("nydus", "nydus-py"),
+    for key, label in [("gzip_oci", "gzip OCI (layers deduped by digest)"),
+                       ("estargz", "eStargz (ctr-remote; layers deduped by digest)"), ("nydus", "nydus-py"),
                        ("nydus_prev_dict", "nydus-py, previous image as --chunk-dict"),
                        ("nydus_all_dicts", "nydus-py, every earlier image as --chunk-dict")]:
         if key in res:
