@@ -18,7 +18,7 @@ from typing import Callable
 
 from converter import tar as tarlayer
 from converter.blob_writer import BlobWriter, FinishedBlob
-from converter.chunker import ChunkPipeline, read_exact_pieces
+from converter.chunker import CdcParams, ChunkPipeline, cdc_pieces, read_exact_pieces
 from converter.dedup import ChunkIndex, remap_ids
 from converter.tree import Inode, Tree
 from nydus_py import __version__
@@ -28,6 +28,9 @@ from nydus_py.format.bootstrap import BlobInfo, Bootstrap, BootstrapWriter, Chun
 
 MIN_CHUNK, MAX_CHUNK = 0x1000, 0x1000000  # 4 KiB .. 16 MiB, powers of two (as nydus)
 DEFAULT_BATCH = 1 << 20   # measured: base image 51.6 MB -> 43.3 MB at zstd-3 (gzip 48.7 MB)
+CHUNKERS = ("fixed", "cdc")
+# --chunker cdc sizes: ours within pyfastcdc's ranges (min <= 1 MiB, avg <= 4 MiB, max <= 16 MiB)
+CDC_MIN_LIMIT, CDC_AVG_LIMIT = 1 << 20, 1 << 22
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,16 +44,49 @@ class BuildOptions:
     # chunks smaller than this are compressed together in batches of at most this many bytes
     # (format v2); 0 = every chunk alone (format v1, as before)
     batch_size: int = DEFAULT_BATCH
+    # "fixed": file chunk k is bytes [k*chunk_size, (k+1)*chunk_size) (format v1/v2);
+    # "cdc": FastCDC cut points (format v3); 0 sizes take the defaults (avg = chunk_size,
+    # min = avg/4, max = avg*4 up to 16 MiB), and chunk_size becomes the average
+    chunker: str = "fixed"
+    cdc_min_size: int = 0
+    cdc_avg_size: int = 0
+    cdc_max_size: int = 0
 
     def __post_init__(self) -> None:
         cs = self.chunk_size
         if cs < MIN_CHUNK or cs > MAX_CHUNK or cs & (cs - 1):
             raise ConfigError(f"--chunk-size {cs:#x}: must be a power of two between 0x1000 and 0x1000000")
+        if self.chunker not in CHUNKERS:
+            raise ConfigError(f"--chunker {self.chunker!r}: must be one of {', '.join(CHUNKERS)}")
+        if self.chunker == "cdc":
+            self._check_cdc()
+        elif self.cdc_min_size or self.cdc_avg_size or self.cdc_max_size:
+            raise ConfigError("--cdc-min-size/--cdc-avg-size/--cdc-max-size need --chunker cdc")
         bs = self.batch_size
         if bs and (bs < MIN_CHUNK or bs > MAX_CHUNK or bs & (bs - 1)):
             raise ConfigError(f"--batch-size {bs:#x}: must be 0 or a power of two between 0x1000 and 0x1000000")
         compression.check_codec(self.compressor)
         compression.check_level(self.compressor, self.compression_level)
+
+    def _check_cdc(self) -> None:
+        avg = self.cdc_avg_size or self.chunk_size
+        lo = self.cdc_min_size or avg // 4
+        hi = self.cdc_max_size or min(avg * 4, MAX_CHUNK)
+        if not (MIN_CHUNK <= lo <= avg <= hi <= MAX_CHUNK and lo <= CDC_MIN_LIMIT
+                and avg <= CDC_AVG_LIMIT and not avg & (avg - 1)):
+            raise ConfigError(f"--chunker cdc: min {lo:#x} / avg {avg:#x} / max {hi:#x}: need "
+                              f"{MIN_CHUNK:#x} <= min <= avg <= max <= {MAX_CHUNK:#x}, min <= "
+                              f"{CDC_MIN_LIMIT:#x}, avg a power of two <= {CDC_AVG_LIMIT:#x}")
+        object.__setattr__(self, "chunk_size", avg)     # the image's nominal chunk size
+        object.__setattr__(self, "cdc_avg_size", avg)
+        object.__setattr__(self, "cdc_min_size", lo)
+        object.__setattr__(self, "cdc_max_size", hi)
+
+    @property
+    def cdc(self) -> CdcParams | None:
+        if self.chunker != "cdc":
+            return None
+        return CdcParams(self.cdc_min_size, self.cdc_avg_size, self.cdc_max_size)
 
 
 @dataclass
@@ -128,9 +164,12 @@ class Builder:
         self.tree = Tree()
         self.index = ChunkIndex()
         self.stats = BuildStats()
-        self.writer = BootstrapWriter(chunk_size=options.chunk_size,
-                                      meta={"builder": f"nydus-py {__version__}",
-                                            "compressor": options.compressor})
+        meta = {"builder": f"nydus-py {__version__}", "compressor": options.compressor}
+        if options.cdc is not None:
+            c = options.cdc
+            meta["chunker"] = f"fastcdc-2020 min={c.min_size} avg={c.avg_size} max={c.max_size}"
+        self.writer = BootstrapWriter(chunk_size=options.chunk_size, meta=meta,
+                                      variable=options.cdc is not None)
         self.blobs: list[BuiltBlob] = []
         self.prefetch = PrefetchMatcher(options.prefetch_patterns)
         self._prefetch_inodes: set[int] = set()
@@ -144,7 +183,11 @@ class Builder:
         in several, the first dictionary's copy is used)."""
         if self.stats.layers or len(self.writer.blobs) != self.stats.dict_blobs:
             raise ValueError("add_chunk_dict must come before the first layer")
-        if dictionary.chunk_size != self.opt.chunk_size:
+        if self.opt.cdc is None and dictionary.variable:
+            raise ConfigError(f"--chunk-dict {what}: its chunks are content-defined (--chunker cdc); "
+                              "use it with --chunker cdc")
+        # cdc takes any dictionary: whole small files (and, rarely, equal cuts) match by digest
+        if self.opt.cdc is None and dictionary.chunk_size != self.opt.chunk_size:
             raise ConfigError(f"--chunk-dict {what}: chunk size {dictionary.chunk_size:#x} differs from "
                               f"--chunk-size {self.opt.chunk_size:#x} (no chunk could match)")
         if dictionary.digester != self.writer.digester:
@@ -201,6 +244,8 @@ class Builder:
 
         pipeline.on_done = on_done
         cs = self.opt.chunk_size
+        cdc = self.opt.cdc
+        cutter = cdc.cutter() if cdc is not None else None
         try:
             for entry in entries:
                 self.stats.entries += 1
@@ -216,9 +261,12 @@ class Builder:
                 inode.chunks = array("I")
                 touched.append(inode)
                 try:
-                    for k, piece in enumerate(read_exact_pieces(entry.read, entry.size, cs)):
-                        pipeline.submit(piece, (inode, prefetch), k)
-                        self.progress("bytes", len(piece))
+                    if cdc is None:
+                        for k, piece in enumerate(read_exact_pieces(entry.read, entry.size, cs)):
+                            pipeline.submit(piece, (inode, prefetch), k)
+                            self.progress("bytes", len(piece))
+                    else:
+                        self._submit_cdc(pipeline, entry, (inode, prefetch), cdc, cutter)
                 except EOFError as e:
                     raise LayerError(f"{what}: {_show(entry.path)}: {e}") from None
                 self.stats.file_bytes += entry.size
@@ -242,6 +290,16 @@ class Builder:
         built = BuiltBlob(fin.digest, fin.size, fin.uncompressed_size, len(fin.chunks), fin.path, source_layer)
         self.blobs.append(built)
         return built
+
+    def _submit_cdc(self, pipeline: ChunkPipeline, entry, target, cdc: CdcParams, cutter) -> None:
+        """Content-defined pieces of one file. Batching is as for fixed-size chunks: every new
+        chunk below --batch-size is a batch member (small files, tails, and inner cdc chunks
+        smaller than a batch). Measured on series-1 (python), with inner chunks compressed
+        alone instead: 128.8 → 128.1 MB at avg 1 MiB, 133.7 → 125.9 MB at avg 64 KiB, and cold
+        start fetched 7.49 → 6.56 MB (fixed 1 MiB: 6.48 MB)."""
+        for k, piece in enumerate(cdc_pieces(entry.read, entry.size, cdc, cutter)):
+            pipeline.submit(piece, target, k)
+            self.progress("bytes", len(piece))
 
     # -- final layout -------------------------------------------------------------------------
     def finish(self) -> BuildResult:

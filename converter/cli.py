@@ -90,6 +90,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="convert every platform of the source index into one target index")
     c.add_argument("--fs-chunk-size", "--chunk-size", dest="chunk_size", type=_size, default=1 << 20,
                    metavar="SIZE", help="power of two, 0x1000..0x1000000 (default 0x100000)")
+    c.add_argument("--chunker", choices=["fixed", "cdc"], default="fixed",
+                   help="fixed-size chunks (default) or content-defined ones (FastCDC, format v3; "
+                        "nydus-py only)")
+    c.add_argument("--cdc-min-size", type=_size, default=0, metavar="SIZE",
+                   help="--chunker cdc: smallest chunk (default avg/4, at most 0x100000)")
+    c.add_argument("--cdc-avg-size", type=_size, default=0, metavar="SIZE",
+                   help="--chunker cdc: average chunk, a power of two (default --chunk-size, at most 0x400000)")
+    c.add_argument("--cdc-max-size", type=_size, default=0, metavar="SIZE",
+                   help="--chunker cdc: largest chunk (default avg*4, at most 0x1000000)")
     c.add_argument("--compressor", default="zstd", choices=["zstd", "lz4_block", "lz4", "none"],
                    help="per-chunk compression (lz4 = lz4_block)")
     c.add_argument("--batch-size", type=_size, default=1 << 20, metavar="SIZE",
@@ -300,7 +309,9 @@ def cmd_convert(args) -> int:
     options = BuildOptions(chunk_size=args.chunk_size,
                            compressor="lz4" if args.compressor == "lz4_block" else args.compressor,
                            compression_level=args.compression_level,
-                           batch_size=args.batch_size,
+                           batch_size=args.batch_size, chunker=args.chunker,
+                           cdc_min_size=args.cdc_min_size, cdc_avg_size=args.cdc_avg_size,
+                           cdc_max_size=args.cdc_max_size,
                            max_layer_size=args.max_layer_size, prefetch_patterns=patterns)
     source, target = parse_source(source_text), parse_source(target_text)
     src_opts = _registry_options(args, "source", source_text)

@@ -3,8 +3,13 @@
 series-1..4 as gzip OCI and as nydus-py without / with chunk dictionaries, plus the chunk-level
 dedup of fixed-size vs content-defined chunking (offline: unique uncompressed bytes).
 
-    sudo .venv/bin/python perf/series.py [--skip-cdc] [--only gzip,estargz,plain,prev,all,cdc]
+    sudo .venv/bin/python perf/series.py [--skip-cdc] [--only MODES] [--work DIR] [--json FILE]
                                                            → perf/results/series.json + a table
+
+Modes: gzip (always), estargz, plain / prev / all (fixed-size chunks: no dictionary, the
+previous image, every earlier image as --chunk-dict), cdc-plain / cdc-prev / cdc-all (the same
+with `--chunker cdc`, real format-v3 conversions), cdc (the offline pyfastcdc file-by-file
+analysis).
 
 "Stored" counts each distinct blob once (layer digest), as a registry does; nydus-py counts its
 bootstraps too. Conversions are OCI layout → OCI layout (no registry), one at a time.
@@ -36,8 +41,8 @@ def manifest_layers(layout: Path, tag: str) -> list[dict]:
     return m["layers"]
 
 
-def convert(tag: str, out: Path, dicts: list[str]) -> float:
-    args = [*NYDUSIFY, "--source", f"oci:{images.OCI}:{tag}", "--target", f"oci:{out}:{tag}"]
+def convert(tag: str, out: Path, dicts: list[str], extra: tuple[str, ...] = ()) -> float:
+    args = [*NYDUSIFY, "--source", f"oci:{images.OCI}:{tag}", "--target", f"oci:{out}:{tag}", *extra]
     for d in dicts:
         args += ["--chunk-dict", d]
     t0 = time.monotonic()
@@ -53,11 +58,11 @@ def stored(layers_per_image: list[list[dict]]) -> int:
     return sum(seen.values())
 
 
-def nydus_mode(name: str, work: Path, dict_of) -> dict:
+def nydus_mode(name: str, work: Path, dict_of, extra: tuple[str, ...] = ()) -> dict:
     per, lays, secs = {}, [], {}
     for i, tag in enumerate(series.TAGS):
         out = work / name / tag
-        secs[tag] = round(convert(tag, out, dict_of(i, work / name)), 2)
+        secs[tag] = round(convert(tag, out, dict_of(i, work / name), extra), 2)
         ls = manifest_layers(out, tag)
         lays.append(ls)
         per[tag] = sum(l["size"] for l in ls)
@@ -130,8 +135,10 @@ def cdc_analysis(chunk_size: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-cdc", action="store_true")
-    ap.add_argument("--only", default="gzip,estargz,plain,prev,all,cdc")
+    ap.add_argument("--only", default="gzip,estargz,plain,prev,all,cdc-plain,cdc-prev,cdc-all,cdc")
     ap.add_argument("--work", type=Path, default=CACHE / "series-out", help="scratch dir (emptied first)")
+    ap.add_argument("--json", type=Path, default=ROOT / "perf/results/series.json",
+                    help="raw numbers (a partial run keeps the other rows of this file)")
     a = ap.parse_args()
     only = a.only.split(",")
     import logging
@@ -145,17 +152,24 @@ def main() -> int:
     subprocess.run(["rm", "-rf", str(work)], check=True)
     if "estargz" in only:
         res["estargz"] = estargz_mode(work)
-    if "plain" in only:
-        res["nydus"] = nydus_mode("plain", work, lambda i, d: [])
-    if "prev" in only:
-        res["nydus_prev_dict"] = nydus_mode(
-            "prev", work, lambda i, d: [f"oci:{d / series.TAGS[i - 1]}:{series.TAGS[i - 1]}"] if i else [])
-    if "all" in only:
-        res["nydus_all_dicts"] = nydus_mode(
-            "all", work, lambda i, d: [f"oci:{d / t}:{t}" for t in reversed(series.TAGS[:i])])
+
+    def prev(i, d):
+        return [f"oci:{d / series.TAGS[i - 1]}:{series.TAGS[i - 1]}"] if i else []
+
+    def every(i, d):
+        return [f"oci:{d / t}:{t}" for t in reversed(series.TAGS[:i])]
+
+    cdc = ("--chunker", "cdc")
+    for mode, key, dict_of, extra in (
+            ("plain", "nydus", lambda i, d: [], ()), ("prev", "nydus_prev_dict", prev, ()),
+            ("all", "nydus_all_dicts", every, ()),
+            ("cdc-plain", "cdc", lambda i, d: [], cdc), ("cdc-prev", "cdc_prev_dict", prev, cdc),
+            ("cdc-all", "cdc_all_dicts", every, cdc)):
+        if mode in only:
+            res[key] = nydus_mode(mode, work, dict_of, extra)
     if "cdc" in only and not a.skip_cdc:
         res["chunking_unique_bytes"] = cdc_analysis(1 << 20)
-    out = ROOT / "perf/results/series.json"
+    out = a.json
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():       # a partial run (--only) keeps the other rows of the last one
         res = {**json.loads(out.read_text()), **res}
@@ -166,7 +180,10 @@ def main() -> int:
     for key, label in [("gzip_oci", "gzip OCI (layers deduped by digest)"),
                        ("estargz", "eStargz (ctr-remote; layers deduped by digest)"), ("nydus", "nydus-py"),
                        ("nydus_prev_dict", "nydus-py, previous image as --chunk-dict"),
-                       ("nydus_all_dicts", "nydus-py, every earlier image as --chunk-dict")]:
+                       ("nydus_all_dicts", "nydus-py, every earlier image as --chunk-dict"),
+                       ("cdc", "nydus-py --chunker cdc"),
+                       ("cdc_prev_dict", "nydus-py --chunker cdc, previous image as --chunk-dict"),
+                       ("cdc_all_dicts", "nydus-py --chunker cdc, every earlier image as --chunk-dict")]:
         if key in res:
             r = res[key]
             print(f"| {label} | " + " | ".join(f"{r['per_image'][t] / MB:.1f}" for t in series.TAGS)

@@ -9,7 +9,9 @@ Inodes are numbered 1..N, 1 is the root. Per inode (INODE):
     parent u32, data_start u64, data_count u32, xattr_start u32, xattr_count u32
 `data_*` means, by file type: dir → range of DIRENT records (sorted by name bytes);
 regular → range of u32 chunk ids in `chunk_refs` (chunk k covers file bytes
-[k*chunk_size, (k+1)*chunk_size)); symlink → (offset, length) of the target in `strings`.
+[k*chunk_size, (k+1)*chunk_size); in a v3 (content-defined chunks) bootstrap it covers
+[chunk_offsets[k], chunk_offsets[k] + its size) instead); symlink → (offset, length) of the
+target in `strings`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import stat
 import struct
 import sys
 from array import array
+from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -44,7 +47,8 @@ from nydus_py.oci.digest import parse as parse_digest
 
 MAGIC = "nydus-py.bootstrap"
 VERSION = 2             # written when any chunk is a batch member; else 1, which v1 readers read
-VERSIONS = (1, 2)
+VERSION_VARIABLE = 3    # written only for variable-size (cdc) chunks: the `chunk_offsets` column
+VERSIONS = (1, 2, 3)
 ROOT_INO = 1
 MAX_PATH_DEPTH = 4096       # levels path_of walks up before it gives up ("…")
 
@@ -53,6 +57,7 @@ DIRENT = struct.Struct("<III")          # name_off, name_len, ino
 CHUNK = struct.Struct("<IQIQII")        # blob, comp_off, comp_size, uncomp_off, uncomp_size, flags
 XATTR = struct.Struct("<IIII")          # name_off, name_len, value_off, value_len
 U32 = struct.Struct("<I")
+U64 = struct.Struct("<Q")               # per chunk ref (v3): the file offset where the chunk starts
 BATCH = struct.Struct("<II")            # per chunk (v2): offset inside its batch, batch size (0: none)
 DIGEST_SIZE = 32
 
@@ -124,8 +129,11 @@ class BootstrapWriter:
     deterministic walk gives a byte-identical bootstrap.
     """
 
-    def __init__(self, *, chunk_size: int, digester: str = "sha256", meta: dict | None = None):
+    def __init__(self, *, chunk_size: int, digester: str = "sha256", meta: dict | None = None,
+                 variable: bool = False):
         self.chunk_size = chunk_size
+        # variable-size chunks (cdc): files carry per-chunk offsets, the bootstrap is v3
+        self.variable = variable
         self.digester = digester
         self.meta = dict(meta or {})
         self.blobs: list[BlobInfo] = []
@@ -199,15 +207,18 @@ class BootstrapWriter:
                   rdev: int = 0, xattrs: dict[bytes, bytes] | None = None,
                   symlink: bytes | None = None, chunk_ids: Sequence[int] | None = None) -> int:
         ino = len(self._inodes) + 1
-        data: bytes | array[int] | None
+        data: bytes | array[int] | tuple[array[int], array[int]] | None
         if stat.S_ISLNK(mode):
             data = symlink or b""
             size = len(data)
         elif stat.S_ISREG(mode):
             data = array("I", chunk_ids or ())
-            expect = -(-size // self.chunk_size)
-            if len(data) != expect:
-                raise ValueError(f"inode {ino}: {len(data)} chunks for size {size}, expected {expect}")
+            if self.variable:
+                data = (data, self._offsets(ino, data, size))
+            else:
+                expect = -(-size // self.chunk_size)
+                if len(data) != expect:
+                    raise ValueError(f"inode {ino}: {len(data)} chunks for size {size}, expected {expect}")
         else:
             data = None
         self._inodes.append([mode, uid, gid, size, mtime_ns, rdev, data,
@@ -216,6 +227,19 @@ class BootstrapWriter:
             self._children[ino] = []
         self._nlink[ino] = 2 if stat.S_ISDIR(mode) else 0
         return ino
+
+    def _offsets(self, ino: int, ids: array, size: int) -> array:
+        """The file offset of each of a file's chunks (v3), from the chunk table's sizes."""
+        offs = array("Q")
+        pos = 0
+        for cid in ids:
+            if not 0 <= cid < self._nchunks:
+                raise ValueError(f"inode {ino}: chunk id {cid} not registered")
+            offs.append(pos)
+            pos += CHUNK.unpack_from(self._chunks, cid * CHUNK.size)[4]
+        if pos != size:
+            raise ValueError(f"inode {ino}: chunks hold {pos} bytes for size {size}")
+        return offs
 
     def add_dirent(self, parent: int, name: bytes, ino: int) -> None:
         if not name or b"/" in name or name in (b".", b".."):
@@ -241,6 +265,7 @@ class BootstrapWriter:
         inodes = bytearray()
         dirents = bytearray()
         refs = bytearray()
+        offsets = bytearray()
         xattrs = bytearray()
         ndirents = nrefs = nxattrs = 0
         for i, (mode, uid, gid, size, mtime_ns, rdev, data, xa) in enumerate(self._inodes):
@@ -255,8 +280,11 @@ class BootstrapWriter:
                     dirents += DIRENT.pack(put(name), len(name), child)
                 ndirents += count
             elif stat.S_ISREG(mode):
+                if self.variable:
+                    data, offs = data
+                    offsets += _le(offs)
                 start, count = nrefs, len(data)
-                refs += _le_u32(data)
+                refs += _le(data)
                 nrefs += count
             elif stat.S_ISLNK(mode):
                 start, count = put(data), len(data)
@@ -270,8 +298,9 @@ class BootstrapWriter:
             nlink = self._nlink[ino] or 1
             inodes += INODE.pack(mode, uid, gid, nlink, size, sec, nsec, rdev,
                                  self._parent.get(ino, 0), start, count, xstart, len(xa))
+        version = VERSION_VARIABLE if self.variable else VERSION if self._batched else 1
         doc = {
-            "magic": MAGIC, "version": VERSION if self._batched else 1, "chunk_size": self.chunk_size,
+            "magic": MAGIC, "version": version, "chunk_size": self.chunk_size,
             "digester": self.digester, "meta": self.meta,
             "blobs": [b.to_msgpack() for b in self.blobs],
             "inodes": bytes(inodes), "dirents": bytes(dirents), "chunk_refs": bytes(refs),
@@ -281,10 +310,12 @@ class BootstrapWriter:
         }
         if self._batched:
             doc["batch"] = bytes(self._batch)
+        if self.variable:
+            doc["chunk_offsets"] = bytes(offsets)
         return msgpack.packb(doc, use_bin_type=True)
 
 
-def _le_u32(a: array) -> bytes:
+def _le(a: array) -> bytes:
     if sys.byteorder == "little":
         return a.tobytes()
     b = array("I", a)
@@ -416,14 +447,23 @@ class Bootstrap:
         self._xattrs = _bin(doc, "xattrs", XATTR)
         self._strings = _bin(doc, "strings")
         pf = _bin(doc, "prefetch", U32)
+        # v1 has no batches (a chunk with the batch flag is refused at load); v2 always has the
+        # column, v3 when some chunk is a batch member
+        self._has_batch = self.version == 2 or (self.version == 3 and "batch" in doc)
         self._check(pf)
         self.inode_count = len(self._inodes) // INODE.size
         self.xattr_count = len(self._xattrs) // XATTR.size
         self.chunk_count = len(self._chunks) // CHUNK.size
-        # v1 has no batches: a v1 chunk with the batch flag is refused in chunk()
-        self._batch = _bin(doc, "batch", BATCH) if self.version >= 2 else None
+        self._batch = _bin(doc, "batch", BATCH) if self._has_batch else None
         if self._batch is not None and len(self._batch) != self.chunk_count * BATCH.size:
             raise FormatError("bootstrap: batch column does not match chunk table")
+        # v3: variable-size chunks, each file's chunk offsets (checked whole at load, below)
+        self._offs = _bin(doc, "chunk_offsets", U64) if self.version == 3 else None
+        self.variable = self._offs is not None
+        self._chunk_limit = MAX_CHUNK_SIZE if self.variable else cs
+        if self._offs is not None:
+            validate.check_variable(inodes=self._inodes, refs=self._refs, offsets=self._offs,
+                                    chunks=self._chunks)
         # inode numbers of files to prefetch: a view, never materialised here
         self.prefetch: Sequence[int] = pf.cast("I") if len(pf) else ()
         self._up: tuple[array, array] | None = None     # path_of's index, built on first use
@@ -431,7 +471,8 @@ class Bootstrap:
     def _check(self, prefetch: memoryview) -> None:
         validate.check(blobs=self.blobs, inodes=self._inodes, dirents=self._dirents,
                        chunks=self._chunks, digests=self._digests, strings=self._strings,
-                       prefetch=prefetch, max_flags=CHUNK_COMPRESSED | (CHUNK_BATCH if self.version >= 2 else 0))
+                       prefetch=prefetch,
+                       max_flags=CHUNK_COMPRESSED | (CHUNK_BATCH if self._has_batch else 0))
 
     @classmethod
     def from_bytes(cls, data: bytes | memoryview) -> Bootstrap:
@@ -587,10 +628,31 @@ class Bootstrap:
         if not stat.S_ISREG(raw[0]):
             return memoryview(b"").cast("I")
         start, count = raw[9], raw[10]
-        if start + count > len(self._refs) // 4 or count != -(-raw[4] // self.chunk_size):
+        if start + count > len(self._refs) // 4 or \
+                (self._offs is None and count != -(-raw[4] // self.chunk_size)):
             raise FormatError(f"bootstrap: inode {ino}: chunk refs {start}+{count} do not fit "
                               f"chunk_refs ({len(self._refs) // 4}) or size {raw[4]}")
         return self._refs[start * 4:(start + count) * 4].cast("I")
+
+    def file_chunk_offsets(self, ino: int) -> memoryview | None:
+        """v3: the file offset where each of a regular file's chunks starts (u64 view, index k =
+        file chunk k; checked at load: 0 first, each the previous plus its chunk's size, the
+        last chunk ending at the file's size). None for fixed-size chunks (k * chunk_size)."""
+        if self._offs is None:
+            return None
+        raw = self._raw(ino)
+        if not stat.S_ISREG(raw[0]):
+            return memoryview(b"").cast("Q")
+        start, count = raw[9], raw[10]
+        return self._offs[start * 8:(start + count) * 8].cast("Q")
+
+    def chunk_index(self, ino: int, offset: int) -> int:
+        """The file chunk k holding byte `offset` (0 <= offset < the file's size): a division
+        for fixed-size chunks, a binary search of the file's chunk offsets for v3."""
+        if self._offs is None:
+            return offset // self.chunk_size
+        offs = self.file_chunk_offsets(ino)
+        return bisect_right(offs, offset) - 1 if offs else 0
 
     def chunk(self, chunk_id: int) -> Chunk:
         if not 0 <= chunk_id < self.chunk_count:
@@ -599,7 +661,7 @@ class Bootstrap:
         b = self.blobs[blob]        # load-time checks: the blob column matches the blob ranges
         # O(1) per use instead of a pass over every chunk at load: nothing is allocated or
         # fetched for a chunk before this passes
-        if not (0 < size <= self.chunk_size and coff + csize <= b.compressed_size
+        if not (0 < size <= self._chunk_limit and coff + csize <= b.compressed_size
                 and off + size <= b.uncompressed_size
                 and (flags & (CHUNK_COMPRESSED | CHUNK_BATCH) or csize == size)):
             raise FormatError(f"bootstrap: chunk {chunk_id}: size {size}, stored {coff}+{csize}, "
@@ -608,7 +670,8 @@ class Bootstrap:
         boff = bsize = 0
         if flags & CHUNK_BATCH:
             if self._batch is None:
-                raise FormatError(f"bootstrap: chunk {chunk_id} is a batch member in a v1 bootstrap")
+                raise FormatError(f"bootstrap: chunk {chunk_id} is a batch member in a bootstrap "
+                                  "without a batch column")
             boff, bsize = BATCH.unpack_from(self._batch, chunk_id * BATCH.size)
             # bounds a reader relies on: the batch it decodes is at most MAX_BATCH bytes and the
             # member lies inside it; a raw (uncompressed) batch is stored at its full size

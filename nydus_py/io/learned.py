@@ -139,9 +139,14 @@ class ChunkRecorder:
             return
         bs = self.bootstrap
         ids = bs.file_chunk_ids(ino)
-        cs = bs.chunk_size
-        k1 = min((offset + size - 1) // cs, len(ids) - 1)
-        for k in range(offset // cs, k1 + 1):
+        if not bs.variable:
+            cs = bs.chunk_size
+            k0, k1 = offset // cs, min((offset + size - 1) // cs, len(ids) - 1)
+        elif offset >= bs.attr(ino).size:
+            return
+        else:       # v3: binary searches of the file's chunk offsets
+            k0, k1 = bs.chunk_index(ino, offset), bs.chunk_index(ino, offset + size - 1)
+        for k in range(k0, k1 + 1):
             c = ids[k]
             if c not in self._seen:
                 if len(self.chunks) >= self.limit:

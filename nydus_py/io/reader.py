@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+from bisect import bisect_right
 from typing import Sequence
 
 import trio
@@ -157,7 +158,8 @@ class FileReader:
         plan = self._plan(ino, offset, size)
         if not plan:
             return b""
-        k0 = offset // self.bootstrap.chunk_size
+        bs = self.bootstrap
+        k0 = bs.chunk_index(ino, offset) if bs.variable else offset // bs.chunk_size
         nxt, win = self._sequential(ino, k0, k0 + len(plan) - 1) if self.readahead_window else (0, 0)
         if len(plan) == 1:
             # The common case (a small file, or a read within one chunk) served on the loop:
@@ -192,7 +194,7 @@ class FileReader:
                 if win:
                     self._read_ahead(ino, nxt, win)
                 # the file's chunks after this read: what amplify_io may read ahead
-                own = self.bootstrap.file_chunk_ids(ino)[offset // self.bootstrap.chunk_size + len(plan):]
+                own = bs.file_chunk_ids(ino)[k0 + len(plan):]
                 await self._resolve(missing, got, own)
         except NydusError as e:
             raise self._with_path(e, ino) from e
@@ -221,6 +223,8 @@ class FileReader:
         if size <= 0 or offset < 0 or offset >= end:
             return []
         ids = bs.file_chunk_ids(ino)
+        if bs.variable:
+            return self._plan_variable(ino, offset, end, ids)
         cs = bs.chunk_size
         k0, k1 = offset // cs, (end - 1) // cs
         if k1 >= len(ids):
@@ -235,12 +239,27 @@ class FileReader:
             plan.append((c, max(offset - base, 0), min(end - base, c.size)))
         return plan
 
+    def _plan_variable(self, ino: int, offset: int, end: int, ids) -> list[tuple[Chunk, int, int]]:
+        """v3 (content-defined chunks): the chunks covering [offset, end) by a binary search
+        of the file's chunk offsets (checked at load to tile the file exactly)."""
+        bs = self.bootstrap
+        offs = bs.file_chunk_offsets(ino)
+        assert offs is not None         # a v3 bootstrap has the column
+        k0 = bisect_right(offs, offset) - 1
+        k1 = bisect_right(offs, end - 1, k0) - 1
+        plan = []
+        for k in range(k0, k1 + 1):
+            c = bs.chunk(ids[k])
+            base = offs[k]
+            plan.append((c, max(offset - base, 0), min(end - base, c.size)))
+        return plan
+
     # -- per-file sequential readahead -------------------------------------------------------
     def _sequential(self, ino: int, k0: int, k1: int) -> tuple[int, int]:
         """Tracks where each file's last read ended (a read of file chunks k0..k1); returns (the
         file chunk after this read, the readahead window in chunks: 0 unless this read
         continues the file's last one)."""
-        cs = self.bootstrap.chunk_size
+        cs = self.bootstrap.chunk_size      # v3: the average chunk size, for the window in chunks
         st = self._seq.pop(ino, None)
         if st is not None and k0 in (st[0] - 1, st[0]):    # continues the last read
             win = min(max(2, st[1] * 2), max(self.readahead_window // cs, 1))

@@ -114,6 +114,11 @@ def test_failure_leaves_an_existing_target_layout_untouched(tmp_path):
     (("--source", "ftp:thing", "--target", "oci:/tmp/never"), ("ftp:thing",)),
     (("--source", "oci:/tmp:x", "--target", "oci:/tmp/never", "--chunk-size", "1000"), ("chunk-size",)),
     (("--source", "oci:/tmp:x", "--target", "oci:/tmp/never", "--platform", "linux"), ("--platform",)),
+    (("--source", "oci:/tmp:x", "--target", "oci:/tmp/never", "--chunker", "cdc", "--cdc-min-size", "2M"),
+     ("--chunker cdc", "min 0x200000", "avg 0x100000")),
+    (("--source", "oci:/tmp:x", "--target", "oci:/tmp/never", "--cdc-avg-size", "64K"),
+     ("need --chunker cdc",)),
+    (("--source", "oci:/tmp:x", "--target", "oci:/tmp/never", "--chunker", "rabin"), ("--chunker",)),
 ])
 def test_bad_arguments_are_one_line(tmp_path, args, words):
     r = subprocess.run([NYDUSIFY, "convert", *args], capture_output=True, text=True)

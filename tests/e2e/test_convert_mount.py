@@ -40,7 +40,15 @@ def convert_and_compare(tmp_path: Path, image: Image, tag: str, *extra: str) -> 
                                    # format v1 (no batches), as images converted before v2
                                    ("--batch-size", "0"),
                                    # many small batches, big files split around them
-                                   ("--chunk-size", "0x1000", "--batch-size", "0x2000")])
+                                   ("--chunk-size", "0x1000", "--batch-size", "0x2000"),
+                                   # format v3: content-defined chunks, default sizes
+                                   ("--chunker", "cdc"),
+                                   # v3 with small cdc chunks: the 1 MiB and 300 kB files split
+                                   ("--chunker", "cdc", "--chunk-size", "0x4000",
+                                    "--batch-size", "0x2000"),
+                                   ("--chunker", "cdc", "--cdc-avg-size", "0x2000",
+                                    "--cdc-min-size", "0x1000", "--cdc-max-size", "0x8000",
+                                    "--compressor", "lz4")])
 def test_feature_image_mounts_identical_to_umoci(tmp_path, extra):
     assert convert_and_compare(tmp_path, feature_image(), "feat", *extra) == []
 
@@ -49,8 +57,9 @@ def test_whiteout_image_mounts_identical_to_umoci(tmp_path):
     assert convert_and_compare(tmp_path, whiteout_image(), "wh") == []
 
 
-def test_busybox_image_identical_and_runs_in_chroot(tmp_path):
-    assert convert_and_compare(tmp_path, busybox_image(extra_budget=2 << 20), "bb") == []
+@pytest.mark.parametrize("extra", [(), ("--chunker", "cdc", "--chunk-size", "0x10000")])
+def test_busybox_image_identical_and_runs_in_chroot(tmp_path, extra):
+    assert convert_and_compare(tmp_path, busybox_image(extra_budget=2 << 20), "bb", *extra) == []
     with Mount(f"oci:{tmp_path / 'dst'}:bb", tmp_path / "mnt2", tmp_path / "cache2") as mnt:
         out = subprocess.run(["chroot", str(mnt), "/bin/sh", "-c", "echo hi from $(basename $0); ls /bin | wc -l"],
                              capture_output=True, text=True, timeout=30)
@@ -103,10 +112,11 @@ def test_layers_repeating_the_same_files_store_chunks_once(tmp_path):
         assert (mnt / "b/half").read_bytes() == data[: 1 << 20]
 
 
-def test_same_input_gives_byte_identical_output(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--chunker", "cdc", "--chunk-size", "0x4000")])
+def test_same_input_gives_byte_identical_output(tmp_path, extra):
     feature_image().write_oci(tmp_path / "src", "f")
-    nydusify("convert", "--source", f"oci:{tmp_path}/src:f", "--target", f"oci:{tmp_path}/a:f")
-    nydusify("convert", "--source", f"oci:{tmp_path}/src:f", "--target", f"oci:{tmp_path}/b:f")
+    nydusify("convert", "--source", f"oci:{tmp_path}/src:f", "--target", f"oci:{tmp_path}/a:f", *extra)
+    nydusify("convert", "--source", f"oci:{tmp_path}/src:f", "--target", f"oci:{tmp_path}/b:f", *extra)
     files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
     assert files_a == files_b

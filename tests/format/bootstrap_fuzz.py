@@ -14,6 +14,10 @@ Families:
   structure  hand-made hostile shapes: directory cycles, a directory as its own child,
              names with '/', NUL, '.', '..' or empty, huge/negative counts, offsets out of
              range, a prefetch list of GiBs, bad chunk sizes (seed picks the shape)
+  cdc        the rich bootstrap as format v3 (variable-size chunks, `chunk_offsets`): field
+             mutations (the offsets column included) and hostile v3 shapes: chunk offsets with
+             gaps, overlaps, a non-zero first offset, sizes not adding up to the file size,
+             zero-size or > MAX_CHUNK_SIZE chunks, refs not tiling chunk_refs, 16M offsets
 The check (`exercise`): the bootstrap is either refused with a one-line FormatError, or it
 loads, and then every inode is looked at through Vfs (getattr, readdir + lookup of every
 name, readlink, xattrs, path_of), prefetch is planned with prefetch_all, and files are read
@@ -55,13 +59,14 @@ from nydus_py.format.bootstrap import (
 from nydus_py.fs.vfs import FsError, Vfs
 from nydus_py.io import prefetch as pf
 
-FAMILIES = ("bytes", "fields", "zstd", "structure")
+FAMILIES = ("bytes", "fields", "zstd", "structure", "cdc")
 DEADLINE_S = 10              # per case; a hang fails the case
 AS_LIMIT = 3 << 30           # the worker's address space (imports + trio threads + cases)
 MAX_READ_FILES = 24          # files read per accepted case (plus the biggest)
 EDGES = (0, 1, 2, 255, 4095, 4096, 65535, 1 << 20, (1 << 31) - 1, 1 << 31, (1 << 32) - 1)
 COLUMNS = {"inodes": INODE, "dirents": DIRENT, "chunks": CHUNK, "xattrs": XATTR,
            "chunk_refs": struct.Struct("<I"), "prefetch": struct.Struct("<I")}
+COLUMNS_V3 = {**COLUMNS, "chunk_offsets": struct.Struct("<Q")}
 _ORIGINAL: bytes | None = None
 
 
@@ -103,7 +108,55 @@ def case(family: str, seed: int) -> bytes:
     if family == "structure":
         return msgpack.packb(_structure(msgpack.unpackb(base, raw=False), seed, rnd),
                              use_bin_type=True)
+    if family == "cdc":
+        doc = as_v3(msgpack.unpackb(base, raw=False))
+        doc = _mutate_doc(doc, rnd, COLUMNS_V3) if seed % 2 else _structure_v3(doc, seed // 2, rnd)
+        return msgpack.packb(doc, use_bin_type=True)
     raise ValueError(family)
+
+
+def as_v3(doc: dict) -> dict:
+    """The same image as format v3: each file's chunk offsets are k * chunk_size (a fixed-size
+    layout is a valid variable one), so the real rich blob still serves it."""
+    bs = Bootstrap(doc)
+    offs = bytearray(len(doc["chunk_refs"]) * 2)
+    for ino in range(1, bs.inode_count + 1):
+        raw = bs._raw(ino)
+        if stat.S_ISREG(raw[0]):
+            for k in range(raw[10]):
+                struct.pack_into("<Q", offs, (raw[9] + k) * 8, k * bs.chunk_size)
+    return dict(doc, version=3, chunk_offsets=bytes(offs))
+
+
+def _structure_v3(doc: dict, shape: int, rnd: random.Random) -> dict:
+    bs = Bootstrap(doc)
+    files = [i for i in range(1, bs.inode_count + 1)
+             if stat.S_ISREG(bs._raw(i)[0]) and bs._raw(i)[10] > 1]
+    ino = rnd.choice(files)
+    start, count = bs._raw(ino)[9], bs._raw(ino)[10]
+    k = rnd.randrange(count)
+    offs = bytearray(doc["chunk_offsets"])
+    (cur,) = struct.unpack_from("<Q", offs, (start + k) * 8)
+    shape %= 7
+    if shape == 0:                                      # a gap or an overlap
+        struct.pack_into("<Q", offs, (start + k) * 8, max(cur + rnd.choice((-1, 1, 4096, -4096)), 0))
+    elif shape == 1:                                    # the first chunk not at 0
+        struct.pack_into("<Q", offs, start * 8, rnd.choice((1, 4096, (1 << 64) - 1)))
+    elif shape == 2:                                    # sizes not adding up to the file size
+        _set(doc, "inodes", ino - 1, 4, bs._raw(ino)[4] + rnd.choice((1, -1, 4096)))
+    elif shape == 3:                                    # a zero-size or a huge chunk
+        cid = bs.file_chunk_ids(ino)[k]
+        _set(doc, "chunks", cid, 4, rnd.choice((0, (1 << 24) + 1, (1 << 32) - 1)))
+    elif shape == 4:                                    # refs not tiling chunk_refs
+        _set(doc, "inodes", ino - 1, 9, start + rnd.choice((1, -1, 1 << 20)))
+    elif shape == 5:                                    # every offset of a file the same
+        for j in range(count):
+            struct.pack_into("<Q", offs, (start + j) * 8, 0)
+    else:                                               # 16M chunk offsets for 16M refs
+        doc["chunk_refs"] = struct.pack("<I", 0) * (16 << 20)
+        offs = bytearray(struct.pack("<Q", 0) * (16 << 20))
+    doc["chunk_offsets"] = bytes(offs)
+    return doc
 
 
 def _mutate_bytes(data: bytes, rnd: random.Random) -> bytes:
@@ -131,12 +184,12 @@ def _edge(rnd: random.Random, n: int) -> int:
     return rnd.choice((*EDGES, n - 1, n, n + 1, rnd.randrange(1 << 32)))
 
 
-def _mutate_doc(doc: dict, rnd: random.Random) -> dict:
+def _mutate_doc(doc: dict, rnd: random.Random, columns: dict = COLUMNS) -> dict:
     for _ in range(rnd.choice((1, 1, 1, 2, 3))):
         kind = rnd.randrange(10)
         if kind < 5:                                    # a field of a column record
-            key = rnd.choice(list(COLUMNS))
-            rec = COLUMNS[key]
+            key = rnd.choice(list(columns))
+            rec = columns[key]
             col = bytearray(doc[key])
             n = len(col) // rec.size
             if not n:
@@ -180,6 +233,8 @@ def _mutate_doc(doc: dict, rnd: random.Random) -> dict:
 
 def _set(doc: dict, key: str, index: int, field: int, value: int) -> None:
     rec = COLUMNS[key]
+    if rec.format[1 + field].isupper():                # unsigned: -1 is the field's maximum
+        value %= 1 << (8 * struct.calcsize("<" + rec.format[1 + field]))
     col = bytearray(doc[key])
     vals = list(rec.unpack_from(col, index * rec.size))
     vals[field] = value
@@ -326,12 +381,13 @@ async def _read_all(vfs: Vfs, bs: Bootstrap, files: list[int]) -> int:
 def _verify(bs: Bootstrap, ino: int, off: int, data: bytes, want: int) -> None:
     """Bytes returned for a read are exactly the chunks the bootstrap names for the file."""
     assert len(data) == want, (ino, off, len(data), want)
-    cs, ids = bs.chunk_size, bs.file_chunk_ids(ino)
-    k0 = off // cs
-    for k in range(k0, (off + len(data) - 1) // cs + 1 if data else k0):
-        lo, hi = max(k * cs, off), min((k + 1) * cs, off + len(data))
+    cs, ids, offs = bs.chunk_size, bs.file_chunk_ids(ino), bs.file_chunk_offsets(ino)
+    k0 = bs.chunk_index(ino, off) if data else 0
+    for k in range(k0, bs.chunk_index(ino, off + len(data) - 1) + 1 if data else k0):
         c = bs.chunk(ids[k])
-        if lo == k * cs and hi - lo == c.size:
+        base = k * cs if offs is None else offs[k]
+        lo, hi = max(base, off), min(base + c.size, off + len(data))
+        if lo == base and hi - lo == c.size:
             assert hashlib.sha256(data[lo - off:hi - off]).digest() == c.digest, (ino, k)
 
 
