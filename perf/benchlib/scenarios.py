@@ -560,4 +560,10 @@ def storage(b: Bench) -> dict:
         out["estargz"][tag] = r["bytes"]
     if isinstance(out["estargz"], dict):
         out["estargz"]["stored_total"] = sum(seen.values())
+    # issue 11's realistic series (perf/series.py has every mode; these are the table's rows)
+    from . import seriesrun
+    out["series"] = seriesrun.run(SERIES_MODES, b.work / "series")
     return out
+
+
+SERIES_MODES = ["gzip", "estargz", "plain", "prev", "cdc-plain", "cdc-prev"]
