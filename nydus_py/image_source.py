@@ -32,6 +32,7 @@ from nydus_py.storage.backend import BlobBackend
 from nydus_py.storage.factory import make_backend
 
 OCI_PREFIX = "oci:"
+WARM_THREADS = 4        # blob-size requests in flight at mount (warm_backend)
 log = logging.getLogger(__name__)
 
 
@@ -200,6 +201,32 @@ def open_registry(ref: str, *, metrics: Metrics | None = None, plain_http: bool 
     origin = ImageOrigin(bootstrap_digest=bootstrap_digest, manifest=mdesc,
                          registry=config, repository=r.repository)
     return OpenedImage(bootstrap, make_backend(backend, metrics=metrics), str(r), origin)
+
+
+def warm_backend(opened: OpenedImage, threads: int = WARM_THREADS) -> None:
+    """Asks the backend for every data blob's size now, in background threads, so that the
+    first read of each blob does not pay that round trip (a registry HEAD per blob) nor the
+    connection set-up: they overlap the rest of the mount set-up instead. Errors are left for
+    the reads to report (they ask again)."""
+    blobs = [b.id for b in opened.bootstrap.blobs]
+    if not blobs:
+        return
+    import threading
+
+    lock = threading.Lock()
+
+    def run() -> None:
+        while True:
+            with lock:
+                if not blobs:
+                    return
+                blob = blobs.pop(0)
+            try:
+                opened.backend.blob_size(blob)
+            except Exception as e:  # noqa: BLE001  (a read of the blob reports it)
+                log.debug("%s: size of blob %s not known yet: %s", opened.description, blob, e)
+    for i in range(min(threads, len(blobs))):
+        threading.Thread(target=run, name=f"warm-backend-{i}", daemon=True).start()
 
 
 def _offline_bootstrap(store, r, ref: str, error: BackendError) -> tuple[str, Bootstrap]:

@@ -48,7 +48,7 @@ MAX_MSG = 1 << 16       # argv of a mount request: paths and flags, far below th
 PRELOAD = ("pyfuse3", "trio", "nydus_py.daemon.cli", "nydus_py.daemon.mount", "nydus_py.daemon.api",
            "nydus_py.image_source", "nydus_py.cache.chunk_cache", "nydus_py.io.reader",
            "nydus_py.io.prefetch", "nydus_py.storage.localfs", "nydus_py.format.compression",
-           "nydus_py.daemon.learned")
+           "nydus_py.daemon.learned", "nydus_py.fs.ops", "nydus_py.oci.registry")
 
 
 PR_SET_NAME = 15

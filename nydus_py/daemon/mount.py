@@ -29,22 +29,25 @@ import os
 import signal
 import stat
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
-
-import pyfuse3
-import trio
 
 from nydus_py import mountinfo
 from nydus_py.config.schema import DaemonConfig
 from nydus_py.daemon.watchdog import MOUNT_GRACE, StopWatchdog
 from nydus_py.errors import ConfigError, NydusError
-from nydus_py.fs.ops import NydusOperations
-from nydus_py.fs.vfs import Vfs
 from nydus_py.metrics import Metrics
 
+# pyfuse3 and trio (~0.2 s of imports) are imported by mount() while the image is being
+# fetched (see _Opening), not at module import: the CLI imports this module first thing.
 if TYPE_CHECKING:
+    import pyfuse3
+
     from nydus_py.daemon.learned import LearnedPrefetch
+    from nydus_py.fs.ops import NydusOperations
+    from nydus_py.fs.vfs import Vfs
+    from nydus_py.image_source import OpenedImage
     from nydus_py.io.prefetch import Prefetcher
     from nydus_py.io.reader import FileReader      # imported when mounting (start-up cost)
 
@@ -145,31 +148,105 @@ class Filesystem:
     learned: LearnedPrefetch | None = None   # None when learned_prefetch is all off
 
 
-def open_filesystem(req: MountRequest, stack: contextlib.ExitStack) -> Filesystem:
-    """Everything up to (not including) the kernel mount; cleanups go on `stack`."""
-    from nydus_py import image_source
-    from nydus_py.storage.backend import close_backend
+class _Opening:
+    """The image opened in a thread of its own, started first thing in mount(): its network
+    round trips (registry manifest and bootstrap, then the blob-size requests and the learned
+    list's referrer lookup) overlap the imports of pyfuse3 and trio (~0.2 s of CPU, mostly
+    waiting on nothing) instead of following them. `result()` hands the image over (or raises
+    what opening it raised); `discard()` closes it if nobody took it."""
 
-    metrics = Metrics()
+    def __init__(self, req: MountRequest):
+        self.req = req
+        self.metrics = Metrics()
+        self._result: tuple[OpenedImage, LearnedPrefetch | None] | None = None
+        self._error: BaseException | None = None
+        self._taken = False
+        # What the thread needs before its first request is imported here, first: two threads
+        # importing at once share the GIL, and the network would start half as early.
+        from nydus_py import image_source  # noqa: F401
+        if req.image and not req.image.startswith(image_source.OCI_PREFIX):
+            from nydus_py.oci import registry  # noqa: F401
+        self._thread = threading.Thread(target=self._run, name="open-image", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from nydus_py import image_source
+        try:
+            opened = _open_image(self.req, self.metrics)
+            image_source.warm_backend(opened)   # off the first read's path
+            self._result = (opened, _start_learned(self.req, opened))
+        except BaseException as e:  # noqa: BLE001  (re-raised in the mounting thread)
+            self._error = e
+
+    def result(self) -> tuple[OpenedImage, LearnedPrefetch | None]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        self._taken = True
+        return self._result
+
+    def discard(self) -> None:
+        self._thread.join()
+        if self._result is not None and not self._taken:
+            from nydus_py.storage.backend import close_backend
+            close_backend(self._result[0].backend)
+
+
+def _given_cache(req: MountRequest) -> str:
     cfg = req.config
-    given_cache = req.cache_dir or (cfg.cache.work_dir if cfg.cache.type == "blobcache" else "")
+    return req.cache_dir or (cfg.cache.work_dir if cfg.cache.type == "blobcache" else "")
+
+
+def _open_image(req: MountRequest, metrics: Metrics) -> OpenedImage:
+    from nydus_py import image_source
+
+    cfg = req.config
     if req.image:
         # a backend in the config (mirrors, proxy, S3 …) overrides where the blobs are read from
-        opened = image_source.open_image(req.image, metrics=metrics, plain_http=req.plain_http,
-                                         skip_verify=req.skip_verify, backend=cfg.backend,
-                                         cache_dir=given_cache or None)
-    elif req.bootstrap and req.blob_dir:
-        opened = image_source.open_local(req.bootstrap, req.blob_dir, metrics=metrics)
-    elif req.bootstrap and cfg.backend is not None:
-        opened = image_source.open_bootstrap(req.bootstrap, cfg.backend, metrics=metrics)
-    elif req.bootstrap:
+        return image_source.open_image(req.image, metrics=metrics, plain_http=req.plain_http,
+                                       skip_verify=req.skip_verify, backend=cfg.backend,
+                                       cache_dir=_given_cache(req) or None)
+    if req.bootstrap and req.blob_dir:
+        return image_source.open_local(req.bootstrap, req.blob_dir, metrics=metrics)
+    if req.bootstrap and cfg.backend is not None:
+        return image_source.open_bootstrap(req.bootstrap, cfg.backend, metrics=metrics)
+    if req.bootstrap:
         raise ConfigError("--bootstrap needs --blob-dir or a backend in --config")
-    else:
-        raise ConfigError("name an image: --image oci:DIR[:TAG] or --bootstrap FILE --blob-dir DIR")
+    raise ConfigError("name an image: --image oci:DIR[:TAG] or --bootstrap FILE --blob-dir DIR")
+
+
+def _start_learned(req: MountRequest, opened: OpenedImage) -> LearnedPrefetch | None:
+    """The mount's learned prefetch (None when all of it is off), its lookup started."""
+    lp = req.config.learned_prefetch
+    if not (lp.enable or lp.record or lp.push):
+        return None
+    from nydus_py.daemon.learned import LearnedPrefetch
+    # a learned prefetch list is kept only in a lasting cache
+    learned = LearnedPrefetch(opened.origin, opened.bootstrap, cache_dir=_given_cache(req) or None,
+                              image=opened.description, enable=lp.enable, record=lp.record,
+                              push=lp.push, window=float(lp.window_secs))
+    learned.start_find()        # overlaps the rest of the mount set-up
+    return learned
+
+
+def open_filesystem(req: MountRequest, stack: contextlib.ExitStack,
+                    opening: _Opening | None = None) -> Filesystem:
+    """Everything up to (not including) the kernel mount; cleanups go on `stack`. `opening`:
+    the image, already being opened (mount()); else it is opened here."""
+    from nydus_py.fs.ops import NydusOperations
+    from nydus_py.fs.vfs import Vfs
+    from nydus_py.storage.backend import close_backend
+
+    if opening is None:
+        opening = _Opening(req)
+        stack.callback(opening.discard)
+    opened, learned = opening.result()
+    metrics = opening.metrics
     stack.callback(close_backend, opened.backend)
 
-    work_dir = given_cache
-    kept_dir = work_dir             # a learned prefetch list is kept only in a lasting cache
+    cfg = req.config
+    work_dir = _given_cache(req)
     if not work_dir:  # (a given one is created, 0700, and checked by ChunkCache: cache/safedir.py)
         work_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="nydus-py-cache-"))
     reader = _make_reader(opened, work_dir, req, metrics, stack)
@@ -177,15 +254,8 @@ def open_filesystem(req: MountRequest, stack: contextlib.ExitStack) -> Filesyste
     vfs = Vfs(opened.bootstrap, reader, metrics=metrics, xattrs=cfg.enable_xattr,
               record_access=cfg.access_pattern or cfg.iostats_files, image=opened.description)
     backend_type = cfg.backend.type if cfg.backend is not None else "localfs"
-    lp = cfg.learned_prefetch
-    learned = None
-    if lp.enable or lp.record or lp.push:
-        from nydus_py.daemon.learned import LearnedPrefetch
-        learned = LearnedPrefetch(opened.origin, opened.bootstrap, cache_dir=kept_dir or None,
-                                  image=opened.description, enable=lp.enable, record=lp.record,
-                                  push=lp.push, window=float(lp.window_secs))
+    if learned is not None:
         vfs.learn = learned.recorder
-        learned.start_find()        # overlaps the kernel mount and the loop's start-up
     return Filesystem(vfs, NydusOperations(vfs), metrics, opened.description, reader=reader,
                       cache_dir=work_dir, backend_type=backend_type, learned=learned)
 
@@ -224,6 +294,8 @@ def _check_missing_blobs(opened, reader) -> None:
 
 def _make_reader(opened, work_dir: str, req: MountRequest, metrics: Metrics,
                  stack: contextlib.ExitStack):
+    import trio
+
     from nydus_py.cache.chunk_cache import ChunkCache
     from nydus_py.io.reader import FileReader
 
@@ -246,6 +318,9 @@ def serve(ops: pyfuse3.Operations, mountpoint: str, options: set[str], *,
     """Mount, run the FUSE loop until a stop signal or an external unmount, unmount.
     With a `handoff` (takeover.Handoff) the session comes from / is kept by a supervisor, and
     is not unmounted when it was handed to a successor."""
+    import pyfuse3
+    import trio
+
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         try:
@@ -296,6 +371,9 @@ def serve(ops: pyfuse3.Operations, mountpoint: str, options: set[str], *,
 
 
 async def _main(old_mask, on_ready, max_tasks: int, services=None, stopping=None) -> None:
+    import pyfuse3
+    import trio
+
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         # Pending stop signals are delivered now, to trio's handler.
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
@@ -312,6 +390,8 @@ async def _main(old_mask, on_ready, max_tasks: int, services=None, stopping=None
 
 
 async def _stop_on_signal(signals, stopping=None) -> None:
+    import pyfuse3
+
     async for signum in signals:
         log.info("received %s, unmounting", signal.Signals(signum).name)
         if stopping is not None:
@@ -327,7 +407,14 @@ def mount(req: MountRequest, *, on_ready: Callable[[], None] | None = None) -> N
         # a request to it would wait for the daemon that we are about to become.
         mountpoint = (_path_of_live_mount(req.mountpoint) if req.upgrade
                       else prepare_mountpoint(req.mountpoint))
-        fs = open_filesystem(req, stack)
+        opening = _Opening(req)             # the network, while we import what the mount needs
+        stack.callback(opening.discard)
+        import pyfuse3  # noqa: F401
+        import trio  # noqa: F401
+
+        from nydus_py.fs import ops  # noqa: F401
+        from nydus_py.io import reader  # noqa: F401
+        fs = open_filesystem(req, stack, opening)
         handoff = None
         if req.supervisor:
             from nydus_py.daemon.takeover import Handoff
@@ -392,6 +479,9 @@ def make_prefetcher(req: MountRequest, fs: Filesystem) -> Prefetcher | None:
 
 def _services(req: MountRequest, fs: Filesystem, mountpoint: str, handoff=None):
     """The trio tasks that run beside the FUSE loop: API server, then prefetch."""
+    import pyfuse3
+    import trio
+
     prefetcher = make_prefetcher(req, fs)
 
     async def run(task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -45,6 +45,7 @@ from nydus_py.io.fetch import (
     own_first,
     plan_ranges,
 )
+from nydus_py.io.predict import ElfPrefetcher
 from nydus_py.metrics import Metrics
 from nydus_py.storage.backend import BlobBackend
 
@@ -111,7 +112,8 @@ class FileReader:
                  limiter: trio.CapacityLimiter, amplify_io: int = DEFAULT_AMPLIFY_IO,
                  max_gap: int = DEFAULT_MAX_GAP, metrics: Metrics | None = None,
                  readahead_window: int = DEFAULT_READAHEAD_WINDOW,
-                 readahead_other_bytes: int = DEFAULT_READAHEAD_OTHER_BYTES):
+                 readahead_other_bytes: int = DEFAULT_READAHEAD_OTHER_BYTES,
+                 predict: bool = True):
         if bootstrap.digester != "sha256":
             raise FormatError(f"bootstrap: chunk digester {bootstrap.digester!r} is not supported "
                               "(only sha256)")
@@ -129,6 +131,10 @@ class FileReader:
         self._seq: dict[int, list[int]] = {}
         # blob -> [chunk index after its last fetched range, other files' bytes it allowed]
         self._blob_seq: dict[int, list[int]] = {}
+        # Cold-start prediction (io/predict.py): told about every first chunk a read fetched.
+        self.predictor: ElfPrefetcher | None = None
+        if predict:
+            self.predictor = ElfPrefetcher(self, bootstrap, metrics=metrics)
         # Background readahead gets half the worker slots, so foreground misses never queue
         # behind a window of readahead ranges.
         self._ra_limiter = trio.CapacityLimiter(max(1, int(limiter.total_tokens) // 2))
@@ -154,13 +160,23 @@ class FileReader:
             self._handle(i)
 
     async def read(self, ino: int, offset: int, size: int) -> bytes | bytearray | memoryview:
+        return await self._read(ino, offset, size, True)
+
+    async def read_quiet(self, ino: int, offset: int, size: int) -> bytes | bytearray | memoryview:
+        """A read on the read path's own behalf (io/predict.py): the same cache, single-flight,
+        fetch and verification, but no sequential tracking, no prediction, no read metrics."""
+        return await self._read(ino, offset, size, False)
+
+    async def _read(self, ino: int, offset: int, size: int,
+                    foreground: bool) -> bytes | bytearray | memoryview:
         t0 = time.perf_counter()
         plan = self._plan(ino, offset, size)
         if not plan:
             return b""
         bs = self.bootstrap
         k0 = bs.chunk_index(ino, offset) if bs.variable else offset // bs.chunk_size
-        nxt, win = self._sequential(ino, k0, k0 + len(plan) - 1) if self.readahead_window else (0, 0)
+        track = foreground and self.readahead_window
+        nxt, win = self._sequential(ino, k0, k0 + len(plan) - 1) if track else (0, 0)
         if len(plan) == 1:
             # The common case (a small file, or a read within one chunk) served on the loop:
             # no dicts, no join; pyfuse3 replies from the buffer as it is.
@@ -169,8 +185,9 @@ class FileReader:
             if h is not None:
                 hit = self.cache.read_nowait(h, c.index, c.offset, c.size, a, b)
                 if hit is not None:
-                    self._m_hits.inc()
-                    self._done(len(hit), t0)
+                    if foreground:
+                        self._m_hits.inc()
+                        self._done(len(hit), t0)
                     return hit
         # One want per distinct chunk (a file may repeat a chunk): the span of it we need.
         wants: dict[Key, Want] = {}
@@ -191,11 +208,21 @@ class FileReader:
             missing = [w for k, w in wants.items() if k not in got]
             if missing:
                 self._m_misses.inc(len(missing))
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("miss ino %d [%d, +%d): %d of %d chunks", ino, offset, size,
+                              len(missing), len(wants))
                 if win:
                     self._read_ahead(ino, nxt, win)
                 # the file's chunks after this read: what amplify_io may read ahead
                 own = bs.file_chunk_ids(ino)[k0 + len(plan):]
                 await self._resolve(missing, got, own)
+                first = plan[0][0]
+                if (foreground and self.predictor is not None and k0 == 0
+                        and any(w[0] is first for w in missing)):
+                    # the first chunk of a file just arrived: an executable being loaded?
+                    base, data = got[(first.blob, first.index)]
+                    if base == 0:
+                        self.predictor.trigger(ino, data)
         except NydusError as e:
             raise self._with_path(e, ino) from e
         parts = []
@@ -203,7 +230,8 @@ class FileReader:
             base, data = got[(c.blob, c.index)]
             parts.append(memoryview(data)[a - base:b - base])
         out = b"".join(parts)
-        self._done(len(out), t0)
+        if foreground:
+            self._done(len(out), t0)
         return out
 
     def _done(self, n: int, t0: float) -> None:
@@ -525,7 +553,11 @@ class FileReader:
     # -- the worker side of a fetch -----------------------------------------------------------
     def _fetch_range_sync(self, r: Range) -> list[tuple[Chunk, bytes | IntegrityError]]:
         info = self.bootstrap.blobs[r.blob]
+        t0 = time.perf_counter()
         raw = memoryview(self.backend.read_range(info.id, r.start, r.length))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("fetched blob %d [%d, +%d): %d chunks (%d read ahead) in %.1f ms", r.blob,
+                      r.start, r.length, len(r.chunks), r.readahead, (time.perf_counter() - t0) * 1e3)
         self._m_ranges.inc()
         self._m_fetch_bytes.inc(r.length)
         results: list[tuple[Chunk, bytes | IntegrityError]] = []

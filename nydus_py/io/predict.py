@@ -1,0 +1,171 @@
+"""Cold-start prediction: when a dynamically linked executable is first read (the exec), fetch
+what the dynamic loader will read next — the interpreter and the DT_NEEDED libraries, found in
+the image the way ld.so finds them (io/elfdeps.py), recursively — and the rest of each of those
+files, concurrently, instead of one FUSE miss (one round trip) after another.
+
+    exec python3  →  miss on python3's first chunk  →  ElfPrefetcher.trigger(ino, chunk bytes)
+        parse PT_INTERP / PT_DYNAMIC from verified bytes (the chunk holding .dynamic is read
+        through the read path: the loader reads it next anyway)
+        ├─ for each dependency, concurrently: its first chunk(s), its own dependencies, then
+        │  the rest of it (background ranges)
+        └─ the rest of the executable (background ranges)
+
+Every byte parsed went through the read path (sha256-verified, cached); predicted chunks are
+single-flight flights like any readahead, so the loader's own faults wait for them instead of
+fetching again. Bounds: files up to WHOLE_MAX bytes are fetched whole (the loader maps them
+whole and, with the mount's 1 MiB readahead, reads most of them), bigger ones only the chunks
+the parse needs; at most MAX_FILES files per trigger and MAX_TOTAL per mount, so a scan of
+every executable of an image (which reads each header) cannot pull the whole image through
+here. A failure costs the prediction, never a read: it is logged at debug level.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol, Sequence
+
+import trio
+
+from nydus_py.errors import NydusError
+from nydus_py.format.bootstrap import Bootstrap, Chunk
+from nydus_py.io import elfdeps
+from nydus_py.io.fetch import plan_ranges
+from nydus_py.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+WHOLE_MAX = 16 << 20        # files up to this size are fetched whole
+MAX_FILES = 32              # files predicted per trigger (a python3 needs 6)
+MAX_TOTAL = 512             # files predicted per mount
+SLOTS = 2                   # bulk ranges in flight at once (the reads' misses share the link)
+PARSE_ROUNDS = 8            # fetch rounds one ELF parse may ask for (real files: 1-2)
+
+
+class PredictReader(Protocol):
+    """What prediction needs of the read path (io/reader.py's FileReader)."""
+    max_gap: int
+
+    async def read_quiet(self, ino: int, offset: int, size: int) -> bytes: ...
+
+    def uncached(self, chunks: Sequence[Chunk]) -> list[Chunk]: ...
+
+    async def prefetch(self, chunks: Sequence[Chunk], *, limiter: trio.CapacityLimiter,
+                       merging_size: int) -> tuple[int, int]: ...
+
+
+class ElfPrefetcher:
+    def __init__(self, reader: PredictReader, bootstrap: Bootstrap, *,
+                 metrics: Metrics | None = None, whole_max: int = WHOLE_MAX,
+                 max_files: int = MAX_FILES, max_total: int = MAX_TOTAL, slots: int = SLOTS,
+                 range_size: int = 1 << 20):
+        self.reader = reader
+        self.bootstrap = bootstrap
+        self.whole_max = whole_max
+        self.max_files = max_files
+        self.max_total = max_total
+        self.range_size = range_size
+        self.slots = trio.CapacityLimiter(slots)      # bulk ranges in flight
+        self._threads = trio.CapacityLimiter(slots)
+        self._seen: set[int] = set()        # inodes predicted (deps + whole file) this mount
+        self._tried: set[int] = set()       # inodes whose first chunk triggered a parse
+        m = (metrics or Metrics()).group("predict")
+        self._m_triggers = m.counter("triggers")
+        self._m_files = m.counter("files")
+        self._m_chunks = m.counter("chunks")
+        self._m_errors = m.counter("errors")
+
+    def trigger(self, ino: int, head: bytes) -> None:
+        """Called on the trio loop with the verified first chunk of `ino`, which a read just
+        fetched; starts the prediction in the background when it is an executable to load."""
+        if (ino in self._seen or ino in self._tried or len(self._tried) >= 4 * self.max_total
+                or not elfdeps.is_elf(head)):
+            return
+        self._tried.add(ino)
+        self._m_triggers.inc()
+        trio.lowlevel.spawn_system_task(self._run, ino, head)
+
+    async def _run(self, ino: int, head: bytes) -> None:
+        budget = [self.max_files]
+        try:
+            async with trio.open_nursery() as nursery:
+                await self._file(nursery, ino, head, budget, trio.Event(), executable=True)
+        except Exception as e:  # noqa: BLE001  (a system task must not raise; reads go on)
+            self._m_errors.inc()
+            log.debug("prediction for inode %d stopped: %s", ino, e)
+
+    async def _file(self, nursery: trio.Nursery, ino: int, head: bytes | None, budget: list[int],
+                    parsed: trio.Event, executable: bool = False) -> None:
+        """Parse (the loader needs these bytes next), start the dependencies, and once their
+        headers are in, fetch the rest of this file: the loader maps and relocates the
+        libraries before the executable's own code runs."""
+        bs = self.bootstrap
+        deps = None
+        try:
+            size = bs.attr(ino).size
+            deps = await self._parse(ino, size, head)
+        finally:
+            if deps is None or not executable:
+                parsed.set()
+        if deps is None or (executable and deps.interp is None):
+            return                          # not ELF, or a static executable / a library read
+        if executable:
+            if ino in self._seen or len(self._seen) >= self.max_total:
+                return
+            self._seen.add(ino)
+            self._m_files.inc()
+        path = bs.path_of(ino).encode("utf-8", "surrogateescape")
+        waits = []
+        for dep in elfdeps.resolve(bs, deps, path):
+            if dep in self._seen or budget[0] <= 0 or len(self._seen) >= self.max_total:
+                continue
+            self._seen.add(dep)
+            budget[0] -= 1
+            self._m_files.inc()
+            ev = trio.Event()
+            waits.append(ev)
+            nursery.start_soon(self._file, nursery, dep, None, budget, ev)
+        for ev in waits:
+            await ev.wait()
+        parsed.set()
+        if size <= self.whole_max:
+            await self._rest(ino)
+
+    async def _rest(self, ino: int) -> None:
+        """The file's chunks nobody has, one range at a time per slot: a range claims its chunks
+        (single-flight) only when it is sent, so a read never waits behind queued ones, and
+        the few slots leave the link to the reads' own misses."""
+        bs = self.bootstrap
+        chunks = self.reader.uncached([bs.chunk(c) for c in bs.file_chunk_ids(ino)])
+        for r in plan_ranges(chunks, max_gap=self.reader.max_gap, limit=self.range_size):
+            async with self.slots:
+                todo = self.reader.uncached(r.chunks)
+                if todo:
+                    n, _ = await self.reader.prefetch(todo, limiter=self._threads,
+                                                      merging_size=self.range_size)
+                    self._m_chunks.inc(n)
+
+    async def _parse(self, ino: int, size: int, head: bytes | None) -> elfdeps.ElfDeps | None:
+        """Parses with the bytes at hand, fetching (through the read path, verified) what the
+        parse asks for, a bounded number of times."""
+        have: dict[int, bytes] = {}
+        if head is not None:
+            have[0] = head
+
+        def get(off: int, n: int) -> bytes:
+            if off < 0 or n < 0 or off >= size:
+                return b""
+            n = min(n, size - off)
+            for start, data in have.items():
+                if start <= off and off + n <= start + len(data):
+                    return data[off - start:off - start + n]
+            raise elfdeps.NeedBytes(off, n)
+        for _ in range(PARSE_ROUNDS):
+            try:
+                return elfdeps.parse(get)
+            except elfdeps.NeedBytes as need:
+                try:
+                    have[need.offset] = await self.reader.read_quiet(ino, need.offset, need.n)
+                except NydusError as e:     # the read that needs it reports it
+                    log.debug("prediction: %s", e)
+                    return None
+        return None
