@@ -68,11 +68,13 @@ class ElfPrefetcher:
         self._threads = trio.CapacityLimiter(slots)
         self._seen: set[int] = set()        # inodes predicted (deps + whole file) this mount
         self._tried: set[int] = set()       # inodes whose first chunk triggered a parse
-        m = (metrics or Metrics()).group("predict")
-        self._m_triggers = m.counter("triggers")
-        self._m_files = m.counter("files")
-        self._m_chunks = m.counter("chunks")
-        self._m_errors = m.counter("errors")
+        m = (metrics or Metrics()).fs      # in /api/v1/metrics with the reads they serve
+        self._m_triggers = m.counter("predict_triggers")
+        self._m_files = m.counter("predict_files")
+        self._m_chunks = m.counter("predict_chunks")
+        self._m_errors = m.counter("predict_errors")
+        self._m_active = m.gauge("predict_active")  # predictions running now
+        self._active = 0
 
     def trigger(self, ino: int, head: bytes) -> None:
         """Called on the trio loop with the verified first chunk of `ino`, which a read just
@@ -82,6 +84,8 @@ class ElfPrefetcher:
             return
         self._tried.add(ino)
         self._m_triggers.inc()
+        self._active += 1
+        self._m_active.set(self._active)
         trio.lowlevel.spawn_system_task(self._run, ino, head)
 
     async def _run(self, ino: int, head: bytes) -> None:
@@ -92,6 +96,9 @@ class ElfPrefetcher:
         except Exception as e:  # noqa: BLE001  (a system task must not raise; reads go on)
             self._m_errors.inc()
             log.debug("prediction for inode %d stopped: %s", ino, e)
+        finally:
+            self._active -= 1
+            self._m_active.set(self._active)
 
     async def _file(self, nursery: trio.Nursery, ino: int, head: bytes | None, budget: list[int],
                     parsed: trio.Event, executable: bool = False) -> None:

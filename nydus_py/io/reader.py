@@ -204,10 +204,11 @@ class FileReader:
             rest = [w for k, w in wants.items() if k not in got]
             if rest:
                 got.update(await trio.to_thread.run_sync(self._lookup, rest, limiter=self.limiter))
-            self._m_hits.inc(len(got))
             missing = [w for k, w in wants.items() if k not in got]
-            if missing:
+            if foreground:
+                self._m_hits.inc(len(got))
                 self._m_misses.inc(len(missing))
+            if missing:
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("miss ino %d [%d, +%d): %d of %d chunks", ino, offset, size,
                               len(missing), len(wants))

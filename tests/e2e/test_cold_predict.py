@@ -1,0 +1,158 @@
+"""Cold start, real FUSE + real registry: the first read of a dynamically linked executable (what
+exec does) makes the daemon fetch its interpreter, the libraries it needs (recursively, found
+through the image's own symlinks as ld.so finds them) and the rest of each file, concurrently
+and verified; nothing else. Uses the host's /bin/ls and its libraries as the image."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.cli import nydusify
+from tests.fixtures.containerd import push_oci_layout
+from tests.fixtures.daemon import wait_for
+from tests.fixtures.imagegen import Content, Image, Layer
+from tests.fixtures.registry import Fault, FaultProxy, RegistryServer
+
+pytestmark = pytest.mark.e2e
+BIN = Path(sys.executable).parent
+ARCH = "x86_64-linux-gnu"
+LIBS = ("libselinux.so.1", "libpcre2-8.so.0", "libc.so.6", "ld-linux-x86-64.so.2")
+CHUNK = 64 << 10
+
+
+def _host_ls() -> dict[str, bytes] | None:
+    """/bin/ls and the libraries it loads on this host (Debian x86_64), or None."""
+    out = {"usr/bin/ls": Path("/bin/ls").read_bytes()}
+    for name in LIBS:
+        p = Path("/lib") / ARCH / name
+        if not p.exists():
+            return None
+        out[f"usr/lib/{ARCH}/{name}"] = p.resolve().read_bytes()
+    return out
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    files = _host_ls()
+    if files is None:
+        pytest.skip("needs /bin/ls with libselinux, libpcre2 and glibc (Debian x86_64)")
+    tmp = tmp_path_factory.mktemp("coldpredict")
+    layer = Layer()
+    for d in ("usr", "usr/bin", "usr/lib", f"usr/lib/{ARCH}", "lib64", "usr/share"):
+        layer.dir(d)
+    layer.symlink("lib", "usr/lib")             # merged /usr, as Debian
+    layer.symlink("bin", "usr/bin")
+    layer.symlink("lib64/ld-linux-x86-64.so.2", f"/lib/{ARCH}/ld-linux-x86-64.so.2")
+    for path, data in files.items():
+        layer.file(path, data, mode=0o755)
+    # files nobody loads: never fetched by the prediction
+    layer.file(f"usr/lib/{ARCH}/libunused.so.1", Content.random(1 << 20, seed=3), mode=0o755)
+    layer.file("usr/share/filler", Content.random(2 << 20, seed=4))
+    Image([layer]).write_oci(tmp / "src", "v1")
+    with RegistryServer(tmp / "registry") as reg:
+        push_oci_layout(tmp / "src", "v1", reg.host, "cold/ls")
+        nydusify("convert", "--plain-http", "--chunk-size", hex(CHUNK), "--batch-size", "0",
+                  "--source", f"{reg.host}/cold/ls:v1", "--target", f"{reg.host}/cold/ls:v1-nydus")
+        proxy = FaultProxy(reg.host)
+        try:
+            yield proxy, files
+        finally:
+            proxy.close()
+
+
+@pytest.fixture
+def image_clean(image):
+    """The image, with the proxy's faults cleared after the test (a failed test's too)."""
+    yield image
+    image[0].clear()
+
+
+class Mounted:
+    def __init__(self, tmp: Path, host: str):
+        self.mnt, self.sock = tmp / "mnt", tmp / "api.sock"
+        self.args = [str(BIN / "nydusd"), "mount", "--image", f"{host}/cold/ls:v1-nydus",
+                     "--plain-http", "--cache-dir", str(tmp / "cache"), "--apisock", str(self.sock),
+                     "--no-learned-prefetch", "--daemon", "--log-file", str(tmp / "log"),
+                     "--log-level", "debug", str(self.mnt)]
+        self.log = tmp / "log"
+
+    def __enter__(self) -> "Mounted":
+        self.mnt.mkdir(exist_ok=True)
+        r = subprocess.run(self.args, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return self
+
+    def metrics(self) -> dict:
+        out = subprocess.run(["curl", "-s", "--unix-socket", str(self.sock),
+                              "http://localhost/api/v1/metrics"], capture_output=True, text=True)
+        return json.loads(out.stdout)
+
+    def __exit__(self, *exc) -> None:
+        subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
+
+
+def _head(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, 64, 0)
+    finally:
+        os.close(fd)
+
+
+def test_exec_read_fetches_the_libraries_and_nothing_else(image_clean, tmp_path):
+    proxy, files = image_clean
+    with Mounted(tmp_path, proxy.host) as m:
+        assert _head(m.mnt / "bin/ls") == files["usr/bin/ls"][:64]     # what exec reads first
+        wait_for(lambda: m.metrics().get("predict_triggers") == 1
+                 and m.metrics().get("predict_active") == 0, "prediction done", log=m.log)
+        got = m.metrics()
+        assert got["predict_files"] == 1 + len(LIBS), got   # ls, and each library once
+        assert got["predict_errors"] == 0, got
+        assert got["chunk_misses"] == 1, got                 # only the head read itself
+        # Everything the loader needs is cached now: with every data request failing, the
+        # whole executable and every library still read back exactly.
+        proxy.add(Fault.http(500), method="GET", path=r"/blobs/sha256:", times=None)
+        for path, data in files.items():
+            assert (m.mnt / path).read_bytes() == data, path
+        after = m.metrics()
+        assert after["chunk_misses"] == 1, after
+        # the files nobody loads were not fetched
+        with pytest.raises(OSError):
+            (m.mnt / "usr/share/filler").read_bytes()
+        with pytest.raises(OSError):
+            (m.mnt / f"usr/lib/{ARCH}/libunused.so.1").read_bytes()
+
+
+def test_the_libraries_are_fetched_concurrently(image_clean, tmp_path):
+    """ls's interpreter and both libraries it names are requested at once: every data GET
+    after ls's own is held at the proxy until three are waiting (a fetcher going one library
+    at a time would hold one, time out at the proxy, and leave peak at 1)."""
+    proxy, files = image_clean
+    with Mounted(tmp_path, proxy.host) as m:
+        held = Fault.held(3, skip=1)    # ls's own range passes: no library is known before it
+        proxy.add(held, method="GET", path=r"/blobs/sha256:", times=None)
+        _head(m.mnt / "bin/ls")
+        wait_for(lambda: m.metrics().get("predict_active") == 0, "prediction done", log=m.log)
+        assert held.gate is not None and held.gate.peak >= 3, held.gate
+        assert m.metrics()["predict_errors"] == 0
+        proxy.clear()
+        for path, data in files.items():
+            assert (m.mnt / path).read_bytes() == data, path
+
+
+def test_ls_runs_in_the_image(image_clean, tmp_path):
+    proxy, _ = image_clean
+    with Mounted(tmp_path, proxy.host) as m:
+        r = subprocess.run(["chroot", str(m.mnt), "/bin/ls", "/usr/lib/" + ARCH],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert "libc.so.6" in r.stdout.split()
+        got = m.metrics()
+        assert got["predict_files"] == 1 + len(LIBS), got
+        assert got["predict_errors"] == 0, got
