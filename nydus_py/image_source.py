@@ -150,20 +150,22 @@ def open_local(bootstrap_path: str | os.PathLike, blob_dir: str | os.PathLike, a
 
 def open_image(ref: str, *, metrics: Metrics | None = None, plain_http: bool = False,
                skip_verify: bool = False, backend: BackendConfig | None = None,
-               cache_dir: str | None = None) -> OpenedImage:
+               cache_dir: str | None = None, on_manifest=None) -> OpenedImage:
     """`oci:DIR[:TAG]` or a registry reference. `backend` overrides where a registry image's
     data blobs are read from (e.g. S3, or a registry config with mirrors/proxy). With
     `cache_dir`, a registry image's bootstrap is kept there, and used when the registry is
-    unreachable (cache/images.py)."""
+    unreachable (cache/images.py). `on_manifest(origin)`: called with the image's origin as
+    soon as a registry image's manifest is verified, before its bootstrap is fetched (to start
+    other lookups meanwhile)."""
     if ref.startswith(OCI_PREFIX):
         return open_oci(ref, metrics=metrics, backend=backend)
     return open_registry(ref, metrics=metrics, plain_http=plain_http, skip_verify=skip_verify,
-                         backend=backend, cache_dir=cache_dir)
+                         backend=backend, cache_dir=cache_dir, on_manifest=on_manifest)
 
 
 def open_registry(ref: str, *, metrics: Metrics | None = None, plain_http: bool = False,
                   skip_verify: bool = False, backend: BackendConfig | None = None,
-                  cache_dir: str | None = None) -> OpenedImage:
+                  cache_dir: str | None = None, on_manifest=None) -> OpenedImage:
     from nydus_py.cache.images import ImageStore
     from nydus_py.oci.reference import parse as parse_reference
     from nydus_py.oci.registry import RegistryClient, RegistryConfig
@@ -177,7 +179,13 @@ def open_registry(ref: str, *, metrics: Metrics | None = None, plain_http: bool 
         try:
             with RegistryClient(config=config) as c:
                 keep = store.save if store is not None else None
-                _, layers, bootstrap, mdesc = _fetch_registry_image(c, r, ref, keep=keep)
+                told = None
+                if on_manifest is not None:
+                    def told(mdesc: Descriptor, bootstrap_digest: str) -> None:
+                        on_manifest(ImageOrigin(bootstrap_digest=bootstrap_digest, manifest=mdesc,
+                                                registry=config, repository=r.repository))
+                _, layers, bootstrap, mdesc = _fetch_registry_image(c, r, ref, keep=keep,
+                                                                    on_manifest=told)
             bootstrap_digest: str = layers.bootstrap.digest
         except BackendError as e:
             if e.permanent or store is None:
@@ -249,8 +257,8 @@ def fetch_registry_image(client, r, what: str) -> tuple[dict, NydusLayers, Boots
     return _fetch_registry_image(client, r, what)[:3]
 
 
-def _fetch_registry_image(client, r, what: str, *,
-                          keep=None) -> tuple[dict, NydusLayers, Bootstrap, Descriptor]:
+def _fetch_registry_image(client, r, what: str, *, keep=None,
+                          on_manifest=None) -> tuple[dict, NydusLayers, Bootstrap, Descriptor]:
     """The same, and the descriptor of the converted manifest. `keep(ref, manifest digest,
     bootstrap digest, layer bytes)` is called with what was verified (to mount offline later:
     cache/images.py)."""
@@ -263,6 +271,8 @@ def _fetch_registry_image(client, r, what: str, *,
         manifest = json_object(data, f"{what}: manifest {digest}")
     mdesc = Descriptor(media_type, digest, len(data))
     layers = find_layers(manifest, what)
+    if on_manifest is not None:
+        on_manifest(mdesc, layers.bootstrap.digest)
     layer = read_bootstrap_blob(client, r.repository, layers.bootstrap, what)
     try:
         bootstrap = Bootstrap.from_bytes(layer)

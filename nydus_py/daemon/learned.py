@@ -37,6 +37,55 @@ log = logging.getLogger(__name__)
 PUSH_TIMEOUT = 10.0             # seconds per registry request when pushing at unmount
 
 
+def remote_find(o) -> tuple[bytes, str] | None:
+    """Blocking. (list bytes, where) of the newest referrer list of the image `o` (an
+    ImageOrigin) in its registry or OCI layout, unchecked; None if it has none."""
+    from nydus_py.oci import referrers
+    if o.manifest is None:
+        return None
+    args = (o.manifest.digest, mt.NYDUS_PY_PREFETCH_ARTIFACT, mt.NYDUS_PY_PREFETCH_LIST,
+            ll.MAX_LIST_BYTES)
+    if o.layout:
+        return referrers.layout_find(o.layout, *args)
+    if o.registry is not None:
+        from nydus_py.oci.registry import RegistryClient
+        with RegistryClient(config=o.registry) as c:
+            return referrers.registry_find(c, o.repository, *args)
+    return None
+
+
+class RemoteLookup:
+    """remote_find in a thread of its own, started as soon as the image manifest is known
+    (image_source's on_manifest), so that its round trips (referrers, tag index, artifact
+    manifest, list blob) overlap the bootstrap's download and the mount set-up. Not started
+    when the cache dir already holds this bootstrap's list (no registry traffic then).
+    `result()` waits for it and returns or raises what remote_find did; the bytes are checked
+    by LearnedPrefetch.find like any other list."""
+
+    def __init__(self, origin, cache_dir: str | None):
+        self._box: list = []
+        self._thread: threading.Thread | None = None
+        if cache_dir and ll.load_local(cache_dir, origin.bootstrap_digest) is not None:
+            return
+
+        def run() -> None:
+            try:
+                self._box.append((True, remote_find(origin)))
+            except BaseException as e:  # noqa: BLE001  (handed to result())
+                self._box.append((False, e))
+        self._thread = threading.Thread(target=run, name="learned-referrer", daemon=True)
+        self._thread.start()
+
+    def result(self) -> tuple[bytes, str] | None:
+        if self._thread is None:
+            return None
+        self._thread.join()
+        ok, value = self._box[0]
+        if not ok:
+            raise value
+        return value
+
+
 class LearnedPrefetch:
     def __init__(self, origin, bootstrap: Bootstrap, *, cache_dir: str | None, image: str,
                  enable: bool = True, record: bool = True, push: bool = False,
@@ -55,6 +104,7 @@ class LearnedPrefetch:
         self._found_digest = ""
         self._lock = threading.Lock()
         self._early: tuple[threading.Thread, list] | None = None
+        self._remote: RemoteLookup | None = None
 
     # -- identity ---------------------------------------------------------------------------
     def bootstrap_digest(self) -> str:
@@ -108,19 +158,15 @@ class LearnedPrefetch:
         return None if data is None else (data, f"{self.cache_dir}/{ll.LOCAL_DIR}")
 
     def _from_remote(self, digest: str) -> tuple[bytes, str] | None:
-        from nydus_py.oci import referrers
-        o = self.origin
-        if o.manifest is None:
-            return None
-        args = (o.manifest.digest, mt.NYDUS_PY_PREFETCH_ARTIFACT, mt.NYDUS_PY_PREFETCH_LIST,
-                ll.MAX_LIST_BYTES)
-        if o.layout:
-            return referrers.layout_find(o.layout, *args)
-        if o.registry is not None:
-            from nydus_py.oci.registry import RegistryClient
-            with RegistryClient(config=o.registry) as c:
-                return referrers.registry_find(c, o.repository, *args)
-        return None
+        if self._remote is not None:        # started while the bootstrap was being fetched
+            return self._remote.result()
+        return remote_find(self.origin)
+
+    def use_remote(self, lookup: RemoteLookup | None) -> None:
+        """The referrer lookup already started for this image (RemoteLookup), if any."""
+        self._remote = lookup
+
+
 
     def start_find(self) -> None:
         """Starts the lookup now, in a thread of its own, so that its registry round trips

@@ -171,10 +171,17 @@ class _Opening:
 
     def _run(self) -> None:
         from nydus_py import image_source
+        lookups: list = []
+
+        def on_manifest(origin) -> None:    # the learned list's lookup, beside the bootstrap's
+            lp = self.req.config.learned_prefetch
+            if lp.enable:
+                from nydus_py.daemon.learned import RemoteLookup
+                lookups.append(RemoteLookup(origin, _given_cache(self.req) or None))
         try:
-            opened = _open_image(self.req, self.metrics)
+            opened = _open_image(self.req, self.metrics, on_manifest)
             image_source.warm_backend(opened)   # off the first read's path
-            self._result = (opened, _start_learned(self.req, opened))
+            self._result = (opened, _start_learned(self.req, opened, lookups[0] if lookups else None))
         except BaseException as e:  # noqa: BLE001  (re-raised in the mounting thread)
             self._error = e
 
@@ -198,7 +205,7 @@ def _given_cache(req: MountRequest) -> str:
     return req.cache_dir or (cfg.cache.work_dir if cfg.cache.type == "blobcache" else "")
 
 
-def _open_image(req: MountRequest, metrics: Metrics) -> OpenedImage:
+def _open_image(req: MountRequest, metrics: Metrics, on_manifest=None) -> OpenedImage:
     from nydus_py import image_source
 
     cfg = req.config
@@ -206,7 +213,8 @@ def _open_image(req: MountRequest, metrics: Metrics) -> OpenedImage:
         # a backend in the config (mirrors, proxy, S3 …) overrides where the blobs are read from
         return image_source.open_image(req.image, metrics=metrics, plain_http=req.plain_http,
                                        skip_verify=req.skip_verify, backend=cfg.backend,
-                                       cache_dir=_given_cache(req) or None)
+                                       cache_dir=_given_cache(req) or None,
+                                       on_manifest=on_manifest)
     if req.bootstrap and req.blob_dir:
         return image_source.open_local(req.bootstrap, req.blob_dir, metrics=metrics)
     if req.bootstrap and cfg.backend is not None:
@@ -216,7 +224,7 @@ def _open_image(req: MountRequest, metrics: Metrics) -> OpenedImage:
     raise ConfigError("name an image: --image oci:DIR[:TAG] or --bootstrap FILE --blob-dir DIR")
 
 
-def _start_learned(req: MountRequest, opened: OpenedImage) -> LearnedPrefetch | None:
+def _start_learned(req: MountRequest, opened: OpenedImage, remote=None) -> LearnedPrefetch | None:
     """The mount's learned prefetch (None when all of it is off), its lookup started."""
     lp = req.config.learned_prefetch
     if not (lp.enable or lp.record or lp.push):
@@ -226,6 +234,7 @@ def _start_learned(req: MountRequest, opened: OpenedImage) -> LearnedPrefetch | 
     learned = LearnedPrefetch(opened.origin, opened.bootstrap, cache_dir=_given_cache(req) or None,
                               image=opened.description, enable=lp.enable, record=lp.record,
                               push=lp.push, window=float(lp.window_secs))
+    learned.use_remote(remote)
     learned.start_find()        # overlaps the rest of the mount set-up
     return learned
 
