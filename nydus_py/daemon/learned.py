@@ -186,6 +186,15 @@ class LearnedPrefetch:
         self._early = (t, box)
         t.start()
 
+    def found_ids(self) -> list[int]:
+        """Blocking: the ids start_find's lookup found ([] when none)."""
+        if self._early is None:
+            self.start_find()
+        assert self._early is not None
+        t, box = self._early
+        t.join()
+        return box[0] if box else []
+
     async def find_async(self) -> list[int]:
         if self._early is None:
             self.start_find()

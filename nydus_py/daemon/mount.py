@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from nydus_py.fs.ops import NydusOperations
     from nydus_py.fs.vfs import Vfs
     from nydus_py.image_source import OpenedImage
+    from nydus_py.io.prefetch import EarlyRanges
     from nydus_py.io.prefetch import Prefetcher
     from nydus_py.io.reader import FileReader      # imported when mounting (start-up cost)
 
@@ -146,6 +147,7 @@ class Filesystem:
     cache_dir: str = ""
     backend_type: str = ""
     learned: LearnedPrefetch | None = None   # None when learned_prefetch is all off
+    early: EarlyRanges | None = None         # the learned list's ranges fetched before ready
 
 
 class _Opening:
@@ -161,6 +163,8 @@ class _Opening:
         self._result: tuple[OpenedImage, LearnedPrefetch | None] | None = None
         self._error: BaseException | None = None
         self._taken = False
+        self._ready = threading.Event()
+        self.early: EarlyRanges | None = None
         # What the thread needs before its first request is imported here, first: two threads
         # importing at once share the GIL, and the network would start half as early.
         from nydus_py import image_source  # noqa: F401
@@ -180,13 +184,41 @@ class _Opening:
                 lookups.append(RemoteLookup(origin, _given_cache(self.req) or None))
         try:
             opened = _open_image(self.req, self.metrics, on_manifest)
+            cfg = self.req.config
+            if cfg.learned_prefetch.enable and not cfg.fs_prefetch.bandwidth_rate:
+                from nydus_py.io.prefetch import EarlyRanges
+                self.early = EarlyRanges(opened.backend)
+                opened.backend = self.early
             image_source.warm_backend(opened)   # off the first read's path
-            self._result = (opened, _start_learned(self.req, opened, lookups[0] if lookups else None))
+            learned = _start_learned(self.req, opened, lookups[0] if lookups else None)
+            self._result = (opened, learned)
         except BaseException as e:  # noqa: BLE001  (re-raised in the mounting thread)
             self._error = e
+            return
+        finally:
+            self._ready.set()
+        if self.early is not None and learned is not None:
+            self._fetch_early(opened, learned)
+
+    def _fetch_early(self, opened: OpenedImage, learned: LearnedPrefetch) -> None:
+        """The learned list's ranges, from now on (io/prefetch.py EarlyRanges): the mount
+        set-up and the imports still under way take no bandwidth."""
+        from nydus_py.io.prefetch import early_ranges
+        from nydus_py.io.reader import DEFAULT_MAX_GAP
+        assert self.early is not None
+        try:
+            ids = learned.found_ids()
+            if ids:
+                pf = self.req.config.fs_prefetch
+                n = self.early.start(early_ranges(opened.bootstrap, ids, max_gap=DEFAULT_MAX_GAP,
+                                                  limit=max(pf.merging_size, 4096)),
+                                     pf.threads_count)
+                log.debug("learned prefetch: %d ranges started before mount-ready", n)
+        except Exception as e:  # noqa: BLE001  (costs the head start, never the mount)
+            log.warning("learned prefetch of %s: early start failed: %s", opened.description, e)
 
     def result(self) -> tuple[OpenedImage, LearnedPrefetch | None]:
-        self._thread.join()
+        self._ready.wait()
         if self._error is not None:
             raise self._error
         assert self._result is not None
@@ -194,7 +226,7 @@ class _Opening:
         return self._result
 
     def discard(self) -> None:
-        self._thread.join()
+        self._ready.wait()
         if self._result is not None and not self._taken:
             from nydus_py.storage.backend import close_backend
             close_backend(self._result[0].backend)
@@ -266,7 +298,8 @@ def open_filesystem(req: MountRequest, stack: contextlib.ExitStack,
     if learned is not None:
         vfs.learn = learned.recorder
     return Filesystem(vfs, NydusOperations(vfs), metrics, opened.description, reader=reader,
-                      cache_dir=work_dir, backend_type=backend_type, learned=learned)
+                      cache_dir=work_dir, backend_type=backend_type, learned=learned,
+                      early=opening.early)
 
 
 def _check_missing_blobs(opened, reader) -> None:
@@ -511,7 +544,11 @@ def _services(req: MountRequest, fs: Filesystem, mountpoint: str, handoff=None):
             if req.readahead_kb > 0:
                 nursery.start_soon(trio.to_thread.run_sync, _tune_readahead, mountpoint, req.readahead_kb)
             if prefetcher is not None:
-                nursery.start_soon(prefetcher.run)
+                async def prefetch() -> None:
+                    await prefetcher.run()
+                    if fs.early is not None:        # what nobody asked for is not kept
+                        fs.early.clear()
+                nursery.start_soon(prefetch)
             if fs.learned is not None and fs.learned.recorder is not None:
                 nursery.start_soon(fs.learned.run_window)
     return run

@@ -34,7 +34,9 @@ import logging
 import math
 import os
 import stat
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterable, Protocol, Sequence
 
@@ -44,6 +46,7 @@ from nydus_py.errors import NydusError
 from nydus_py.format.bootstrap import ROOT_INO, Bootstrap, Chunk
 from nydus_py.io.fetch import plan_ranges
 from nydus_py.metrics import Metrics
+from nydus_py.storage.backend import BlobBackend, close_backend
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +163,103 @@ def plan(bs: Bootstrap, *, paths: Sequence[str] = (), prefetch_all: bool = False
                 chunks.append(c)
     chunks.sort(key=lambda c: (c.blob, c.comp_offset))
     return PrefetchPlan(inodes=tuple(order), chunks=tuple(chunks), errors=errors)
+
+
+EARLY_MAX = 64 << 20        # compressed bytes fetched before the mount is ready (memory bound)
+
+
+class _Segment:
+    __slots__ = ("blob", "start", "end", "data", "error", "done", "used")
+
+    def __init__(self, blob: str, start: int, end: int):
+        self.blob, self.start, self.end = blob, start, end
+        self.data: bytes | None = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self.used = 0
+
+
+class EarlyRanges:
+    """A BlobBackend in front of a mount's backend that starts fetching the learned list's
+    ranges before the mount is ready — while pyfuse3 and trio are still importing and the
+    kernel mount is being made — and serves them to the reads that then ask for them (the
+    prefetcher's, in the same ranges, or any read wholly inside one). Bytes are the backend's,
+    unchecked here: the reader verifies every chunk (sha256) as for any backend read. A read
+    of a range still in flight waits for it (it is called in worker threads, never on the
+    loop); a failed early range is read again from the backend. At most EARLY_MAX bytes; a
+    range is dropped once all of it was read, the rest by `clear()` when the prefetch ends."""
+
+    def __init__(self, backend: BlobBackend, *, limit: int = EARLY_MAX):
+        self.backend = backend
+        self.limit = limit
+        self._segs: dict[str, list[_Segment]] = {}
+        self._lock = threading.Lock()
+        self.fetched = 0                # bytes fetched early (tests, logs)
+
+    def start(self, ranges: Sequence[tuple[str, int, int]], threads: int) -> int:
+        """Fetches (blob id, offset, length) ranges, in this order, on `threads` threads;
+        returns how many ranges (those within the byte limit)."""
+        todo: deque[_Segment] = deque()
+        total = 0
+        with self._lock:
+            for blob, off, n in ranges:
+                if n <= 0 or total + n > self.limit:
+                    break
+                total += n
+                seg = _Segment(blob, off, off + n)
+                self._segs.setdefault(blob, []).append(seg)
+                todo.append(seg)
+
+        def run() -> None:
+            while True:
+                with self._lock:
+                    if not todo:
+                        return
+                    seg = todo.popleft()
+                try:
+                    seg.data = self.backend.read_range(seg.blob, seg.start, seg.end - seg.start)
+                    self.fetched += seg.end - seg.start
+                except Exception as e:  # noqa: BLE001  (the read that wants it asks again)
+                    seg.error = e
+                finally:
+                    seg.done.set()
+        for i in range(min(max(threads, 1), len(todo))):
+            threading.Thread(target=run, name=f"early-prefetch-{i}", daemon=True).start()
+        return len(todo)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._segs.clear()
+
+    def blob_size(self, blob_id: str) -> int:
+        return self.backend.blob_size(blob_id)
+
+    def read_range(self, blob_id: str, offset: int, length: int) -> bytes:
+        end = offset + length
+        with self._lock:
+            seg = next((s for s in self._segs.get(blob_id, ())
+                        if s.start <= offset and end <= s.end), None)
+        if seg is not None:
+            seg.done.wait()
+            data = seg.data
+            if data is not None:
+                with self._lock:
+                    seg.used += length
+                    if seg.used >= seg.end - seg.start and seg in self._segs.get(blob_id, ()):
+                        self._segs[blob_id].remove(seg)
+                return data[offset - seg.start:end - seg.start]
+        return self.backend.read_range(blob_id, offset, length)
+
+    def close(self) -> None:
+        self.clear()
+        close_backend(self.backend)
+
+
+def early_ranges(bs: Bootstrap, ids: Sequence[int], *, max_gap: int,
+                 limit: int) -> list[tuple[str, int, int]]:
+    """The learned list's ranges as the prefetcher will ask for them (learned_batches)."""
+    return [(bs.blobs[r.blob].id, r.start, r.length)
+            for r in learned_batches(bs, ids, max_gap=max_gap, limit=limit)]
 
 
 class PrefetchReader(Protocol):
