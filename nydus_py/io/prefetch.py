@@ -223,9 +223,10 @@ class EarlyRanges:
                     seg.error = e
                 finally:
                     seg.done.set()
-        for i in range(min(max(threads, 1), len(todo))):
+        count = len(todo)
+        for i in range(min(max(threads, 1), count)):
             threading.Thread(target=run, name=f"early-prefetch-{i}", daemon=True).start()
-        return len(todo)
+        return count
 
     def clear(self) -> None:
         with self._lock:
