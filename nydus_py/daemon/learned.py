@@ -65,7 +65,7 @@ class RemoteLookup:
     def __init__(self, origin, cache_dir: str | None):
         self._box: list = []
         self._thread: threading.Thread | None = None
-        if cache_dir and ll.load_local(cache_dir, origin.bootstrap_digest) is not None:
+        if cache_dir and self._kept(cache_dir, origin.bootstrap_digest):
             return
 
         def run() -> None:
@@ -75,6 +75,13 @@ class RemoteLookup:
                 self._box.append((False, e))
         self._thread = threading.Thread(target=run, name="learned-referrer", daemon=True)
         self._thread.start()
+
+    @staticmethod
+    def _kept(cache_dir: str, digest: str) -> bool:
+        try:            # read-only; find() holds the image before it reads the list for use
+            return ll.load_local(cache_dir, digest) is not None
+        except (OSError, NydusError):   # find() reports a bad cache dir
+            return False
 
     def result(self) -> tuple[bytes, str] | None:
         if self._thread is None:
