@@ -31,7 +31,7 @@ import stat
 import tempfile
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from nydus_py import mountinfo
 from nydus_py.config.schema import DaemonConfig
@@ -213,9 +213,11 @@ class _Opening:
                 n = self.early.start(early_ranges(opened.bootstrap, ids, max_gap=DEFAULT_MAX_GAP,
                                                   limit=max(pf.merging_size, 4096)),
                                      pf.threads_count)
-                log.debug("learned prefetch: %d ranges started before mount-ready", n)
+                log.debug("learned prefetch: %d ranges started early", n)
         except Exception as e:  # noqa: BLE001  (costs the head start, never the mount)
             log.warning("learned prefetch of %s: early start failed: %s", opened.description, e)
+        finally:
+            self.early.decided.set()
 
     def result(self) -> tuple[OpenedImage, LearnedPrefetch | None]:
         self._ready.wait()
@@ -505,11 +507,22 @@ def make_prefetcher(req: MountRequest, fs: Filesystem) -> Prefetcher | None:
     """The background prefetcher, or None when there is nothing to prefetch (module
     docstring of io/prefetch.py; enabled by fs_prefetch.enable, --prefetch-files, a
     prefetch list in the bootstrap unless --no-prefetch, or learned_prefetch.enable)."""
+    import trio
+
     from nydus_py.io.prefetch import Prefetcher
 
     pf = req.config.fs_prefetch
     bs = fs.vfs.bootstrap
-    learned = fs.learned.find_async if fs.learned is not None and fs.learned.enable else None
+    learned: Callable[[], Awaitable[list[int]]] | None = None
+    if fs.learned is not None and fs.learned.enable:
+        found, early = fs.learned.find_async, fs.early
+
+        async def learned_ids() -> list[int]:
+            ids = await found()
+            if early is not None:       # the early ranges are claimed before we ask for any
+                await trio.to_thread.run_sync(early.decided.wait)
+            return ids
+        learned = learned_ids
     if fs.reader is None or not (pf.enable or req.prefetch_files or (bs.prefetch and not req.no_prefetch)
                                  or learned):
         return None

@@ -195,6 +195,9 @@ class EarlyRanges:
         self._segs: dict[str, list[_Segment]] = {}
         self._lock = threading.Lock()
         self.fetched = 0                # bytes fetched early (tests, logs)
+        # set once start() ran or will not run: the prefetcher waits for it, so that it never
+        # asks the backend for a range a moment before start() claims it (twice the bytes)
+        self.decided = threading.Event()
 
     def start(self, ranges: Sequence[tuple[str, int, int]], threads: int) -> int:
         """Fetches (blob id, offset, length) ranges, in this order, on `threads` threads;
@@ -226,6 +229,7 @@ class EarlyRanges:
         count = len(todo)
         for i in range(min(max(threads, 1), count)):
             threading.Thread(target=run, name=f"early-prefetch-{i}", daemon=True).start()
+        self.decided.set()
         return count
 
     def clear(self) -> None:
