@@ -34,7 +34,7 @@ from benchlib import net                                   # noqa: E402
 from benchlib.images import OCI                            # noqa: E402
 from benchlib.net import DelayProxy, Registry, ShapedNet   # noqa: E402
 from benchlib.nydus import convert, registry_manifest      # noqa: E402
-from benchlib.util import VENV_BIN, drop_caches, median, run, umount_all_under  # noqa: E402
+from benchlib.util import drop_caches, median, run, umount_all_under  # noqa: E402
 
 log = logging.getLogger("coldab")
 
@@ -148,6 +148,10 @@ def main() -> int:
     ap.add_argument("--work", help="work dir, kept (reuses its converted image)")
     ap.add_argument("--trace", action="store_true", help="keep every daemon's debug log")
     args = ap.parse_args()
+
+    def _term(signum, frame):   # unwind like Ctrl-C: namespace, registries, mounts removed
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, _term)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     variants = [v.split("=", 1) for v in args.variant]
     rate, rtt = (float(x) for x in args.net.split("/"))
