@@ -189,7 +189,8 @@ class _Opening:
                 from nydus_py.io.prefetch import EarlyRanges
                 self.early = EarlyRanges(opened.backend)
                 opened.backend = self.early
-            image_source.warm_backend(opened)   # off the first read's path
+            if _remote_backend(self.req):
+                image_source.warm_backend(opened)   # off the first read's path
             learned = _start_learned(self.req, opened, lookups[0] if lookups else None)
             self._result = (opened, learned)
         except BaseException as e:  # noqa: BLE001  (re-raised in the mounting thread)
@@ -232,6 +233,16 @@ class _Opening:
         if self._result is not None and not self._taken:
             from nydus_py.storage.backend import close_backend
             close_backend(self._result[0].backend)
+
+
+def _remote_backend(req: MountRequest) -> bool:
+    """Whether the image's blobs are behind a network round trip (registry, S3): only then
+    is asking their sizes at mount worth it; a local blob stays unopened until it is read."""
+    from nydus_py.image_source import OCI_PREFIX
+    cfg = req.config
+    if cfg.backend is not None:
+        return cfg.backend.type != "localfs"
+    return bool(req.image) and not req.image.startswith(OCI_PREFIX)
 
 
 def _given_cache(req: MountRequest) -> str:
