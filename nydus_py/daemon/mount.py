@@ -164,6 +164,10 @@ class _Opening:
         self._error: BaseException | None = None
         self._taken = False
         self._ready = threading.Event()
+        # set by open_filesystem once the chunk cache accepted the cache dir: the learned list
+        # is looked up there (and the image held in it) only then
+        self.cache_ok = threading.Event()
+        self._discarded = False
         self.early: EarlyRanges | None = None
         # What the thread needs before its first request is imported here, first: two threads
         # importing at once share the GIL, and the network would start half as early.
@@ -199,7 +203,9 @@ class _Opening:
         finally:
             self._ready.set()
         if self.early is not None and learned is not None:
-            self._fetch_early(opened, learned)
+            self.cache_ok.wait()
+            if not self._discarded:
+                self._fetch_early(opened, learned)
 
     def _fetch_early(self, opened: OpenedImage, learned: LearnedPrefetch) -> None:
         """The learned list's ranges, from now on (io/prefetch.py EarlyRanges): the mount
@@ -229,6 +235,8 @@ class _Opening:
         return self._result
 
     def discard(self) -> None:
+        self._discarded = True
+        self.cache_ok.set()
         self._ready.wait()
         if self._result is not None and not self._taken:
             from nydus_py.storage.backend import close_backend
@@ -242,7 +250,9 @@ def _remote_backend(req: MountRequest) -> bool:
     cfg = req.config
     if cfg.backend is not None:
         return cfg.backend.type != "localfs"
-    return bool(req.image) and not req.image.startswith(OCI_PREFIX)
+    if not req.image:
+        return False
+    return not req.image.startswith(OCI_PREFIX)
 
 
 def _given_cache(req: MountRequest) -> str:
@@ -279,8 +289,7 @@ def _start_learned(req: MountRequest, opened: OpenedImage, remote=None) -> Learn
     learned = LearnedPrefetch(opened.origin, opened.bootstrap, cache_dir=_given_cache(req) or None,
                               image=opened.description, enable=lp.enable, record=lp.record,
                               push=lp.push, window=float(lp.window_secs))
-    learned.use_remote(remote)
-    learned.start_find()        # overlaps the rest of the mount set-up
+    learned.use_remote(remote)  # the lookup itself starts once the cache dir is accepted
     return learned
 
 
@@ -310,6 +319,8 @@ def open_filesystem(req: MountRequest, stack: contextlib.ExitStack,
     backend_type = cfg.backend.type if cfg.backend is not None else "localfs"
     if learned is not None:
         vfs.learn = learned.recorder
+        learned.start_find()        # overlaps the kernel mount and the loop's start-up
+    opening.cache_ok.set()
     return Filesystem(vfs, NydusOperations(vfs), metrics, opened.description, reader=reader,
                       cache_dir=work_dir, backend_type=backend_type, learned=learned,
                       early=opening.early)
