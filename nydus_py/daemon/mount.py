@@ -168,6 +168,7 @@ class _Opening:
         # is looked up there (and the image held in it) only then
         self.cache_ok = threading.Event()
         self._discarded = False
+        self.reader: FileReader | None = None      # set with cache_ok
         self.early: EarlyRanges | None = None
         # What the thread needs before its first request is imported here, first: two threads
         # importing at once share the GIL, and the network would start half as early.
@@ -215,6 +216,8 @@ class _Opening:
         assert self.early is not None
         try:
             ids = learned.found_ids()
+            if ids and self.reader is not None:     # what the cache has is not fetched again
+                ids = [c.id for c in self.reader.uncached(_chunks(opened.bootstrap, ids))]
             if ids:
                 pf = self.req.config.fs_prefetch
                 n = self.early.start(early_ranges(opened.bootstrap, ids, max_gap=DEFAULT_MAX_GAP,
@@ -241,6 +244,17 @@ class _Opening:
         if self._result is not None and not self._taken:
             from nydus_py.storage.backend import close_backend
             close_backend(self._result[0].backend)
+
+
+def _chunks(bs, ids):
+    """The chunk records of `ids` (from a checked list), skipping any that fail their check."""
+    out = []
+    for i in ids:
+        try:
+            out.append(bs.chunk(i))
+        except NydusError:
+            continue
+    return out
 
 
 def _remote_backend(req: MountRequest) -> bool:
@@ -320,6 +334,7 @@ def open_filesystem(req: MountRequest, stack: contextlib.ExitStack,
     if learned is not None:
         vfs.learn = learned.recorder
         learned.start_find()        # overlaps the kernel mount and the loop's start-up
+    opening.reader = reader
     opening.cache_ok.set()
     return Filesystem(vfs, NydusOperations(vfs), metrics, opened.description, reader=reader,
                       cache_dir=work_dir, backend_type=backend_type, learned=learned,
