@@ -55,7 +55,7 @@ class ElfDeps:
     runpath: tuple[bytes, ...]      # DT_RUNPATH (or DT_RPATH when there is no RUNPATH) entries
 
 
-def is_elf(head: bytes | memoryview) -> bool:
+def is_elf(head: bytes | bytearray | memoryview) -> bool:
     return bytes(head[:4]) == ELF_MAGIC
 
 

@@ -45,7 +45,7 @@ class PredictReader(Protocol):
     """What prediction needs of the read path (io/reader.py's FileReader)."""
     max_gap: int
 
-    async def read_quiet(self, ino: int, offset: int, size: int) -> bytes: ...
+    async def read_quiet(self, ino: int, offset: int, size: int) -> bytes | bytearray | memoryview: ...
 
     def uncached(self, chunks: Sequence[Chunk]) -> list[Chunk]: ...
 
@@ -76,7 +76,7 @@ class ElfPrefetcher:
         self._m_active = m.gauge("predict_active")  # predictions running now
         self._active = 0
 
-    def trigger(self, ino: int, head: bytes) -> None:
+    def trigger(self, ino: int, head: bytes | bytearray | memoryview) -> None:
         """Called on the trio loop with the verified first chunk of `ino`, which a read just
         fetched; starts the prediction in the background when it is an executable to load."""
         if (ino in self._seen or ino in self._tried or len(self._tried) >= 4 * self.max_total
@@ -86,7 +86,7 @@ class ElfPrefetcher:
         self._m_triggers.inc()
         self._active += 1
         self._m_active.set(self._active)
-        trio.lowlevel.spawn_system_task(self._run, ino, head)
+        trio.lowlevel.spawn_system_task(self._run, ino, bytes(head))
 
     async def _run(self, ino: int, head: bytes) -> None:
         budget = [self.max_files]
@@ -171,7 +171,7 @@ class ElfPrefetcher:
                 return elfdeps.parse(get)
             except elfdeps.NeedBytes as need:
                 try:
-                    have[need.offset] = await self.reader.read_quiet(ino, need.offset, need.n)
+                    have[need.offset] = bytes(await self.reader.read_quiet(ino, need.offset, need.n))
                 except NydusError as e:     # the read that needs it reports it
                     log.debug("prediction: %s", e)
                     return None
