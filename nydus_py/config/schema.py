@@ -295,6 +295,8 @@ class DaemonConfig(FromDict):
     latest_read_files: bool = False
     access_pattern: bool = False
     amplify_io: int = field(default=DEFAULT_AMPLIFY_IO, metadata={"size": True, "min": 0})
+    # nydus-py's own: on an executable's first read, fetch its interpreter and libraries (io/predict.py)
+    exec_prefetch: bool = True
     fs_prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     learned_prefetch: LearnedPrefetchConfig = field(default_factory=LearnedPrefetchConfig)
     # warnings met while parsing (Nydus keys nydus-py does not implement); not a config key

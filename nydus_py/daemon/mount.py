@@ -388,7 +388,8 @@ def _make_reader(opened, work_dir: str, req: MountRequest, metrics: Metrics,
         stack.callback(close)
     reader = FileReader(opened.bootstrap, opened.backend, cache,
                         limiter=trio.CapacityLimiter(req.io_threads),
-                        amplify_io=req.config.amplify_io, metrics=metrics)
+                        amplify_io=req.config.amplify_io, metrics=metrics,
+                        predict=req.config.exec_prefetch)
     reader.open_blobs()     # cache files now, so a bad cache dir fails before the mount
     return reader
 

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 WHOLE_MAX = 16 << 20        # files up to this size are fetched whole
 MAX_FILES = 32              # files predicted per trigger (a python3 needs 6)
 MAX_TOTAL = 512             # files predicted per mount
+MAX_TOTAL_BYTES = 256 << 20  # bytes of whole files fetched per mount (a header scan of /usr/bin)
 SLOTS = 2                   # bulk ranges in flight at once (the reads' misses share the link)
 PARSE_ROUNDS = 8            # fetch rounds one ELF parse may ask for (real files: 1-2)
 
@@ -56,13 +57,15 @@ class PredictReader(Protocol):
 class ElfPrefetcher:
     def __init__(self, reader: PredictReader, bootstrap: Bootstrap, *,
                  metrics: Metrics | None = None, whole_max: int = WHOLE_MAX,
-                 max_files: int = MAX_FILES, max_total: int = MAX_TOTAL, slots: int = SLOTS,
+                 max_files: int = MAX_FILES, max_total: int = MAX_TOTAL,
+                 max_total_bytes: int = MAX_TOTAL_BYTES, slots: int = SLOTS,
                  range_size: int = 1 << 20):
         self.reader = reader
         self.bootstrap = bootstrap
         self.whole_max = whole_max
         self.max_files = max_files
         self.max_total = max_total
+        self.bytes_left = max_total_bytes   # whole-file fetches this mount may still start
         self.range_size = range_size
         self.slots = trio.CapacityLimiter(slots)      # bulk ranges in flight
         self._threads = trio.CapacityLimiter(slots)
@@ -134,7 +137,8 @@ class ElfPrefetcher:
         for ev in waits:
             await ev.wait()
         parsed.set()
-        if size <= self.whole_max:
+        if size <= self.whole_max and size <= self.bytes_left:
+            self.bytes_left -= size
             await self._rest(ino)
 
     async def _rest(self, ino: int) -> None:

@@ -5,6 +5,7 @@ and verified; nothing else. Uses the host's /bin/ls and its libraries as the ima
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -156,3 +157,21 @@ def test_ls_runs_in_the_image(image_clean, tmp_path):
         got = m.metrics()
         assert got["predict_files"] == 1 + len(LIBS), got
         assert got["predict_errors"] == 0, got
+
+
+def test_exec_prefetch_false_turns_prediction_off(image_clean, tmp_path):
+    proxy, files = image_clean
+    cfg = tmp_path / "nydusd.json"
+    cfg.write_text(json.dumps({"exec_prefetch": False}))
+    m = Mounted(tmp_path, proxy.host)
+    m.args[2:2] = ["--config", str(cfg)]
+    with m:
+        assert _head(m.mnt / "bin/ls") == files["usr/bin/ls"][:64]
+        assert (m.mnt / "bin/ls").read_bytes() == files["usr/bin/ls"]
+        got = m.metrics()
+        assert got.get("predict_triggers", 0) == 0, got
+        # nothing fetched the libraries: with data requests failing they cannot be read
+        proxy.add(Fault.http(500), method="GET", path=r"/blobs/sha256:", times=None)
+        with pytest.raises(OSError) as e:
+            (m.mnt / f"lib/{ARCH}/{LIBS[0]}").read_bytes()
+        assert e.value.errno == errno.EIO
