@@ -20,24 +20,11 @@ from nydus_py.errors import ConfigError
 from nydus_py.format.bootstrap import Bootstrap
 from nydus_py.io.reader import FileReader
 from nydus_py.storage.localfs import LocalFsBackend
+from tests.fixtures.chunk_dict import data, files_layer as layer
 from tests.fixtures.imagegen import Layer
 
 P = CdcParams(0x1000, 0x4000, 0x10000)        # 4 KiB / 16 KiB / 64 KiB
 CDC = dict(chunker="cdc", chunk_size=0x4000, cdc_min_size=0x1000, cdc_max_size=0x10000)
-
-
-def data(seed: int, size: int) -> bytes:
-    return random.Random(seed).randbytes(size)
-
-
-def layer(files: dict[str, bytes]) -> Layer:
-    lay = Layer(compression="none")
-    for path, content in files.items():
-        parent = path.rpartition("/")[0]
-        if parent:
-            lay.dir(parent)
-        lay.file(path, content)
-    return lay
 
 
 def build(tmp: Path, layers: list[Layer], dictionary: Bootstrap | None = None, **opts) -> BuildResult:

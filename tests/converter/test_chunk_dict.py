@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import random
 import stat
 from pathlib import Path
 
@@ -18,23 +17,10 @@ from converter.chunk_dict import ChunkDictRef, blob_descriptor, parse_chunk_dict
 from nydus_py.errors import ConfigError
 from nydus_py.format.bootstrap import Bootstrap, BootstrapWriter, ChunkSpec
 from nydus_py.io.fetch import decode_chunk
+from tests.fixtures.chunk_dict import data, files_layer as layer
 from tests.fixtures.imagegen import Layer
 
 CS = 0x1000
-
-
-def data(seed: int, size: int) -> bytes:
-    return random.Random(seed).randbytes(size)
-
-
-def layer(files: dict[str, bytes]) -> Layer:
-    l = Layer(compression="none")
-    for path, content in files.items():
-        parent = path.rpartition("/")[0]
-        if parent:
-            l.dir(parent)
-        l.file(path, content)
-    return l
 
 
 def build(tmp: Path, layers: list[Layer], dictionary: Bootstrap | None = None, *,

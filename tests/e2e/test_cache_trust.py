@@ -23,7 +23,7 @@ import msgpack
 import pytest
 
 from nydus_py.daemon.api import call_sync, get_json
-from tests.fixtures.daemon import Daemon, force_unmount, nydusd_cmd, wait_for
+from tests.fixtures.daemon import Daemon, exit_serve, force_unmount, nydusd_cmd, reap, wait_for
 from tests.fixtures.nydus_build import Built, build
 
 pytestmark = pytest.mark.e2e
@@ -275,12 +275,9 @@ def test_nydusd_serve_under_umask_000_creates_private_dirs_and_files(tmp_path, i
         assert any(p.suffix == ".data" for p in files) and any(p.suffix == ".json" for p in files)
         for p in files:
             assert p.stat().st_mode & 0o077 == 0, (p, oct(p.stat().st_mode))
-        assert call_sync(str(sock), "PUT", "/api/v1/daemon/exit")[0] == 204
-        assert sup.wait(30) == 0
+        exit_serve(sock, sup)
     finally:
-        if sup.poll() is None:
-            sup.terminate()
-            sup.wait(30)
+        reap(sup)
         force_unmount(mnt)
 
 

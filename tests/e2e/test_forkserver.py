@@ -13,10 +13,12 @@ import pytest
 
 from nydus_py.daemon.api import call_sync, get_json
 from tests.fixtures.daemon import (
+    exit_serve,
     force_unmount,
     mounted,
     nydusd_cmd,
     read_all,
+    reap,
     wait_for,
 )
 
@@ -98,9 +100,7 @@ def test_serve_forks_mounts_from_the_fork_server_and_they_die_with_the_daemon(tm
         wait_for(lambda: not mounted(m1), "mount to go away with its daemon", log=log)
         wait_for(lambda: not os.path.exists(f"/proc/{server}"), "fork server to exit", log=log)
     finally:
-        if sup.poll() is None:
-            sup.terminate()
-            sup.wait(30)
+        reap(sup)
         force_unmount(m1)
         force_unmount(m2)
 
@@ -113,13 +113,10 @@ def test_without_the_fork_server_mounts_are_new_interpreters(tmp_path, image):
         info = _mount(sock, m1, root)
         assert _ppid(info["pid"]) == sup.pid
         read_all(m1, built)
-        assert call_sync(str(sock), "PUT", "/api/v1/daemon/exit")[0] == 204
-        assert sup.wait(30) == 0
+        exit_serve(sock, sup)
         assert not mounted(m1)
     finally:
-        if sup.poll() is None:
-            sup.terminate()
-            sup.wait(30)
+        reap(sup)
         force_unmount(m1)
 
 
@@ -140,10 +137,7 @@ def test_serve_failover_starts_no_fork_server(tmp_path, image):
         read_all(m1, built)
         assert call_sync(str(sock), "DELETE", f"/api/v1/mount?mountpoint={m1}")[0] == 204
         assert not mounted(m1)
-        assert call_sync(str(sock), "PUT", "/api/v1/daemon/exit")[0] == 204
-        assert sup.wait(30) == 0
+        exit_serve(sock, sup)
     finally:
-        if sup.poll() is None:
-            sup.terminate()
-            sup.wait(30)
+        reap(sup)
         force_unmount(m1)

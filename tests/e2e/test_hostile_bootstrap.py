@@ -16,7 +16,7 @@ import msgpack
 import pytest
 
 from nydus_py.format.bootstrap import Bootstrap
-from tests.fixtures.daemon import Daemon, mounted, nydusd_cmd, read_errno, wait_for
+from tests.fixtures.daemon import Daemon, exit_serve, mounted, nydusd_cmd, read_errno, reap, wait_for
 from tests.fixtures.nydus_build import build
 
 pytestmark = pytest.mark.e2e
@@ -234,7 +234,7 @@ def test_a_cyclic_bootstrap_is_refused_at_mount_with_one_line(tmp_path):
 def test_a_bootstrap_refused_in_nydusd_serve_leaves_no_mount_files(tmp_path, failover):
     """`nydusd serve` answers a refused mount with the child's one line; the child's files in
     the state dir (config with maybe registry auth, log, err, socket) used to stay behind."""
-    from nydus_py.daemon.api import call_sync, get_json
+    from nydus_py.daemon.api import get_json
     (tmp_path / "bootstrap").write_bytes(msgpack.packb({"version": 1, "not": "a bootstrap"}))
     (tmp_path / "blobs").mkdir()
     (tmp_path / "mnt").mkdir()
@@ -253,9 +253,6 @@ def test_a_bootstrap_refused_in_nydusd_serve_leaves_no_mount_files(tmp_path, fai
         assert st == 500 and "bootstrap" in info["message"] and "\n" not in info["message"], info
         assert sorted(os.listdir(state)) == []
         assert not mounted(tmp_path / "mnt")
-        assert call_sync(str(sock), "PUT", "/api/v1/daemon/exit")[0] == 204
-        assert sup.wait(30) == 0
+        exit_serve(sock, sup)
     finally:
-        if sup.poll() is None:
-            sup.terminate()
-            sup.wait(30)
+        reap(sup)
