@@ -17,7 +17,7 @@ from pathlib import Path
 from . import images, readers
 from .net import NS_IP, DelayProxy, Registry, ShapedNet
 from .nydus import NYDUSD, NYDUSIFY, Mount, convert, has_chunk_dict, registry_manifest
-from .util import CACHE, ROOT, Timer, drop_caches, log, median, run, umount_all_under
+from .util import CACHE, ROOT, Timer, ctr_env, drop_caches, log, median, run, umount_all_under
 
 sys.path.insert(0, str(ROOT))
 
@@ -45,13 +45,6 @@ class Bench:
     def tmp(self, name: str) -> Path:
         p = Path(tempfile.mkdtemp(prefix=name + "-", dir=self.work))
         return p
-
-
-def _ctr_env():
-    from tests.fixtures.containerd import ContainerdEnv, tools_missing
-    if tools_missing():
-        return None
-    return ContainerdEnv()
 
 
 def _sum_layers(manifest: dict) -> int:
@@ -205,7 +198,7 @@ def _cold_skopeo(b: Bench, proxy: DelayProxy, reg: Registry) -> dict:
 
 
 def _cold_containerd(b: Bench, proxy: DelayProxy, reg: Registry) -> dict | None:
-    env = _ctr_env()
+    env = ctr_env()
     if env is None:
         return None
     ref = f"{proxy.host}/bench/{b.cold_image}:oci"
@@ -272,7 +265,7 @@ def _convert_local(b: Bench, tag: str) -> dict:
 def _estargz(b: Bench, tag: str, repo: str) -> dict | None:
     if not shutil.which("ctr-remote"):
         return None
-    env = _ctr_env()
+    env = ctr_env()
     if env is None:
         return None
     src, dst = b.ref(f"bench/{tag}", "oci"), b.ref(repo, "esgz")

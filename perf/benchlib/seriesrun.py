@@ -60,10 +60,9 @@ def estargz_mode(work: Path) -> dict:
     pushed back; stored = each distinct eStargz layer blob once (what the registry keeps)."""
     from .net import Registry
     from .nydus import registry_manifest
-    from .scenarios import _ctr_env
-    from .util import run
+    from .util import ctr_env, run
     per, lays, secs = {}, [], {}
-    with Registry(work / "estargz-registry") as reg, _ctr_env() as env:
+    with Registry(work / "estargz-registry") as reg, ctr_env() as env:
         env.start_containerd()
         for tag in series.TAGS:
             src, dst = f"{reg.host}/series/{tag}:oci", f"{reg.host}/series/{tag}:esgz"

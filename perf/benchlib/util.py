@@ -106,3 +106,12 @@ def proc_mounts(root: Path):
     finally:
         for mp in reversed(done):
             subprocess.run(["umount", "-l", str(mp)], stderr=subprocess.DEVNULL)
+
+
+def ctr_env():
+    """A private containerd for the eStargz and ctr peers (tests/fixtures/containerd.py), or None
+    when its tools are missing."""
+    from tests.fixtures.containerd import ContainerdEnv, tools_missing
+    if tools_missing():
+        return None
+    return ContainerdEnv()
