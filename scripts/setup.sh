@@ -23,19 +23,21 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/pip install -q -e '.[test]'
   touch "$stamp"
 fi
-# pyfuse3 built from its PyPI sdist with a two-line patch (scripts/pyfuse3-fh-zero-is-inode.patch;
-# why: docs/architecture.md, "pyfuse3 patch"): read()/readdir() get the inode when the kernel sends
-# no OPEN/OPENDIR (no_open), which saves two round trips per opened file. Cython, setuptools and
-# setuptools_scm come from PyPI (build isolation), libfuse3-dev/gcc/pkg-config from APT_PKGS.
+# pyfuse3 built from its PyPI sdist with a small patch (scripts/pyfuse3-nydus.patch; why:
+# docs/architecture.md, "pyfuse3 patch"): read()/readdir() get the inode when the kernel sends
+# no OPEN/OPENDIR (no_open), which saves two round trips per opened file, and INIT asks for
+# FUSE_CAP_CACHE_SYMLINKS, so path walks through symlinks stop costing a READLINK each.
+# Cython, setuptools and setuptools_scm come from PyPI (build isolation), libfuse3-dev/gcc/
+# pkg-config from APT_PKGS. A venv with an older patch (no CACHE_SYMLINKS marker) is rebuilt.
 PYFUSE3_VERSION=$(.venv/bin/python -c "from importlib.metadata import version; print(version('pyfuse3'))" | cut -d+ -f1)
-if ! .venv/bin/python -c "import pyfuse3, sys; sys.exit(0 if getattr(pyfuse3, 'FH_ZERO_IS_INODE', 0) else 1)"; then
-  echo "setup: building pyfuse3 $PYFUSE3_VERSION with scripts/pyfuse3-fh-zero-is-inode.patch" >&2
+if ! .venv/bin/python -c "import pyfuse3, sys; sys.exit(0 if getattr(pyfuse3, 'CACHE_SYMLINKS', 0) else 1)"; then
+  echo "setup: building pyfuse3 $PYFUSE3_VERSION with scripts/pyfuse3-nydus.patch" >&2
   src=$(mktemp -d)
   trap 'rm -rf "$src"' EXIT
   .venv/bin/pip download -q --no-binary pyfuse3 --no-deps "pyfuse3==$PYFUSE3_VERSION" -d "$src"
   tar -xzf "$src/pyfuse3-$PYFUSE3_VERSION.tar.gz" -C "$src"
-  patch -s -p1 -d "$src/pyfuse3-$PYFUSE3_VERSION" < scripts/pyfuse3-fh-zero-is-inode.patch
-  SETUPTOOLS_SCM_PRETEND_VERSION="$PYFUSE3_VERSION+nydus.fh0" \
+  patch -s -p1 -d "$src/pyfuse3-$PYFUSE3_VERSION" < scripts/pyfuse3-nydus.patch
+  SETUPTOOLS_SCM_PRETEND_VERSION="$PYFUSE3_VERSION+nydus.2" \
     .venv/bin/pip install -q --no-deps --force-reinstall "$src/pyfuse3-$PYFUSE3_VERSION"
 fi
 # An editable install gets no .pyc files from pip, and with PYTHONDONTWRITEBYTECODE set every

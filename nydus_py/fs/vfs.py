@@ -145,6 +145,7 @@ class Vfs:
             yield DirEntry(i + 3, name, child)
 
     def readlink(self, ino: int) -> bytes:
+        self._count("readlinks")    # the kernel caches targets (FUSE_CAP_CACHE_SYMLINKS): one per link
         if not stat.S_ISLNK(self._attr(ino).mode):
             raise FsError(errno.EINVAL)
         try:
