@@ -159,3 +159,37 @@ def test_compression_level_only_for_zstd_and_in_range(tmp_path):
         assert_clean_failure(r, tmp_path, "--compression-level")
     ok = run_convert(f"oci:{tmp_path}/src:l", f"oci:{tmp_path}/dst:l", "--compression-level", "19")
     assert ok.returncode == 0, ok.stderr
+
+
+def _pushed_through_proxy(tmp_path: Path, registry) -> tuple[str, str]:
+    """A 2-layer image in the registry whose second layer (4 MiB, incompressible) is the one to
+    break; returns (repo, that layer's digest)."""
+    from tests.fixtures.containerd import push_oci_layout
+    base = Layer()
+    base.file("etc/hostname", b"box\n")
+    big = Layer()
+    big.file("data/big", os.urandom(4 << 20))
+    Image([base, big]).write_oci(tmp_path / "src", "v1")
+    push_oci_layout(tmp_path / "src", "v1", registry.host, "bad/follow")
+    from nydus_py.oci.layout import OCILayout
+    layout = OCILayout(tmp_path / "src")
+    manifest = layout.read_json(layout.resolve("v1"), "manifest")
+    return "bad/follow", manifest["layers"][1]["digest"]
+
+
+@pytest.mark.parametrize("fault,words", [
+    # the first byte flipped: gunzip, reading while the layer downloads, sees it before the
+    # digest check at the end of the body would (as from a local layout)
+    ("corrupt", ("layer 2/2", "not gzip")),
+    ("truncate", ("layer 2/2",)),                  # detected mid-layer, while converting it
+])
+def test_a_bad_layer_download_from_a_registry_fails_cleanly(tmp_path, registry, fault_proxy, fault, words):
+    # the converter reads a registry layer while it downloads: the download's error must
+    # still reach it, name the layer, and leave no output behind
+    from tests.fixtures.registry import Fault
+    repo, digest = _pushed_through_proxy(tmp_path, registry)
+    fault_proxy.add(Fault.corrupt() if fault == "corrupt" else Fault.truncate(1 << 20),
+                    method="GET", path=f"/v2/{repo}/blobs/{digest}", times=None)
+    r = run_convert(f"{fault_proxy.host}/{repo}:v1", f"oci:{tmp_path}/dst:v1", "--plain-http")
+    assert fault_proxy.count("GET", f"/blobs/{digest}", fault=fault) >= 1
+    assert_clean_failure(r, tmp_path, *words)
