@@ -20,23 +20,11 @@ from nydus_py.errors import ConfigError
 from nydus_py.format.bootstrap import Bootstrap
 from nydus_py.io.reader import FileReader
 from nydus_py.storage.localfs import LocalFsBackend
-from tests.fixtures.chunk_dict import data, files_layer as layer
+from tests.fixtures.chunk_dict import build_layers as build, data, files_layer as layer
 from tests.fixtures.imagegen import Layer
 
 P = CdcParams(0x1000, 0x4000, 0x10000)        # 4 KiB / 16 KiB / 64 KiB
 CDC = dict(chunker="cdc", chunk_size=0x4000, cdc_min_size=0x1000, cdc_max_size=0x10000)
-
-
-def build(tmp: Path, layers: list[Layer], dictionary: Bootstrap | None = None, **opts) -> BuildResult:
-    work = tmp / f"work-{len(list(tmp.glob('work-*')))}"
-    work.mkdir()
-    b = Builder(BuildOptions(workers=2, **opts), work)
-    if dictionary is not None:
-        b.add_chunk_dict(dictionary, "test-dict")
-    for i, lay in enumerate(layers):
-        what = f"layer {i}"
-        b.add_layer(tarlayer.iter_entries(io.BytesIO(lay.tar_bytes()), what), i, f"sha256:{i:064x}", what)
-    return b.finish()
 
 
 # -- the chunker --------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from converter.chunk_dict import ChunkDictRef, blob_descriptor, parse_chunk_dict
 from nydus_py.errors import ConfigError
 from nydus_py.format.bootstrap import Bootstrap, BootstrapWriter, ChunkSpec
 from nydus_py.io.fetch import decode_chunk
-from tests.fixtures.chunk_dict import data, files_layer as layer
+from tests.fixtures.chunk_dict import build_layers, data, files_layer as layer
 from tests.fixtures.imagegen import Layer
 
 CS = 0x1000
@@ -25,15 +25,7 @@ CS = 0x1000
 
 def build(tmp: Path, layers: list[Layer], dictionary: Bootstrap | None = None, *,
           compressor: str = "zstd") -> BuildResult:
-    work = tmp / f"work-{len(list(tmp.glob('work-*')))}"
-    work.mkdir()
-    b = Builder(BuildOptions(chunk_size=CS, compressor=compressor, workers=2), work)
-    if dictionary is not None:
-        b.add_chunk_dict(dictionary, "test-dict")
-    for i, l in enumerate(layers):
-        what = f"layer {i}"
-        b.add_layer(tarlayer.iter_entries(io.BytesIO(l.tar_bytes()), what), i, f"sha256:{i:064x}", what)
-    return b.finish()
+    return build_layers(tmp, layers, dictionary, chunk_size=CS, compressor=compressor)
 
 
 def read_file(bs: Bootstrap, path: bytes, blob_files: dict[str, Path]) -> bytes:
