@@ -76,15 +76,8 @@ def cold_run(nydusd: str, host: str, tag: str, d: Path, extra: tuple, trace: Pat
         raise RuntimeError(f"command printed {p.stdout!r} {p.stderr[-500:]!r}")
     backend = api(sock, "/api/v1/metrics/backend")
     fs = api(sock, "/api/v1/metrics")
-    pid = int(pidf.read_text()) if pidf.exists() else 0
-    if pid:
-        os.kill(pid, signal.SIGTERM)
-        for _ in range(400):
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.025)
+    if pidf.exists():
+        _stop(int(pidf.read_text()), 10)
     umount_all_under(d / "mnt")
     time.sleep(0.3)         # access-log lines land a few ms after the response
     out = {"seconds": seconds, "ready": ready,
@@ -98,6 +91,17 @@ def cold_run(nydusd: str, host: str, tag: str, d: Path, extra: tuple, trace: Pat
     return out
 
 
+def _stop(pid: int, seconds: float) -> None:
+    """SIGTERM a daemon and wait up to `seconds` for it to be gone."""
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(int(seconds / 0.025)):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.025)
+
+
 def record_and_push(nydusd: str, host: str, d: Path) -> None:
     """One run of the command with --push-prefetch (unshaped): the learned list as a referrer."""
     shutil.rmtree(d, ignore_errors=True)
@@ -107,14 +111,7 @@ def record_and_push(nydusd: str, host: str, d: Path) -> None:
          "--cache-dir", d / "cache", "--push-prefetch", "--no-learned-prefetch",
          "--image", f"{host}/bench/python:nydus", "--plain-http", d / "mnt"], timeout=300)
     run(["chroot", d / "mnt", *CMD])
-    pid = int(pidf.read_text())
-    os.kill(pid, signal.SIGTERM)
-    for _ in range(800):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.025)
+    _stop(int(pidf.read_text()), 20)
     text = (d / "log").read_text(errors="replace")
     if "pushed" not in text:
         raise RuntimeError(f"learned list not pushed: {text[-800:]}")

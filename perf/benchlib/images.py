@@ -73,11 +73,13 @@ def build_rootfs() -> None:
         run(["debootstrap", "--variant=minbase", SUITE, tmp, apt_mirror()], timeout=3600)
         _apt_clean(tmp)
         tmp.rename(base)
-    _derive("base", "python", PYTHON_PKGS)
-    _derive("python", "python-curl", [EXTRA_PKG])
+    derive("base", "python", PYTHON_PKGS, slim=True)
+    derive("python", "python-curl", [EXTRA_PKG], slim=False)
 
 
-def _derive(lower: str, upper: str, pkgs: list[str]) -> None:
+def derive(lower: str, upper: str, pkgs: list[str], *, slim: bool, one_at_a_time: bool = False) -> None:
+    """rootfs `upper` = `lower` + apt packages `pkgs` (all in one install, or one install per
+    package in the given order: another install order for the series rebuild), then SLIM."""
     dst = rootfs(upper)
     if dst.exists():
         return
@@ -88,8 +90,9 @@ def _derive(lower: str, upper: str, pkgs: list[str]) -> None:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", LC_ALL="C")
     with proc_mounts(tmp):
         run(["chroot", tmp, "apt-get", "update"], env=env)
-        run(["chroot", tmp, "apt-get", "install", "-y", "--no-install-recommends", *pkgs], env=env)
-        if upper == "python":
+        for batch in ([p] for p in pkgs) if one_at_a_time else [pkgs]:
+            run(["chroot", tmp, "apt-get", "install", "-y", "--no-install-recommends", *batch], env=env)
+        if slim:
             run(["chroot", tmp, "sh", "-c", SLIM])
     _apt_clean(tmp)
     tmp.rename(dst)

@@ -14,12 +14,11 @@ A registry dedups only identical layer blobs, so it stores all four app layers a
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 
 from . import images
-from .images import PYTHON_PKGS, SLIM, SUITE, _apt_clean, apt_mirror, gzip_layer, rootfs
-from .util import log, proc_mounts, run
+from .images import PYTHON_PKGS, SUITE, _apt_clean, apt_mirror, derive, gzip_layer, rootfs
+from .util import log, run
 
 TAGS = ["series-1", "series-2", "series-3", "series-4"]
 REBUILD_EPOCH = 1 << 40        # "no clamp": the rebuild keeps its real install-time mtimes
@@ -48,30 +47,13 @@ def _debootstrap(name: str) -> None:
     tmp.rename(dst)
 
 
-def _derive(lower: str, upper: str, pkgs: list[str]) -> None:
-    dst = rootfs(upper)
-    if dst.exists():
-        return
-    tmp = rootfs(upper + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    run(["cp", "-a", rootfs(lower), tmp])
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", LC_ALL="C")
-    with proc_mounts(tmp):
-        run(["chroot", tmp, "apt-get", "update"], env=env)
-        for p in pkgs:   # one at a time, in the given order: a different install order
-            run(["chroot", tmp, "apt-get", "install", "-y", "--no-install-recommends", p], env=env)
-        run(["chroot", tmp, "sh", "-c", SLIM])
-    _apt_clean(tmp)
-    tmp.rename(dst)
-
-
 def build_series() -> dict[str, list[dict]]:
     """Tags series-1..4 in the perf OCI layout; returns layer metadata per tag."""
     debian = images.build_debian_images()
     _debootstrap("s-base")
-    _derive("s-base", "s-python", list(reversed(PYTHON_PKGS)))
-    _derive("s-base", "s-python-curl", list(reversed(PYTHON_PKGS)) + ["curl"])
-    _derive("s-base", "s-app", APP_B)
+    derive("s-base", "s-python", list(reversed(PYTHON_PKGS)), slim=True, one_at_a_time=True)
+    derive("s-base", "s-python-curl", list(reversed(PYTHON_PKGS)) + ["curl"], slim=True, one_at_a_time=True)
+    derive("s-base", "s-app", APP_B, slim=True, one_at_a_time=True)
     with _epoch(REBUILD_EPOCH):
         lb = gzip_layer("s-base", rootfs("s-base"), None)
         lp = gzip_layer("s-python", rootfs("s-python"), rootfs("s-base"))
