@@ -26,18 +26,19 @@ fi
 # pyfuse3 built from its PyPI sdist with a small patch (scripts/pyfuse3-nydus.patch; why:
 # docs/architecture.md, "pyfuse3 patch"): read()/readdir() get the inode when the kernel sends
 # no OPEN/OPENDIR (no_open), which saves two round trips per opened file, and INIT asks for
-# FUSE_CAP_CACHE_SYMLINKS, so path walks through symlinks stop costing a READLINK each.
+# FUSE_CAP_CACHE_SYMLINKS, so path walks through symlinks stop costing a READLINK each, and
+# its version is looked up when asked for (importlib.metadata cost ~25 ms of every start).
 # Cython, setuptools and setuptools_scm come from PyPI (build isolation), libfuse3-dev/gcc/
-# pkg-config from APT_PKGS. A venv with an older patch (no CACHE_SYMLINKS marker) is rebuilt.
+# pkg-config from APT_PKGS. A venv with an older patch (NYDUS_PATCH below 3) is rebuilt.
 PYFUSE3_VERSION=$(.venv/bin/python -c "from importlib.metadata import version; print(version('pyfuse3'))" | cut -d+ -f1)
-if ! .venv/bin/python -c "import pyfuse3, sys; sys.exit(0 if getattr(pyfuse3, 'CACHE_SYMLINKS', 0) else 1)"; then
+if ! .venv/bin/python -c "import pyfuse3, sys; sys.exit(0 if getattr(pyfuse3, 'NYDUS_PATCH', 0) >= 3 else 1)"; then
   echo "setup: building pyfuse3 $PYFUSE3_VERSION with scripts/pyfuse3-nydus.patch" >&2
   src=$(mktemp -d)
   trap 'rm -rf "$src"' EXIT
   .venv/bin/pip download -q --no-binary pyfuse3 --no-deps "pyfuse3==$PYFUSE3_VERSION" -d "$src"
   tar -xzf "$src/pyfuse3-$PYFUSE3_VERSION.tar.gz" -C "$src"
   patch -s -p1 -d "$src/pyfuse3-$PYFUSE3_VERSION" < scripts/pyfuse3-nydus.patch
-  SETUPTOOLS_SCM_PRETEND_VERSION="$PYFUSE3_VERSION+nydus.2" \
+  SETUPTOOLS_SCM_PRETEND_VERSION="$PYFUSE3_VERSION+nydus.3" \
     .venv/bin/pip install -q --no-deps --force-reinstall "$src/pyfuse3-$PYFUSE3_VERSION"
 fi
 # An editable install gets no .pyc files from pip, and with PYTHONDONTWRITEBYTECODE set every

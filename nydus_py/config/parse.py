@@ -22,7 +22,6 @@ Every error names the dotted path of the value (`device.backend.config.mirrors[0
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 import types
 import typing
@@ -92,6 +91,7 @@ def expect_object(v: object, where: str) -> dict:
 
 
 def did_you_mean(key: str, known: typing.Iterable[str]) -> str:
+    import difflib      # only for this error line (~3 ms of every start-up otherwise)
     close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
 

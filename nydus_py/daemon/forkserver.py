@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import gc
 import json
 import logging
 import os
@@ -94,9 +95,18 @@ def _serve(sock: socket.socket, entry: Entry) -> int:
     import importlib
     for name in PRELOAD:
         try:
-            importlib.import_module(name)
+            module = importlib.import_module(name)
         except ImportError as e:  # a child would fail the same way and report it itself
             log.warning("fork server: cannot preload %s: %s", name, e)
+            continue
+        # what every child would build alike, built once here (cli: its argparse parser)
+        warm = getattr(module, "prefork_warm", None)
+        if warm is not None:
+            warm()
+    # Everything imported so far lives as long as the children: out of the collector's sight,
+    # so that a child's collections neither walk it nor write to (copy) its shared pages.
+    gc.collect()
+    gc.freeze()
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the supervisor stops us (EOF or SIGTERM)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import logging
 import os
 import signal
@@ -491,6 +492,10 @@ def mount(req: MountRequest, *, on_ready: Callable[[], None] | None = None) -> N
                       else prepare_mountpoint(req.mountpoint))
         opening = _Opening(req)             # the network, while we import what the mount needs
         stack.callback(opening.discard)
+        # No collections while the modules load (they only add objects that live as long as
+        # we do): ~5 ms of start-up; at ready they are frozen out of the collector's sight.
+        gc.disable()
+        stack.callback(gc.enable)
         import pyfuse3  # noqa: F401
         import trio  # noqa: F401
 
@@ -507,6 +512,8 @@ def mount(req: MountRequest, *, on_ready: Callable[[], None] | None = None) -> N
                  fs.vfs.bootstrap.inode_count)
 
         def ready() -> None:
+            gc.freeze()
+            gc.enable()
             log.info("mounted %s at %s", fs.description, mountpoint)
             if handoff is not None:
                 handoff.ready()

@@ -339,8 +339,10 @@ class Supervisor:
                         return
                 except (OSError, trio.TooSlowError, ValueError):
                     pass
-            # mount-ready is ~0.05-0.1 s with the fork server: poll finely at first
-            await trio.sleep(0.005 if trio.current_time() + READY_TIMEOUT - deadline < 1 else 0.05)
+            # mount-ready is ~0.05-0.1 s with the fork server: poll finely at first (a poll
+            # is a stat until the child's API socket exists, which it does only at ready)
+            waited = trio.current_time() + READY_TIMEOUT - deadline
+            await trio.sleep(0.001 if waited < 0.5 else 0.005 if waited < 1 else 0.05)
         child.proc.terminate()
         raise ApiError(500, "MountFailed", f"{child.mountpoint}: not ready after {READY_TIMEOUT}s")
 

@@ -327,6 +327,9 @@ def compress_layer(msgpack_bytes: bytes) -> bytes:
     return zstandard.ZstdCompressor(level=9, write_content_size=True).compress(msgpack_bytes)
 
 
+ONESHOT_RATIO = 32     # decompressed/compressed above which a bootstrap is decoded streamed
+
+
 def decompress_layer(layer: bytes | memoryview) -> bytes:
     """The msgpack bytes of a zstd bootstrap layer. The frame must declare its content size
     (compress_layer always does), at most MAX_BOOTSTRAP_SIZE; decoding is streamed in bounded
@@ -339,6 +342,15 @@ def decompress_layer(layer: bytes | memoryview) -> bytes:
     if not 0 <= declared <= MAX_BOOTSTRAP_SIZE:
         raise FormatError(f"bootstrap layer: zstd frame content size {declared} is unknown or "
                           f"over {MAX_BOOTSTRAP_SIZE}")
+    if declared <= ONESHOT_RATIO * len(layer):
+        # A plausible ratio (real bootstraps: ~4×): one call, which releases the GIL and runs
+        # at twice the streamed speed (15.7 MB for 100k files: 15 vs 33 ms of every mount).
+        # It allocates the declared size up front, so a frame that lies about its size costs
+        # at most ONESHOT_RATIO × its own length before it is refused.
+        try:
+            return zstandard.ZstdDecompressor().decompress(layer, max_output_size=declared)
+        except zstandard.ZstdError as e:
+            raise FormatError(f"bootstrap is not valid zstd (truncated or corrupt: {e})") from None
     parts: list[bytes] = []
     total = 0
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 
-import lz4.block
 import zstandard
 
 from nydus_py.errors import ConfigError, IntegrityError
@@ -26,6 +25,13 @@ def _zc(level: int) -> zstandard.ZstdCompressor:
         c = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True,
                                                      write_checksum=False)
     return c
+
+
+def _lz4():
+    # imported on first use: most images are zstd, and lz4's two extension modules (3.4 MB)
+    # would be read from disk on every daemon start
+    import lz4.block
+    return lz4.block
 
 
 def _zd() -> zstandard.ZstdDecompressor:
@@ -56,7 +62,7 @@ def compress(codec: str, data: bytes, level: int | None = None) -> bytes | None:
     if codec == "zstd":
         out = _zc(level or DEFAULT_ZSTD_LEVEL).compress(data)
     elif codec == "lz4":
-        out = lz4.block.compress(data, store_size=False)
+        out = _lz4().compress(data, store_size=False)
     else:
         raise ConfigError(f"unknown compressor {codec!r}")
     return out if len(out) < len(data) else None
@@ -77,10 +83,14 @@ def decompress(codec: str, data: bytes | memoryview, size: int, what: str) -> by
                 raise IntegrityError(f"{what}: zstd frame declares {declared} bytes, expected {size}")
             out = _zd().decompress(data, max_output_size=size)
         elif codec == "lz4":
-            out = lz4.block.decompress(data, uncompressed_size=size)
+            lz4 = _lz4()
+            try:
+                out = lz4.decompress(data, uncompressed_size=size)
+            except lz4.LZ4BlockError as e:
+                raise IntegrityError(f"{what}: cannot decompress ({e})") from None
         else:
             raise IntegrityError(f"{what}: unknown compressor {codec!r}")
-    except (zstandard.ZstdError, lz4.block.LZ4BlockError, ValueError) as e:
+    except (zstandard.ZstdError, ValueError) as e:
         raise IntegrityError(f"{what}: cannot decompress ({e})") from None
     if len(out) != size:
         raise IntegrityError(f"{what}: decompressed to {len(out)} bytes, expected {size}")
