@@ -35,6 +35,7 @@ from benchlib.images import OCI                            # noqa: E402
 from benchlib.net import DelayProxy, Registry, ShapedNet   # noqa: E402
 from benchlib.nydus import convert, registry_manifest      # noqa: E402
 from benchlib.util import drop_caches, median, run, umount_all_under  # noqa: E402
+from nydus_py import pidwait                                # noqa: E402
 
 log = logging.getLogger("coldab")
 
@@ -92,14 +93,8 @@ def cold_run(nydusd: str, host: str, tag: str, d: Path, extra: tuple, trace: Pat
 
 
 def _stop(pid: int, seconds: float) -> None:
-    """SIGTERM a daemon and wait up to `seconds` for it to be gone."""
-    os.kill(pid, signal.SIGTERM)
-    for _ in range(int(seconds / 0.025)):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.025)
+    """SIGTERM a daemon and wait up to `seconds` for it to exit (not for init to reap it)."""
+    pidwait.stop(pid, seconds)
 
 
 def record_and_push(nydusd: str, host: str, d: Path) -> None:

@@ -9,7 +9,7 @@ import signal
 import time
 from pathlib import Path
 
-from nydus_py import mountinfo
+from nydus_py import mountinfo, pidwait
 from nydus_py.snapshotter.remote import RemoteConfig, RemoteError
 
 log = logging.getLogger("nydus_py.snapshotter.remote")
@@ -66,21 +66,15 @@ def nydusd_env(config: RemoteConfig) -> dict[str, str]:
 
 def terminate(pid: int, marker: str, timeout: float) -> None:
     """SIGTERM, then SIGKILL after `timeout`; only while `pid` still runs with `marker` on its
-    command line (never a recycled pid)."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
+    command line (never a recycled pid). Returns when the daemon has exited, not when init has
+    reaped it (nydus_py/pidwait.py: that can take init 1.5 s more)."""
+    def ours() -> bool:
+        return pid_alive(pid, marker)
+    if pidwait.stop(pid, timeout, verify=ours):
         return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and pid_alive(pid, marker):
-        time.sleep(0.05)
-    if pid_alive(pid, marker):
+    if ours():
         log.warning("nydusd pid %d ignored SIGTERM for %.0fs; killing it", pid, timeout)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
+        pidwait.stop(pid, 0, signal.SIGKILL, verify=ours)
 
 
 def read_pid(path: Path) -> int:

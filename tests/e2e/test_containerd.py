@@ -193,7 +193,7 @@ def test_running_container_keeps_reading_its_lazy_rootfs_across_snapshotter_rest
             assert task_exec(env, "long", "e0", "ls /data").stdout.split() == ["big.bin"]
             pids = sorted(env.nydusd_pids())
             env.stop_snapshotter()
-            assert sorted(env.nydusd_pids()) == pids and all(_alive(p) for p in pids)
+            assert sorted(env.nydusd_pids()) == pids and all(pid_alive(p) for p in pids)
             # while the snapshotter is down the container still reads (nothing of it is ours)
             assert task_exec(env, "long", "e1", "head -c 1048576 /data/big.bin | md5sum").stdout.split()[0] == _big_md5(1 << 20)
             env.start_snapshotter()
@@ -218,7 +218,7 @@ def test_running_container_keeps_reading_its_lazy_rootfs_across_snapshotter_rest
                 deadline = time.monotonic() + 30
                 while time.monotonic() < deadline:
                     new = env.nydusd_pids()
-                    if new and new != [sup] and _alive(new[0]) and \
+                    if new and new != [sup] and pid_alive(new[0]) and \
                             "serves" in env.log_tail("snapshotter", 5):
                         break
                     time.sleep(0.2)
@@ -233,14 +233,6 @@ def test_running_container_keeps_reading_its_lazy_rootfs_across_snapshotter_rest
             kill_task(env, "long")
         _remove_image_and_check_clean(env, ref)
         assert nydusd_processes_under(env.dir) == []
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 # ---------------------------------------------------------------------------- credentials

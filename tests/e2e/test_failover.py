@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from nydus_py import pidwait
 from nydus_py.daemon.api import get_json
 from tests.fixtures import daemon as daemon_fixtures
 from tests.fixtures.nydus_build import build
@@ -170,8 +171,8 @@ class Supervised:
     def __exit__(self, *exc) -> None:
         try:
             pid = self.supervisor_pid
-            os.kill(pid, signal.SIGTERM)
-            wait_for(lambda: not os.path.exists(f"/proc/{pid}"), "supervisor exit", log=self.log)
+            if not pidwait.stop(pid, 20):   # exited, not reaped (nydus_py/pidwait.py)
+                pytest.fail(f"supervisor did not exit\n{self.log.read_text()}")
         except (OSError, ValueError):
             pass
         if self.dev and mount_entry(self.mnt) is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from nydus_py import pidwait
 from nydus_py.daemon.api import call_sync, get_json
 from tests.fixtures.daemon import (
     exit_serve,
@@ -98,7 +99,7 @@ def test_serve_forks_mounts_from_the_fork_server_and_they_die_with_the_daemon(tm
         sup.kill()
         sup.wait(30)
         wait_for(lambda: not mounted(m1), "mount to go away with its daemon", log=log)
-        wait_for(lambda: not os.path.exists(f"/proc/{server}"), "fork server to exit", log=log)
+        assert pidwait.wait_exit(server, 30), "fork server did not exit"     # orphaned: not reaped at once
     finally:
         reap(sup)
         force_unmount(m1)

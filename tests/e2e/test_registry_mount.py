@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from nydus_py import pidwait
 from tests.fixtures.cli import nydusify
 from tests.fixtures.containerd import push_oci_layout
 from tests.fixtures.imagegen import Content, Image, Layer
@@ -60,8 +61,7 @@ class Mounted:
 
     def alive(self) -> bool:
         try:
-            os.kill(int(self.pid_file.read_text()), 0)
-            return True
+            return not pidwait.exited(int(self.pid_file.read_text()))    # a zombie is dead
         except (OSError, ValueError):
             return False
 
