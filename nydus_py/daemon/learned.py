@@ -203,11 +203,15 @@ class LearnedPrefetch:
         return box[0] if box else []
 
     async def find_async(self) -> list[int]:
+        """The ids start_find's lookup found. A stop abandons the wait: the lookup (registry
+        round trips, up to their timeouts) only reads, so it is left to die with the process
+        instead of holding its exit until the stop watchdog's forced exit (daemon/watchdog.py),
+        which would also skip keeping this run's list."""
         if self._early is None:
             self.start_find()
         assert self._early is not None
         t, box = self._early
-        await trio.to_thread.run_sync(t.join)
+        await trio.to_thread.run_sync(t.join, abandon_on_cancel=True)
         return box[0] if box else []
 
     # -- record and keep --------------------------------------------------------------------

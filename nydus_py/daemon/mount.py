@@ -32,6 +32,7 @@ import stat
 import tempfile
 import threading
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 from nydus_py import mountinfo
@@ -565,7 +566,8 @@ def make_prefetcher(req: MountRequest, fs: Filesystem) -> Prefetcher | None:
         async def learned_ids() -> list[int]:
             ids = await found()
             if early is not None:       # the early ranges are claimed before we ask for any
-                await trio.to_thread.run_sync(early.decided.wait)
+                # (abandoned by a stop: only waits for the lookup, as find_async)
+                await trio.to_thread.run_sync(early.decided.wait, abandon_on_cancel=True)
             return ids
         learned = learned_ids
     if fs.reader is None or not (pf.enable or req.prefetch_files or (bs.prefetch and not req.no_prefetch)
@@ -599,8 +601,9 @@ def _services(req: MountRequest, fs: Filesystem, mountpoint: str, handoff=None):
             if handoff is not None:
                 await nursery.start(handoff.run)
             task_status.started()
-            if req.readahead_kb > 0:
-                nursery.start_soon(trio.to_thread.run_sync, _tune_readahead, mountpoint, req.readahead_kb)
+            if req.readahead_kb > 0:    # abandoned by a stop: its stat may wait for this loop
+                nursery.start_soon(partial(trio.to_thread.run_sync, _tune_readahead, mountpoint,
+                                           req.readahead_kb, abandon_on_cancel=True))
             if prefetcher is not None:
                 async def prefetch() -> None:
                     await prefetcher.run()

@@ -22,7 +22,7 @@ from tests.fixtures.cli import nydusify
 from tests.fixtures.daemon import Daemon, wait_for
 from tests.fixtures.containerd import push_oci_layout
 from tests.fixtures.imagegen import Image, Layer
-from tests.fixtures.registry import Fault, FaultProxy, RegistryServer
+from tests.fixtures.registry import Fault, FaultProxy, Gate, RegistryServer
 
 pytestmark = pytest.mark.e2e
 
@@ -144,6 +144,33 @@ def test_list_tampered_in_transit_is_ignored_with_one_line(image, tmp_path):
         assert len(lines) == len(blobs), d.log.read_text()     # one line per bad list
         assert all("skipped" in ln and "digest" in ln.lower() for ln in lines), lines
     finally:
+        proxy.close()
+
+
+def test_stop_does_not_wait_for_a_hung_list_lookup(image, tmp_path):
+    """SIGTERM while the registry sits on the learned-list lookup (referrers API, tag schema):
+    the daemon stops at once, exits 0 and still keeps the list this run recorded. Before, the
+    prefetcher's wait for the lookup held the trio loop until the stop watchdog's forced exit
+    (status 1 after 5 s, the recorded list lost)."""
+    reg, _ = image
+    gate = Gate(1 << 30, timeout=120)       # holds every lookup request until released below
+    proxy = FaultProxy(reg.host)
+    try:
+        proxy.add(Fault("gate", gate=gate), method="GET", path=r"/referrers/|/manifests/sha256-",
+                  times=None)
+        cache = tmp_path / "cache"
+        with Daemon(tmp_path, "--image", f"{proxy.host}/learn/app:v1-nydus", "--plain-http",
+                    "--cache-dir", str(cache), name="h") as d:
+            wait_for(lambda: gate.waiting > 0, "the list lookup to be held", log=d.log)
+            workload(d.mnt)
+            assert d.stop() == 0, d.log.read_text()
+        text = d.log.read_text()
+        assert "did not finish" not in text, text
+        assert list((cache / "prefetch").glob("*.json")), text      # the recorded list, kept
+    finally:
+        with gate.cond:
+            gate.open = True
+            gate.cond.notify_all()
         proxy.close()
 
 
