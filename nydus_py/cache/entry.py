@@ -13,6 +13,8 @@ import hashlib
 import logging
 import os
 import stat
+import threading
+import weakref
 
 from nydus_py.cache import gc as gc_mod
 from nydus_py.cache import safedir
@@ -30,7 +32,25 @@ _KEEP_COMPRESSED = bytes(b & CHUNK_COMPRESSED for b in range(256))
 assert CHUNK.size == 32 and CHUNK_COMPRESSED < 256
 
 
+# table_digest's results per bootstrap (a 100k-chunk table costs ~5 ms): the mount computes
+# them in its image-opening thread, while the main thread is still importing (daemon/mount.py)
+_DIGESTS: weakref.WeakKeyDictionary[Bootstrap, dict[int, bytes]] = weakref.WeakKeyDictionary()
+_DIGESTS_LOCK = threading.Lock()
+
+
 def table_digest(bootstrap: Bootstrap, blob: int) -> bytes:
+    """_table_digest, computed once per bootstrap and blob."""
+    with _DIGESTS_LOCK:
+        known = _DIGESTS.get(bootstrap)
+        if known is not None and blob in known:
+            return known[blob]
+    digest = _table_digest(bootstrap, blob)
+    with _DIGESTS_LOCK:
+        _DIGESTS.setdefault(bootstrap, {})[blob] = digest
+    return digest
+
+
+def _table_digest(bootstrap: Bootstrap, blob: int) -> bytes:
     """sha256 of the chunk table of blob `blob` as `bootstrap` describes it: the blob's digest,
     compressor, sizes and chunk count, then per chunk (in index order) its compressed
     offset/size, uncompressed offset/size, compressed flag and sha256. The blob's position in

@@ -199,6 +199,11 @@ class _Opening:
             if _remote_backend(self.req):
                 image_source.warm_backend(opened)   # off the first read's path
             learned = _start_learned(self.req, opened, lookups[0] if lookups else None)
+            # the chunk tables' digests (the cache keys: cache/entry.py) while the main thread
+            # may still be importing; sha256 runs without the GIL
+            from nydus_py.cache.entry import table_digest
+            for i in range(len(opened.bootstrap.blobs)):
+                table_digest(opened.bootstrap, i)
             self._result = (opened, learned)
         except BaseException as e:  # noqa: BLE001  (re-raised in the mounting thread)
             self._error = e
