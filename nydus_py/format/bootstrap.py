@@ -332,9 +332,11 @@ ONESHOT_RATIO = 32     # decompressed/compressed above which a bootstrap is deco
 
 def decompress_layer(layer: bytes | memoryview) -> bytes:
     """The msgpack bytes of a zstd bootstrap layer. The frame must declare its content size
-    (compress_layer always does), at most MAX_BOOTSTRAP_SIZE; decoding is streamed in bounded
-    steps, so memory follows the bytes actually produced, not the declared size, and output
-    beyond the declared size is refused as it is produced."""
+    (compress_layer always does), at most MAX_BOOTSTRAP_SIZE. Up to ONESHOT_RATIO × the
+    layer's length it is decoded in one call (which allocates the declared size up front);
+    beyond that, decoding is streamed in bounded steps, so memory follows the bytes actually
+    produced, not the declared size, and output beyond the declared size is refused as it is
+    produced."""
     try:
         declared = zstandard.frame_content_size(layer)
     except zstandard.ZstdError as e:
