@@ -28,11 +28,11 @@ from nydus_py.oci.layout import Descriptor, OCILayout, json_object
 from nydus_py.oci.nydus_image import NydusLayers, find_layers
 from nydus_py.metrics import Metrics
 from nydus_py.config.schema import BackendConfig, LocalFsConfig
-from nydus_py.storage.backend import BlobBackend
+from nydus_py.storage.backend import BlobBackend, close_backend, hint_blob_sizes, innermost
 from nydus_py.storage.factory import make_backend
 
 OCI_PREFIX = "oci:"
-WARM_THREADS = 4        # blob-size requests in flight at mount (warm_backend)
+WARM_THREADS = 4        # connections opened at mount, one HEAD each (warm_backend)
 log = logging.getLogger(__name__)
 
 
@@ -58,6 +58,7 @@ class OpenedImage:
     # data blobs the backend does not have: the mount goes ahead only if the chunk cache holds
     # every chunk of them that a file uses (daemon/mount.py); (blob id, error line) pairs
     missing_blobs: list[tuple[str, str]] = field(default_factory=list)
+    warmed: bool = False            # warm_backend already runs (started with the manifest)
 
 
 def parse_oci_ref(ref: str) -> tuple[Path, str | None]:
@@ -150,77 +151,107 @@ def open_local(bootstrap_path: str | os.PathLike, blob_dir: str | os.PathLike, a
 
 def open_image(ref: str, *, metrics: Metrics | None = None, plain_http: bool = False,
                skip_verify: bool = False, backend: BackendConfig | None = None,
-               cache_dir: str | None = None, on_manifest=None) -> OpenedImage:
+               cache_dir: str | None = None, on_manifest=None, warm: bool = False) -> OpenedImage:
     """`oci:DIR[:TAG]` or a registry reference. `backend` overrides where a registry image's
     data blobs are read from (e.g. S3, or a registry config with mirrors/proxy). With
     `cache_dir`, a registry image's bootstrap is kept there, and used when the registry is
     unreachable (cache/images.py). `on_manifest(origin)`: called with the image's origin as
     soon as a registry image's manifest is verified, before its bootstrap is fetched (to start
-    other lookups meanwhile)."""
+    other lookups meanwhile). `warm`: start warm_backend for a registry image's blobs as soon
+    as its manifest names them (OpenedImage.warmed says it did)."""
     if ref.startswith(OCI_PREFIX):
         return open_oci(ref, metrics=metrics, backend=backend)
     return open_registry(ref, metrics=metrics, plain_http=plain_http, skip_verify=skip_verify,
-                         backend=backend, cache_dir=cache_dir, on_manifest=on_manifest)
+                         backend=backend, cache_dir=cache_dir, on_manifest=on_manifest, warm=warm)
 
 
 def open_registry(ref: str, *, metrics: Metrics | None = None, plain_http: bool = False,
                   skip_verify: bool = False, backend: BackendConfig | None = None,
-                  cache_dir: str | None = None, on_manifest=None) -> OpenedImage:
+                  cache_dir: str | None = None, on_manifest=None, warm: bool = False) -> OpenedImage:
     from nydus_py.cache.images import ImageStore
     from nydus_py.oci.reference import parse as parse_reference
     from nydus_py.oci.registry import RegistryClient, RegistryConfig
-    from nydus_py.config.schema import RegistryBackendConfig
 
     r = parse_reference(ref)
     scheme = "http" if plain_http else "https"
     config = RegistryConfig.for_reference(r, scheme=scheme, skip_verify=skip_verify)
+    # The data blobs' backend exists before the manifest is read: as soon as the manifest names
+    # the blobs (and their sizes), their connections open while the bootstrap downloads.
+    blobs = make_backend(_blob_backend_config(r, backend, plain_http, skip_verify), metrics=metrics)
     store = ImageStore(cache_dir) if cache_dir else None
     try:
         try:
             with RegistryClient(config=config) as c:
                 keep = store.save if store is not None else None
-                told = None
-                if on_manifest is not None:
-                    def told(mdesc: Descriptor, bootstrap_digest: str) -> None:
-                        on_manifest(ImageOrigin(bootstrap_digest=bootstrap_digest, manifest=mdesc,
-                                                registry=config, repository=r.repository))
+
+                def told(mdesc: Descriptor, layers: NydusLayers) -> None:
+                    hint_blob_sizes(blobs, {d.digest: d.size for d in layers.blobs})
+                    if warm:
+                        warm_backend(blobs, [d.digest for d in layers.blobs])
+                    if on_manifest is not None:
+                        on_manifest(ImageOrigin(bootstrap_digest=layers.bootstrap.digest,
+                                                manifest=mdesc, registry=config,
+                                                repository=r.repository))
                 _, layers, bootstrap, mdesc = _fetch_registry_image(c, r, ref, keep=keep,
                                                                     on_manifest=told)
             bootstrap_digest: str = layers.bootstrap.digest
+            named = {d.digest for d in layers.blobs}
+            others = [b.id for b in bootstrap.blobs if b.id not in named]
+            if warm and others:         # blobs the bootstrap uses that its manifest does not list
+                warm_backend(blobs, others)
         except BackendError as e:
             if e.permanent or store is None:
                 raise
             bootstrap_digest, bootstrap = _offline_bootstrap(store, r, ref, e)
             mdesc = None                # offline: no referrer lookup for a learned prefetch list
+            if warm:
+                warm_backend(blobs, [b.id for b in bootstrap.blobs])
+    except BaseException:
+        close_backend(blobs)
+        raise
     finally:
         if store is not None:
             store.close()
+    origin = ImageOrigin(bootstrap_digest=bootstrap_digest, manifest=mdesc,
+                         registry=config, repository=r.repository)
+    return OpenedImage(bootstrap, blobs, str(r), origin, warmed=warm)
+
+
+def _blob_backend_config(r, backend: BackendConfig | None, plain_http: bool,
+                         skip_verify: bool) -> BackendConfig:
+    """Where a registry image's data blobs are read from: the image's repository, or the
+    configured backend (a registry config without host/repo gets the reference's)."""
+    from nydus_py.config.schema import RegistryBackendConfig
+
+    scheme = "http" if plain_http else "https"
     if backend is None:
-        backend = BackendConfig(type="registry", registry=RegistryBackendConfig(
+        return BackendConfig(type="registry", registry=RegistryBackendConfig(
             host=r.api_host, repo=r.repository, scheme=scheme, skip_verify=skip_verify))
-    elif backend.registry is not None and not (backend.registry.host and backend.registry.repo):
+    if backend.registry is not None and not (backend.registry.host and backend.registry.repo):
         # a config without host/repo (Nydus's sample, the snapshotter's): the reference's
         import dataclasses
-        backend = dataclasses.replace(backend, registry=dataclasses.replace(
+        return dataclasses.replace(backend, registry=dataclasses.replace(
             backend.registry, host=backend.registry.host or r.api_host,
             repo=backend.registry.repo or r.repository,
             scheme="http" if plain_http else backend.registry.scheme,
             skip_verify=backend.registry.skip_verify or skip_verify))
-    origin = ImageOrigin(bootstrap_digest=bootstrap_digest, manifest=mdesc,
-                         registry=config, repository=r.repository)
-    return OpenedImage(bootstrap, make_backend(backend, metrics=metrics), str(r), origin)
+    return backend
 
 
-def warm_backend(opened: OpenedImage, threads: int = WARM_THREADS) -> None:
-    """Asks the backend for every data blob's size now, in background threads, so that the
-    first read of each blob does not pay that round trip (a registry HEAD per blob) nor the
-    connection set-up: they overlap the rest of the mount set-up instead. Errors are left for
-    the reads to report (they ask again)."""
-    blobs = [b.id for b in opened.bootstrap.blobs]
-    if not blobs:
+def warm_backend(backend: BlobBackend, blob_ids: list[str], threads: int = WARM_THREADS) -> None:
+    """Asks the backend about every data blob now, in background threads (`probe_blob`: a HEAD
+    even when the manifest gave the size), so that the first read of each blob finds a
+    connection open and its size known: those round trips overlap the rest of the mount
+    set-up instead of preceding the first read: `threads` connections end up in the pool. Errors
+    are left for the reads to report."""
+    if not blob_ids:
         return
+    # at least `threads` probes, at once: each holds its own connection, so that many stay
+    # open in the pool for the first reads (a cold start's misses come several at a time)
+    blobs = list(blob_ids) * -(-threads // len(blob_ids))
     import threading
 
+    probe = getattr(innermost(backend), "probe_blob", None) or backend.blob_size
     lock = threading.Lock()
 
     def run() -> None:
@@ -230,9 +261,9 @@ def warm_backend(opened: OpenedImage, threads: int = WARM_THREADS) -> None:
                     return
                 blob = blobs.pop(0)
             try:
-                opened.backend.blob_size(blob)
+                probe(blob)
             except Exception as e:  # noqa: BLE001  (a read of the blob reports it)
-                log.debug("%s: size of blob %s not known yet: %s", opened.description, blob, e)
+                log.debug("size of blob %s not known yet: %s", blob, e)
     for i in range(min(threads, len(blobs))):
         threading.Thread(target=run, name=f"warm-backend-{i}", daemon=True).start()
 
@@ -272,7 +303,7 @@ def _fetch_registry_image(client, r, what: str, *, keep=None,
     mdesc = Descriptor(media_type, digest, len(data))
     layers = find_layers(manifest, what)
     if on_manifest is not None:
-        on_manifest(mdesc, layers.bootstrap.digest)
+        on_manifest(mdesc, layers)
     layer = read_bootstrap_blob(client, r.repository, layers.bootstrap, what)
     try:
         bootstrap = Bootstrap.from_bytes(layer)

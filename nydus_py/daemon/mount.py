@@ -190,14 +190,14 @@ class _Opening:
                 from nydus_py.daemon.learned import RemoteLookup
                 lookups.append(RemoteLookup(origin, _given_cache(self.req) or None))
         try:
-            opened = _open_image(self.req, self.metrics, on_manifest)
+            opened = _open_image(self.req, self.metrics, on_manifest, warm=_remote_backend(self.req))
             cfg = self.req.config
             if cfg.learned_prefetch.enable and not cfg.fs_prefetch.bandwidth_rate:
                 from nydus_py.io.prefetch import EarlyRanges
                 self.early = EarlyRanges(opened.backend)
                 opened.backend = self.early
-            if _remote_backend(self.req):
-                image_source.warm_backend(opened)   # off the first read's path
+            if _remote_backend(self.req) and not opened.warmed:
+                image_source.warm_backend(opened.backend, [b.id for b in opened.bootstrap.blobs])
             learned = _start_learned(self.req, opened, lookups[0] if lookups else None)
             # the chunk tables' digests (the cache keys: cache/entry.py) while the main thread
             # may still be importing; sha256 runs without the GIL
@@ -281,7 +281,8 @@ def _given_cache(req: MountRequest) -> str:
     return req.cache_dir or (cfg.cache.work_dir if cfg.cache.type == "blobcache" else "")
 
 
-def _open_image(req: MountRequest, metrics: Metrics, on_manifest=None) -> OpenedImage:
+def _open_image(req: MountRequest, metrics: Metrics, on_manifest=None, *,
+                warm: bool = False) -> OpenedImage:
     from nydus_py import image_source
 
     cfg = req.config
@@ -290,7 +291,7 @@ def _open_image(req: MountRequest, metrics: Metrics, on_manifest=None) -> Opened
         return image_source.open_image(req.image, metrics=metrics, plain_http=req.plain_http,
                                        skip_verify=req.skip_verify, backend=cfg.backend,
                                        cache_dir=_given_cache(req) or None,
-                                       on_manifest=on_manifest)
+                                       on_manifest=on_manifest, warm=warm)
     if req.bootstrap and req.blob_dir:
         return image_source.open_local(req.bootstrap, req.blob_dir, metrics=metrics)
     if req.bootstrap and cfg.backend is not None:

@@ -19,6 +19,9 @@ test_backend_conformance.py checks it):
 - Calls are blocking and thread-safe: the read path calls them from trio worker threads,
   several at a time. They never touch the trio event loop.
 - Data is returned as fetched; verifying it is the caller's job (chunk digests).
+- Optional: `hint_sizes(sizes)` (blob sizes known from a verified manifest: no HEAD before
+  the first read) and `probe_blob(blob_id) -> int` (a HEAD even when the size is known: it
+  opens a pooled connection ahead of the first read). See hint_blob_sizes, image_source.
 - `close()` releases descriptors/sessions; no call may follow or overlap it. Backends that
   hold nothing may omit it: use `close_backend(b)`.
 
@@ -29,7 +32,7 @@ interface, not in flags of each backend.
 from __future__ import annotations
 
 import os
-from typing import Protocol, runtime_checkable
+from typing import Mapping, Protocol, runtime_checkable
 
 from nydus_py.errors import BackendError
 from nydus_py.oci import digest as dg
@@ -58,6 +61,23 @@ def close_backend(backend: object) -> None:
     close = getattr(backend, "close", None)
     if close is not None:
         close()
+
+
+def innermost(backend: object) -> object:
+    """The concrete backend under the wrappers (storage/wrappers.py keeps it in `inner`)."""
+    while (inner := getattr(backend, "inner", None)) is not None:
+        backend = inner
+    return backend
+
+
+def hint_blob_sizes(backend: object, sizes: Mapping[str, int]) -> None:
+    """Tells a backend that keeps blob sizes (registry, S3) the sizes of blobs it is about to
+    read, from the verified manifest's descriptors, so that its first range read of each
+    blob does not wait for a HEAD. Blobs are named by digest, so every backend serving one
+    has the same size for it; a backend without a size cache ignores the hint."""
+    hint = getattr(innermost(backend), "hint_sizes", None)
+    if hint is not None and sizes:
+        hint(sizes)
 
 
 def blob_hex(blob_id: str) -> str:

@@ -20,8 +20,9 @@ Bearer token as-is (nydusd's behaviour) together with whichever of those was fou
 
 from __future__ import annotations
 
+import logging
 import threading
-from typing import Any
+from typing import Any, Mapping
 
 from nydus_py.config.schema import RegistryBackendConfig
 from nydus_py.errors import BackendError, BlobNotFoundError, ConfigError
@@ -30,6 +31,8 @@ from nydus_py.oci.mirrors import RegistryRouter
 from nydus_py.oci.registry import RegistryClient, RegistryConfig
 from nydus_py.storage.backend import blob_hex, check_range, range_error
 from nydus_py.storage.tls import ca_bundle
+
+log = logging.getLogger(__name__)
 
 
 def credentials(config: RegistryBackendConfig) -> Credentials | None:
@@ -84,8 +87,21 @@ class RegistryBackend:
             if self._closed:
                 raise BackendError(f"blob {blob_id}: backend is closed", permanent=True)
             size = self._sizes.get(blob_id)
-        if size is not None:
-            return size
+        return size if size is not None else self.probe_blob(blob_id)
+
+    def hint_sizes(self, sizes: Mapping[str, int]) -> None:
+        """Sizes from the image's verified manifest (storage/backend.py: hint_blob_sizes)."""
+        with self._lock:
+            for blob_id, size in sizes.items():
+                if isinstance(size, int) and size >= 0:
+                    self._sizes.setdefault(blob_id, size)
+
+    def probe_blob(self, blob_id: str) -> int:
+        """A HEAD of the blob, whatever is known of it. Run at mount (image_source.warm_backend)
+        it leaves a connection in the pool for the first read and finds a missing blob early.
+        A size that differs from the manifest's is logged and the manifest's kept: its digest
+        chain is verified, the registry's answer is not (chunks are verified either way)."""
+        blob_hex(blob_id)
         where = f"{self.config.host}/{self.repo}"
 
         def head(client: RegistryClient) -> int:
@@ -99,8 +115,11 @@ class RegistryBackend:
         except BlobNotFoundError:
             raise BlobNotFoundError(f"blob {blob_id} not found in registry {where}") from None
         with self._lock:
-            self._sizes[blob_id] = size
-        return size
+            known = self._sizes.setdefault(blob_id, size)
+        if known != size:
+            log.warning("registry %s: blob %s has %d bytes, its manifest says %d", where, blob_id,
+                        size, known)
+        return known
 
     def read_range(self, blob_id: str, offset: int, length: int) -> bytes:
         check_range(offset, length)

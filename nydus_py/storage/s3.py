@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any
+from typing import Any, Mapping
 
 from nydus_py.config.schema import S3BackendConfig
 from nydus_py.errors import AuthError, BackendError, BlobNotFoundError, ConfigError
@@ -94,14 +94,26 @@ class S3Backend:
         key = self.key(blob_id)
         with self._lock:
             size = self._sizes.get(blob_id)
-        if size is not None:
-            return size
+        return size if size is not None else self._head(blob_id, key)
+
+    def hint_sizes(self, sizes: Mapping[str, int]) -> None:
+        """Sizes from the image's verified manifest (storage/backend.py: hint_blob_sizes)."""
+        with self._lock:
+            for blob_id, size in sizes.items():
+                if isinstance(size, int) and size >= 0:
+                    self._sizes.setdefault(blob_id, size)
+
+    def probe_blob(self, blob_id: str) -> int:
+        """A HEAD whatever is known (a pooled connection for the first read; see
+        RegistryBackend.probe_blob); a hinted size stays."""
+        return self._head(blob_id, self.key(blob_id))
+
+    def _head(self, blob_id: str, key: str) -> int:
         resp = self._call(blob_id, f"HEAD {key}", self._client.head_object,
                           Bucket=self.config.bucket_name, Key=key)
         size = int(resp["ContentLength"])
         with self._lock:
-            self._sizes[blob_id] = size
-        return size
+            return self._sizes.setdefault(blob_id, size)
 
     def read_range(self, blob_id: str, offset: int, length: int) -> bytes:
         check_range(offset, length)

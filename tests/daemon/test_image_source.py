@@ -1,3 +1,4 @@
+import time
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,57 @@ def test_open_local_and_corrupt_bootstrap(tmp_path, rich):
         image_source.open_local(boot, blobs)
     with pytest.raises(ConfigError, match="blob directory does not exist"):
         image_source.open_local(boot, tmp_path / "none")
+
+
+# ---------------------------------------------------------------------------- registry images
+
+@pytest.fixture(scope="module")
+def registry_image(tmp_path_factory):
+    """A two-layer image converted into a real docker-registry (two data blobs)."""
+    from tests.fixtures.cli import nydusify
+    from tests.fixtures.containerd import push_oci_layout
+    from tests.fixtures.imagegen import Content, Image, Layer
+    from tests.fixtures.registry import RegistryServer
+
+    tmp = tmp_path_factory.mktemp("warm")
+    a, b = Layer(), Layer()
+    a.file("a", Content.random(3 << 20, seed=1))
+    b.file("b", Content.random(1 << 20, seed=2))
+    Image([a, b]).write_oci(tmp / "src", "v1")
+    with RegistryServer(tmp / "registry") as reg:
+        push_oci_layout(tmp / "src", "v1", reg.host, "warm/app")
+        nydusify("convert", "--plain-http", "--source", f"{reg.host}/warm/app:v1",
+                 "--target", f"{reg.host}/warm/app:nydus")
+        yield reg
+
+
+def test_a_warm_open_probes_the_blobs_with_the_manifest_and_reads_without_a_head(registry_image):
+    """warm=True: connections open (one HEAD each, WARM_THREADS of them) as soon as the
+    manifest names the blobs, and their sizes come from it: the first ranged read is one GET."""
+    from tests.fixtures.registry import FaultProxy
+
+    px = FaultProxy(registry_image.host)
+    opened = image_source.open_registry(f"{px.host}/warm/app:nydus", plain_http=True, warm=True)
+    try:
+        assert opened.warmed and len(opened.bootstrap.blobs) == 2
+        deadline = time.monotonic() + 10
+        while px.count("HEAD", "/blobs/") < image_source.WARM_THREADS and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert px.count("HEAD", "/blobs/") == image_source.WARM_THREADS
+        gets = px.count("GET", "/blobs/")           # the bootstrap
+        for blob in opened.bootstrap.blobs:
+            assert len(opened.backend.read_range(blob.id, 0, 16)) == 16
+        assert px.count("GET", "/blobs/") == gets + 2
+        assert px.count("HEAD", "/blobs/") == image_source.WARM_THREADS
+    finally:
+        image_source.close_backend(opened.backend)
+        px.close()
+
+
+def test_a_failed_open_closes_the_blob_backend_it_made(registry_image, monkeypatch):
+    closed = []
+    real = image_source.close_backend
+    monkeypatch.setattr(image_source, "close_backend", lambda b: (closed.append(b), real(b)))
+    with pytest.raises(ImageFormatError):
+        image_source.open_registry(f"{registry_image.host}/warm/app:v1", plain_http=True, warm=True)
+    assert len(closed) == 1

@@ -14,7 +14,7 @@ from nydus_py.errors import AuthError, BackendError, BlobNotFoundError, ConfigEr
 from nydus_py.metrics import Metrics
 from nydus_py.oci.auth import Credentials
 from nydus_py.oci.registry import RegistryClient, RegistryConfig
-from nydus_py.storage.backend import close_backend
+from nydus_py.storage.backend import close_backend, hint_blob_sizes, innermost
 from nydus_py.config.schema import BackendConfig
 from nydus_py.storage.factory import make_backend
 from nydus_py.config.schema import RegistryBackendConfig
@@ -28,6 +28,7 @@ globals().update(contract_tests())
 
 BLOBS = {blob_id(x): x for x in (BIG, SMALL, EMPTY)}
 BIG_ID = blob_id(BIG)
+SMALL_ID = blob_id(SMALL)
 REPO = "nydus/blobs"
 AUTH = base64.b64encode(f"alice:{USERS['alice']}".encode()).decode()
 
@@ -217,6 +218,28 @@ def test_blob_size_is_one_head_then_cached(pushed):
             b.read_range(BIG_ID, 0, 10)
         assert px.count("HEAD", "/blobs/") == 1 and px.count("GET", "/blobs/") == 3
         assert "Range" in px.requests[-1].headers
+    finally:
+        b.close()
+        px.close()
+
+
+def test_sizes_hinted_by_the_manifest_need_no_head_before_the_first_read(pushed, caplog):
+    px = FaultProxy(pushed["anonymous"].host)
+    b = make_backend(BackendConfig(type="registry", registry=RegistryBackendConfig.from_dict(conf(px.host))))
+    try:
+        hint_blob_sizes(b, {BIG_ID: len(BIG), SMALL_ID: len(SMALL) + 1, "sha256:x": -1})
+        assert b.read_range(BIG_ID, 5, 100) == BIG[5:105]
+        assert px.count("HEAD", "/blobs/") == 0 and px.count("GET", "/blobs/") == 1
+        # a probe asks anyway (the connection it leaves is the point); a registry answer that
+        # differs from the manifest is logged and the manifest's size stays
+        inner = innermost(b)
+        assert isinstance(inner, RegistryBackend)
+        assert inner.probe_blob(BIG_ID) == len(BIG)
+        assert inner.probe_blob(SMALL_ID) == len(SMALL) + 1
+        assert px.count("HEAD", "/blobs/") == 2
+        assert "manifest says" in caplog.text and SMALL_ID in caplog.text
+        with pytest.raises(BlobNotFoundError, match="not found in registry"):
+            inner.probe_blob(blob_id(b"nowhere"))
     finally:
         b.close()
         px.close()
