@@ -227,3 +227,33 @@ def resolve(bs: Bootstrap, deps: ElfDeps, own_path: bytes) -> list[int]:
             if add(lookup_path(bs, d + b"/" + name)):
                 break
     return found
+
+
+# Files the GNU C library itself reads while nearly any program starts: the dynamic loader's
+# cache, the time zone (tzset: /etc/localtime and its zoneinfo target), the C.UTF-8 locale's
+# character classes (setlocale with LANG=C.UTF-8, the container default, and what Python
+# coerces the C locale to: PEP 538) and the charset converters' index, next to libc (the
+# first multibyte conversion). Each is found at most once per mount, and only files of at
+# most RUNTIME_MAX bytes are taken (a full locale-archive is megabytes: left to the reads).
+GLIBC_SONAME = b"libc.so.6"
+GLIBC_RUNTIME = (b"/etc/ld.so.cache", b"/etc/localtime", b"/usr/lib/locale/C.utf8/LC_CTYPE",
+                 b"/usr/lib/locale/C.UTF-8/LC_CTYPE")
+RUNTIME_MAX = 1 << 20
+
+
+def glibc_runtime(bs: Bootstrap, libc_path: bytes) -> list[int]:
+    """Inodes of the regular files in GLIBC_RUNTIME and `<libc's dir>/gconv/gconv-modules.cache`
+    present in the image (symlinks followed inside it), each at most RUNTIME_MAX bytes."""
+    paths = [*GLIBC_RUNTIME, posixpath.dirname(libc_path) + b"/gconv/gconv-modules.cache"]
+    found: list[int] = []
+    for p in paths:
+        ino = lookup_path(bs, p)
+        if ino is None or ino in found:
+            continue
+        try:
+            attr = bs.attr(ino)
+        except KeyError:
+            continue
+        if stat.S_ISREG(attr.mode) and 0 < attr.size <= RUNTIME_MAX:
+            found.append(ino)
+    return found

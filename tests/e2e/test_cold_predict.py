@@ -25,6 +25,9 @@ BIN = Path(sys.executable).parent
 ARCH = "x86_64-linux-gnu"
 LIBS = ("libselinux.so.1", "libpcre2-8.so.0", "libc.so.6", "ld-linux-x86-64.so.2")
 CHUNK = 64 << 10
+RUNTIME = {"usr/share/zoneinfo/Etc/UTC": b"TZif2" + bytes(109),
+           "usr/lib/locale/C.utf8/LC_CTYPE": bytes(range(256)) * 1400,
+           f"usr/lib/{ARCH}/gconv/gconv-modules.cache": b"gconv cache" * 2400}
 
 
 def _host_ls() -> dict[str, bytes] | None:
@@ -52,6 +55,15 @@ def image(tmp_path_factory):
     layer.symlink("lib64/ld-linux-x86-64.so.2", f"/lib/{ARCH}/ld-linux-x86-64.so.2")
     for path, data in files.items():
         layer.file(path, data, mode=0o755)
+    # what glibc reads while a program starts (io/elfdeps.py glibc_runtime): fetched once
+    layer.dir("etc")
+    for d in ("usr/share/zoneinfo", "usr/share/zoneinfo/Etc", "usr/lib/locale", "usr/lib/locale/C.utf8",
+              f"usr/lib/{ARCH}/gconv"):
+        layer.dir(d)
+    for path, data in RUNTIME.items():
+        layer.file(path, data)
+    layer.symlink("etc/localtime", "/usr/share/zoneinfo/Etc/UTC")
+    layer.file("usr/lib/locale/locale-archive", Content.random(3 << 20, seed=5))   # not taken
     # files nobody loads: never fetched by the prediction
     layer.file(f"usr/lib/{ARCH}/libunused.so.1", Content.random(1 << 20, seed=3), mode=0o755)
     layer.file("usr/share/filler", Content.random(2 << 20, seed=4))
@@ -113,21 +125,24 @@ def test_exec_read_fetches_the_libraries_and_nothing_else(image_clean, tmp_path)
         wait_for(lambda: m.metrics().get("predict_triggers") == 1
                  and m.metrics().get("predict_active") == 0, "prediction done", log=m.log)
         got = m.metrics()
-        assert got["predict_files"] == 1 + len(LIBS), got   # ls, and each library once
+        # ls, each library once, and glibc's three start-up files
+        assert got["predict_files"] == 1 + len(LIBS) + len(RUNTIME), got
         assert got["predict_errors"] == 0, got
         assert got["chunk_misses"] == 1, got                 # only the head read itself
         # Everything the loader needs is cached now: with every data request failing, the
-        # whole executable and every library still read back exactly.
+        # whole executable, every library and glibc's files (the zone found through the
+        # image's /etc/localtime) still read back exactly.
         proxy.add(Fault.http(500), method="GET", path=r"/blobs/sha256:", times=None)
-        for path, data in files.items():
+        for path, data in [*files.items(), *RUNTIME.items()]:
             assert (m.mnt / path).read_bytes() == data, path
+        assert os.readlink(m.mnt / "etc/localtime") == "/usr/share/zoneinfo/Etc/UTC"  # (absolute:
+        #                                             the host would follow it to its own zone)
         after = m.metrics()
         assert after["chunk_misses"] == 1, after
         # the files nobody loads were not fetched
-        with pytest.raises(OSError):
-            (m.mnt / "usr/share/filler").read_bytes()
-        with pytest.raises(OSError):
-            (m.mnt / f"usr/lib/{ARCH}/libunused.so.1").read_bytes()
+        for path in ("usr/share/filler", f"usr/lib/{ARCH}/libunused.so.1", "usr/lib/locale/locale-archive"):
+            with pytest.raises(OSError):
+                (m.mnt / path).read_bytes()
 
 
 def test_the_libraries_are_fetched_concurrently(image_clean, tmp_path):
@@ -155,7 +170,7 @@ def test_ls_runs_in_the_image(image_clean, tmp_path):
         assert r.returncode == 0, r.stderr
         assert "libc.so.6" in r.stdout.split()
         got = m.metrics()
-        assert got["predict_files"] == 1 + len(LIBS), got
+        assert got["predict_files"] == 1 + len(LIBS) + len(RUNTIME), got
         assert got["predict_errors"] == 0, got
 
 

@@ -181,3 +181,20 @@ def test_resolve_like_ld_so():
                                          b"/usr/lib/x86_64-linux-gnu/libc.so.6",
                                          b"/usr/lib/libonly.so")]
     assert got == want
+
+
+def test_glibc_runtime_files_are_found_through_the_image_and_bounded():
+    built = build({"usr/lib/x86_64-linux-gnu/libc.so.6": b"c" * 100,
+                   "usr/lib/x86_64-linux-gnu/gconv/gconv-modules.cache": b"g" * 10,
+                   "usr/share/zoneinfo/Etc/UTC": b"TZif" * 4,
+                   "usr/lib/locale/C.utf8/LC_CTYPE": b"t" * (elfdeps.RUNTIME_MAX + 1),
+                   "usr/lib/locale/C.UTF-8/LC_CTYPE": b"u" * 10,
+                   "etc/ld.so.cache": b""},
+                  symlinks={"lib": b"usr/lib", "etc/localtime": b"../usr/share/zoneinfo/Etc/UTC"})
+    bs = Bootstrap.from_bytes(built.bootstrap)
+    got = elfdeps.glibc_runtime(bs, b"/lib/x86_64-linux-gnu/libc.so.6")
+    want = [lookup_path(bs, p) for p in (b"/usr/share/zoneinfo/Etc/UTC",
+                                         b"/usr/lib/locale/C.UTF-8/LC_CTYPE",
+                                         b"/usr/lib/x86_64-linux-gnu/gconv/gconv-modules.cache")]
+    assert got == want          # empty ld.so.cache and an LC_CTYPE over RUNTIME_MAX left out
+    assert elfdeps.glibc_runtime(_tree(), b"/usr/lib/x86_64-linux-gnu/libc.so.6") == []
