@@ -32,11 +32,13 @@ Errors are JSON `{"code": ..., "message": ...}` with 400/404/405/409/500/501, as
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import json
 import logging
 import os
 import platform
+import secrets
 import socket
 import stat
 import threading
@@ -62,6 +64,7 @@ log = logging.getLogger(__name__)
 MAX_HEAD = 64 << 10
 MAX_BODY = 1 << 20
 REQUEST_TIMEOUT = 10.0
+UNIX_PATH_MAX = 108             # sun_path, NUL included
 REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 404: "Not Found",
            405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large",
            500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable"}
@@ -155,12 +158,23 @@ async def serve_unix(path: str, handler: Handler, *, task_status=trio.TASK_STATU
     """Listens on `path` until cancelled; removes it then. See claim_socket_path."""
     claim_socket_path(path)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Bound under a temporary name and renamed into place once listening: a client (or a
+    # daemon's claim_socket_path) that sees `path` can connect at once, never ECONNREFUSED on
+    # a socket that is not listening yet, and nobody connects before the chmod.
+    tmp = os.path.join(os.path.dirname(path), f".{os.getpid()}-{secrets.token_hex(3)}.sock")
+    if len(os.fsencode(tmp)) >= UNIX_PATH_MAX:
+        tmp = path                  # no room for another name: bind in place
     try:
-        await sock.bind(path)
-        os.chmod(path, 0o600)
+        await sock.bind(tmp)
+        os.chmod(tmp, 0o600)
         sock.listen(64)
+        if tmp != path:
+            os.rename(tmp, path)
     except OSError:
         sock.close()
+        if tmp != path:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise
     listener = trio.SocketListener(sock)
     try:

@@ -70,6 +70,14 @@ def innermost(backend: object) -> object:
     return backend
 
 
+def add_size_hints(known: dict[str, int], sizes: Mapping[str, int]) -> None:
+    """`hint_sizes` of a backend with a size cache (call it under that cache's lock): sizes
+    already known (asked of the backend) stay; anything but a non-negative int is dropped."""
+    for blob_id, size in sizes.items():
+        if isinstance(size, int) and size >= 0:
+            known.setdefault(blob_id, size)
+
+
 def hint_blob_sizes(backend: object, sizes: Mapping[str, int]) -> None:
     """Tells a backend that keeps blob sizes (registry, S3) the sizes of blobs it is about to
     read, from the verified manifest's descriptors, so that its first range read of each

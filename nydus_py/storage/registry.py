@@ -29,7 +29,7 @@ from nydus_py.errors import BackendError, BlobNotFoundError, ConfigError
 from nydus_py.oci.auth import Credentials, resolve_credentials
 from nydus_py.oci.mirrors import RegistryRouter
 from nydus_py.oci.registry import RegistryClient, RegistryConfig
-from nydus_py.storage.backend import blob_hex, check_range, range_error
+from nydus_py.storage.backend import add_size_hints, blob_hex, check_range, range_error
 from nydus_py.storage.tls import ca_bundle
 
 log = logging.getLogger(__name__)
@@ -92,9 +92,7 @@ class RegistryBackend:
     def hint_sizes(self, sizes: Mapping[str, int]) -> None:
         """Sizes from the image's verified manifest (storage/backend.py: hint_blob_sizes)."""
         with self._lock:
-            for blob_id, size in sizes.items():
-                if isinstance(size, int) and size >= 0:
-                    self._sizes.setdefault(blob_id, size)
+            add_size_hints(self._sizes, sizes)
 
     def probe_blob(self, blob_id: str) -> int:
         """A HEAD of the blob, whatever is known of it. Run at mount (image_source.warm_backend)

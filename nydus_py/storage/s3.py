@@ -30,7 +30,7 @@ from typing import Any, Mapping
 
 from nydus_py.config.schema import S3BackendConfig
 from nydus_py.errors import AuthError, BackendError, BlobNotFoundError, ConfigError
-from nydus_py.storage.backend import blob_hex, check_range, range_error
+from nydus_py.storage.backend import add_size_hints, blob_hex, check_range, range_error
 from nydus_py.storage.tls import ca_bundle
 
 MULTIPART_THRESHOLD = 64 << 20        # put_blob: larger files go up in parts of this size
@@ -99,9 +99,7 @@ class S3Backend:
     def hint_sizes(self, sizes: Mapping[str, int]) -> None:
         """Sizes from the image's verified manifest (storage/backend.py: hint_blob_sizes)."""
         with self._lock:
-            for blob_id, size in sizes.items():
-                if isinstance(size, int) and size >= 0:
-                    self._sizes.setdefault(blob_id, size)
+            add_size_hints(self._sizes, sizes)
 
     def probe_blob(self, blob_id: str) -> int:
         """A HEAD whatever is known (a pooled connection for the first read; see

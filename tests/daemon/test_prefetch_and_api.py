@@ -3,6 +3,7 @@ single-flight, the API server's HTTP handling, and the supervisor's metric mergi
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -125,6 +126,39 @@ def test_api_server_parses_requests_and_answers_errors(tmp_path):
     assert results["json"][0] == 400
     assert results["garbage"].startswith(b"HTTP/1.1 400")
     assert not (tmp_path / "api.sock").exists()          # removed when the server stops
+
+
+def test_the_api_socket_appears_only_once_it_listens(tmp_path, monkeypatch):
+    """bind() under a temporary name, listen, then rename: whoever sees the path can connect
+    (a client polling for it used to get ECONNREFUSED between bind and listen)."""
+    import stat
+    sock = str(tmp_path / "api.sock")
+    seen = {}
+    real_chmod = os.chmod
+
+    def chmod(p, mode, **kw):           # between bind and listen
+        seen["path_before_listen"] = os.path.exists(sock)
+        seen["entries"] = sorted(os.listdir(tmp_path))
+        return real_chmod(p, mode, **kw)
+    monkeypatch.setattr(api.os, "chmod", chmod)
+
+    async def handler(req):
+        return api.json_response({})
+
+    async def main():
+        async with trio.open_nursery() as n:
+            await n.start(api.serve_unix, sock, handler)
+            st = os.lstat(sock)
+            seen["mode"] = stat.S_IMODE(st.st_mode)
+            seen["answer"] = await trio.to_thread.run_sync(api.get_json, sock, "/")
+            seen["after"] = sorted(os.listdir(tmp_path))
+            n.cancel_scope.cancel()
+    trio.run(main)
+    assert seen["path_before_listen"] is False and len(seen["entries"]) == 1
+    assert seen["entries"][0].endswith(".sock") and seen["entries"][0].startswith(".")
+    assert seen["mode"] == 0o600 and seen["answer"] == (200, {})
+    assert seen["after"] == ["api.sock"]                 # nothing else left behind
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("answer", [b"", b"garbage"])

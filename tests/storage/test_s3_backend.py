@@ -10,7 +10,7 @@ import pytest
 from nydus_py.errors import AuthError, BackendError, BlobNotFoundError, ConfigError
 from nydus_py.metrics import Metrics
 from nydus_py.storage import s3 as s3mod
-from nydus_py.storage.backend import close_backend
+from nydus_py.storage.backend import close_backend, hint_blob_sizes, innermost
 from nydus_py.config.schema import BackendConfig
 from nydus_py.storage.factory import make_backend
 from nydus_py.config.schema import S3BackendConfig
@@ -172,3 +172,23 @@ def test_unreachable_endpoint_is_a_transient_error(stored):
         b.read_range(BIG_ID, 0, 1)
     assert not ei.value.permanent and not isinstance(ei.value, (AuthError, BlobNotFoundError))
     b.close()
+
+
+def test_hinted_sizes_skip_the_head_and_a_probe_keeps_them(stored, monkeypatch):
+    """Sizes from a verified manifest (hint_blob_sizes): the first read is a GET alone; a probe
+    (warm_backend's HEAD at mount) asks the server but keeps the manifest's size."""
+    b = make_backend(BackendConfig.from_dict({"type": "s3", "config": stored.backend_config(BUCKET)}))
+    inner = innermost(b)
+    assert isinstance(inner, S3Backend)
+    heads: list[str] = []
+    real = inner._client.head_object
+    monkeypatch.setattr(inner._client, "head_object", lambda **kw: (heads.append(kw["Key"]), real(**kw))[1])
+    try:
+        hint_blob_sizes(b, {BIG_ID: len(BIG), blob_id(SMALL): len(SMALL) + 5})
+        assert b.read_range(BIG_ID, 3, 50) == BIG[3:53]
+        assert heads == []
+        assert inner.probe_blob(BIG_ID) == len(BIG) and len(heads) == 1
+        assert inner.probe_blob(blob_id(SMALL)) == len(SMALL) + 5       # the hint stays
+        assert b.blob_size(blob_id(EMPTY)) == 0 and len(heads) == 3      # unhinted: asked
+    finally:
+        close_backend(b)
