@@ -198,7 +198,8 @@ def open_registry(ref: str, *, metrics: Metrics | None = None, plain_http: bool 
             named = {d.digest for d in layers.blobs}
             others = [b.id for b in bootstrap.blobs if b.id not in named]
             if warm and others:         # blobs the bootstrap uses that its manifest does not list
-                warm_backend(blobs, others)
+                # (the manifest's probes already opened the pool's connections: one HEAD each)
+                warm_backend(blobs, others, threads=min(WARM_THREADS, len(others)))
         except BackendError as e:
             if e.permanent or store is None:
                 raise
@@ -242,8 +243,8 @@ def warm_backend(backend: BlobBackend, blob_ids: list[str], threads: int = WARM_
     """Asks the backend about every data blob now, in background threads (`probe_blob`: a HEAD
     even when the manifest gave the size), so that the first read of each blob finds a
     connection open and its size known: those round trips overlap the rest of the mount
-    set-up instead of preceding the first read: `threads` connections end up in the pool. Errors
-    are left for the reads to report."""
+    set-up instead of preceding the first read, and `threads` connections end up in the pool.
+    Errors are left for the reads to report."""
     if not blob_ids:
         return
     # at least `threads` probes, at once: each holds its own connection, so that many stay

@@ -84,10 +84,14 @@ class RegistryBackend:
     def blob_size(self, blob_id: str) -> int:
         blob_hex(blob_id)
         with self._lock:
-            if self._closed:
-                raise BackendError(f"blob {blob_id}: backend is closed", permanent=True)
+            self._check_open(blob_id)
             size = self._sizes.get(blob_id)
         return size if size is not None else self.probe_blob(blob_id)
+
+    def _check_open(self, blob_id: str) -> None:
+        """Under self._lock: no request after close (a warm-up thread may outlive the mount)."""
+        if self._closed:
+            raise BackendError(f"blob {blob_id}: backend is closed", permanent=True)
 
     def hint_sizes(self, sizes: Mapping[str, int]) -> None:
         """Sizes from the image's verified manifest (storage/backend.py: hint_blob_sizes)."""
@@ -100,6 +104,8 @@ class RegistryBackend:
         A size that differs from the manifest's is logged and the manifest's kept: its digest
         chain is verified, the registry's answer is not (chunks are verified either way)."""
         blob_hex(blob_id)
+        with self._lock:
+            self._check_open(blob_id)
         where = f"{self.config.host}/{self.repo}"
 
         def head(client: RegistryClient) -> int:

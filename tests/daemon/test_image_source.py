@@ -1,4 +1,3 @@
-import time
 from pathlib import Path
 
 import pytest
@@ -94,15 +93,14 @@ def registry_image(tmp_path_factory):
 def test_a_warm_open_probes_the_blobs_with_the_manifest_and_reads_without_a_head(registry_image):
     """warm=True: connections open (one HEAD each, WARM_THREADS of them) as soon as the
     manifest names the blobs, and their sizes come from it: the first ranged read is one GET."""
+    from tests.fixtures.daemon import wait_for
     from tests.fixtures.registry import FaultProxy
 
     px = FaultProxy(registry_image.host)
     opened = image_source.open_registry(f"{px.host}/warm/app:nydus", plain_http=True, warm=True)
     try:
         assert opened.warmed and len(opened.bootstrap.blobs) == 2
-        deadline = time.monotonic() + 10
-        while px.count("HEAD", "/blobs/") < image_source.WARM_THREADS and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: px.count("HEAD", "/blobs/") >= image_source.WARM_THREADS, "warm-up HEADs")
         assert px.count("HEAD", "/blobs/") == image_source.WARM_THREADS
         gets = px.count("GET", "/blobs/")           # the bootstrap
         for blob in opened.bootstrap.blobs:

@@ -240,6 +240,11 @@ def test_sizes_hinted_by_the_manifest_need_no_head_before_the_first_read(pushed,
         assert "manifest says" in caplog.text and SMALL_ID in caplog.text
         with pytest.raises(BlobNotFoundError, match="not found in registry"):
             inner.probe_blob(blob_id(b"nowhere"))
+        heads = px.count("HEAD", "/blobs/")
+        inner.close()                       # a warm-up thread outliving the mount asks nothing
+        with pytest.raises(BackendError, match="closed"):
+            inner.probe_blob(BIG_ID)
+        assert px.count("HEAD", "/blobs/") == heads
     finally:
         b.close()
         px.close()
