@@ -32,7 +32,6 @@ import stat
 import tempfile
 import threading
 from dataclasses import dataclass, field
-from functools import partial
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 from nydus_py import mountinfo
@@ -606,10 +605,9 @@ def _services(req: MountRequest, fs: Filesystem, mountpoint: str, handoff=None):
                 log.info("API listening on %s", req.apisock)
             if handoff is not None:
                 await nursery.start(handoff.run)
+            if req.readahead_kb > 0:    # before pyfuse3.main can read the INIT request
+                nursery.start_soon(tune_readahead_after_init, fs.ops, mountpoint, req.readahead_kb)
             task_status.started()
-            if req.readahead_kb > 0:    # abandoned by a stop: its stat may wait for this loop
-                nursery.start_soon(partial(trio.to_thread.run_sync, _tune_readahead, mountpoint,
-                                           req.readahead_kb, abandon_on_cancel=True))
             if prefetcher is not None:
                 async def prefetch() -> None:
                     await prefetcher.run()
@@ -621,11 +619,23 @@ def _services(req: MountRequest, fs: Filesystem, mountpoint: str, handoff=None):
     return run
 
 
-def _tune_readahead(mountpoint: str, kb: int) -> None:
-    """In a worker thread: stat() returns only once the kernel has finished the FUSE INIT
-    handshake (requests wait for it), and INIT resets the window, so only then set it."""
-    try:
-        os.stat(mountpoint)
-    except OSError:
-        return
-    set_readahead(mountpoint, kb)
+async def tune_readahead_after_init(ops, mountpoint: str, kb: int) -> None:
+    """Sets the readahead window once the kernel has applied the INIT reply (INIT caps the bdi's
+    window at its max_readahead, so an earlier write would be undone).
+
+    `ops.init` runs inside libfuse's do_init, before the reply is written; the reply's write(2)
+    makes the kernel apply it before returning, and a task woken from `init` runs only after
+    pyfuse3's worker waits again, i.e. after that write. Nothing here touches the mount: a
+    stat() of the mountpoint (how this used to wait for INIT) holds the mount while its GETATTR
+    is in flight, and an unmount right after the mount appeared then failed with EBUSY."""
+    import trio
+
+    inited = trio.Event()
+    orig_init = ops.init
+
+    def init() -> None:
+        orig_init()
+        inited.set()
+    ops.init = init
+    await inited.wait()
+    await trio.to_thread.run_sync(set_readahead, mountpoint, kb)

@@ -48,3 +48,35 @@ def test_cli_version(capsys):
     with pytest.raises(SystemExit) as ei:
         cli.main(["--version"])
     assert ei.value.code == 0 and "nydus-py" in capsys.readouterr().out
+
+
+def test_readahead_is_set_only_after_the_init_reply_and_never_through_the_mount(monkeypatch):
+    """The window is written once Operations.init has run (INIT's reply would cap it) and no
+    stat of the mountpoint is made: one in flight makes an unmount right after mounting EBUSY."""
+    import os
+
+    import trio
+    import trio.testing
+
+    from nydus_py.daemon import mount as mount_mod
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(mount_mod, "set_readahead", lambda mp, kb: calls.append(("set", mp, kb)))
+    real_stat = os.stat
+    monkeypatch.setattr(os, "stat", lambda p, *a, **k: (
+        calls.append(("stat", p)) if str(p) == "/m" else None) or real_stat(p, *a, **k))
+
+    class Ops:
+        def init(self):
+            calls.append(("init",))
+
+    async def main():
+        ops = Ops()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(mount_mod.tune_readahead_after_init, ops, "/m", 1024)
+            await trio.testing.wait_all_tasks_blocked()
+            assert calls == []              # nothing before INIT
+            ops.init()                      # what libfuse's do_init calls
+            assert calls == [("init",)]     # the write waits for the worker to yield
+    trio.run(main)
+    assert calls == [("init",), ("set", "/m", 1024)]
