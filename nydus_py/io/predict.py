@@ -9,9 +9,11 @@ files, concurrently, instead of one FUSE miss (one round trip) after another.
         ├─ for each dependency, concurrently: its first chunk(s), its own dependencies, then
         │  the rest of it (background ranges)
         ├─ the rest of the executable (background ranges)
-        └─ when it links glibc (libc.so.6), once a mount: the small files glibc reads while
-           any program starts (elfdeps.glibc_runtime: ld.so.cache, localtime, the C.UTF-8
-           LC_CTYPE, gconv-modules.cache), all at once, after the loader's headers
+        └─ once a mount, after the loader's headers, all at once: when it links glibc
+           (libc.so.6), the small files glibc reads while any program starts
+           (elfdeps.glibc_runtime: ld.so.cache, localtime, the C.UTF-8 LC_CTYPE,
+           gconv-modules.cache); when it is a CPython interpreter, the standard-library files
+           every start imports (io/pystart.py: encodings, sitecustomize, .pth files)
 
 Every byte parsed went through the read path (sha256-verified, cached); predicted chunks are
 single-flight flights like any readahead, so the loader's own faults wait for them instead of
@@ -32,7 +34,7 @@ import trio
 
 from nydus_py.errors import NydusError
 from nydus_py.format.bootstrap import Bootstrap, Chunk
-from nydus_py.io import elfdeps
+from nydus_py.io import elfdeps, pystart
 from nydus_py.io.fetch import plan_ranges
 from nydus_py.metrics import Metrics
 
@@ -43,6 +45,7 @@ MAX_FILES = 32              # files predicted per trigger (a python3 needs 6)
 MAX_TOTAL = 512             # files predicted per mount
 MAX_TOTAL_BYTES = 256 << 20  # bytes of whole files fetched per mount (a header scan of /usr/bin)
 SLOTS = 2                   # bulk ranges in flight at once (the reads' misses share the link)
+SMALL_SLOTS = 6             # ranges of start-up files in flight at once (apart from SLOTS)
 PARSE_ROUNDS = 8            # fetch rounds one ELF parse may ask for (real files: 1-2)
 
 
@@ -73,10 +76,11 @@ class ElfPrefetcher:
         self.range_size = range_size
         self.slots = trio.CapacityLimiter(slots)      # bulk ranges in flight
         self._threads = trio.CapacityLimiter(slots)
-        self._small_threads = trio.CapacityLimiter(len(elfdeps.GLIBC_RUNTIME) + 1)
+        self._small_threads = trio.CapacityLimiter(SMALL_SLOTS)
         self._seen: set[int] = set()        # inodes predicted (deps + whole file) this mount
         self._tried: set[int] = set()       # inodes whose first chunk triggered a parse
         self._runtime_started = False       # glibc's start-up files asked for (once a mount)
+        self._python_started = False        # CPython's (pystart), once a mount
         m = (metrics or Metrics()).fs      # in /api/v1/metrics with the reads they serve
         self._m_triggers = m.counter("predict_triggers")
         self._m_files = m.counter("predict_files")
@@ -148,32 +152,45 @@ class ElfPrefetcher:
         for ev in waits:
             await ev.wait()
         parsed.set()
-        if libc is not None and not self._runtime_started:   # after the loader's own bytes
+        runtime: list[int] = []             # wanted after the loader's own bytes
+        if libc is not None and not self._runtime_started:
             self._runtime_started = True
-            nursery.start_soon(self._glibc_runtime, libc)
+            runtime += elfdeps.glibc_runtime(bs, libc)
+        if executable and not self._python_started:
+            python = pystart.startup_files(bs, path)
+            if python:
+                self._python_started = True
+                runtime += python
+        if runtime:
+            nursery.start_soon(self._runtime, runtime)
         if size <= self.whole_max and size <= self.bytes_left:
             self.bytes_left -= size
             await self._rest(ino)
 
-    async def _glibc_runtime(self, libc_path: bytes) -> None:
-        """The small files glibc reads at start-up (elfdeps.glibc_runtime), once per mount, all
-        at once and outside the bulk slots: a few KB each, wanted right after the loader's
-        work, one serial miss each otherwise (measured: 3 of a python3 start's 7)."""
-        todo = [ino for ino in elfdeps.glibc_runtime(self.bootstrap, libc_path)
+    async def _runtime(self, inos: list[int]) -> None:
+        """Small files a runtime reads at start-up (elfdeps.glibc_runtime, pystart), once per
+        mount, all at once and outside the bulk slots: a few KB each, wanted right after the
+        loader's work, one serial miss each otherwise (measured: 3 of a python3 start's 7 for
+        glibc's, the other 4 for CPython's). Their chunks are planned as ranges together (files
+        of one directory usually share batch chunks or sit side by side in the blob), and the
+        ranges go out concurrently."""
+        bs = self.bootstrap
+        todo = [ino for ino in dict.fromkeys(inos)
                 if ino not in self._seen and len(self._seen) < self.max_total]
         self._seen.update(todo)
         self._m_files.inc(len(todo))
+        wanted: dict[tuple[int, int], Chunk] = {}
+        for ino in todo:
+            for c in self.reader.uncached([bs.chunk(i) for i in bs.file_chunk_ids(ino)]):
+                wanted.setdefault((c.blob, c.index), c)
         async with trio.open_nursery() as nursery:
-            for ino in todo:
-                nursery.start_soon(self._small, ino)
+            for r in plan_ranges(list(wanted.values()), max_gap=self.reader.max_gap, limit=self.range_size):
+                nursery.start_soon(self._small, r.chunks)
 
-    async def _small(self, ino: int) -> None:
-        bs = self.bootstrap
-        chunks = self.reader.uncached([bs.chunk(c) for c in bs.file_chunk_ids(ino)])
-        if chunks:
-            n, _ = await self.reader.prefetch(chunks, limiter=self._small_threads,
-                                              merging_size=self.range_size)
-            self._m_chunks.inc(n)
+    async def _small(self, chunks: Sequence[Chunk]) -> None:
+        n, _ = await self.reader.prefetch(chunks, limiter=self._small_threads,
+                                          merging_size=self.range_size)
+        self._m_chunks.inc(n)
 
     async def _rest(self, ino: int) -> None:
         """The file's chunks nobody has, one range at a time per slot: a range claims its chunks
