@@ -372,7 +372,7 @@ def _read_local(root: Path, files, samples, conc=None, cmd=None) -> dict:
 
 
 def _read_ratarmount(b: Bench, tag: str, files, samples) -> dict | None:
-    exe = shutil.which("ratarmount") or str(ROOT / ".venv/bin/ratarmount")
+    exe = str(CACHE / "ratarmount-venv/bin/ratarmount")     # perf/run installs it there
     if not os.path.exists(exe):
         return None
     tar = images.flat_tar(tag)
