@@ -19,6 +19,7 @@ import posixpath
 import re
 import stat
 
+from nydus_py.errors import NydusError
 from nydus_py.format.bootstrap import Bootstrap
 from nydus_py.io.elfdeps import lookup_path
 
@@ -70,7 +71,14 @@ def version_of(exe_path: bytes, bs: Bootstrap) -> tuple[int, int, bytes] | None:
 
 def startup_files(bs: Bootstrap, exe_path: bytes) -> list[int]:
     """Inodes of the files a CPython at `exe_path` reads while it starts (module docstring);
-    [] when it is not one."""
+    [] when it is not one, or when a record on the way is bad (no prediction, never an error)."""
+    try:
+        return _startup_files(bs, exe_path)
+    except (KeyError, ValueError, NydusError):
+        return []
+
+
+def _startup_files(bs: Bootstrap, exe_path: bytes) -> list[int]:
     v = version_of(exe_path, bs)
     if v is None:
         return []

@@ -93,3 +93,14 @@ def test_hostile_trees_cost_the_prediction_only():
     bs = Bootstrap.from_bytes(build({"usr/bin/python3.11": b"x", "usr/lib/python3.11": b"a file"}).bootstrap)
     assert pystart.startup_files(bs, b"/usr/bin/python3.11") == []
     assert lookup_path(bs, b"/usr/lib/python3.11") is not None
+
+
+def test_a_bad_record_on_the_way_means_no_prediction(monkeypatch):
+    from nydus_py.errors import FormatError
+    bs = _debian({"usr/lib/python3/dist-packages/x.pth": b"#"})
+
+    def bad(ino, start=0):
+        raise FormatError("bootstrap: dirent beyond the table")
+    monkeypatch.setattr(bs, "readdir", bad)
+    assert pystart.startup_files(bs, b"/usr/bin/python3") == []      # lists <prefix>/lib
+    assert pystart.startup_files(bs, b"/usr/bin/python3.11") == []   # lists the site dirs
