@@ -5,6 +5,7 @@ and verified; nothing else. Uses the host's /bin/ls and its libraries as the ima
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -67,6 +68,14 @@ def image(tmp_path_factory):
     # files nobody loads: never fetched by the prediction
     layer.file(f"usr/lib/{ARCH}/libunused.so.1", Content.random(1 << 20, seed=3), mode=0o755)
     layer.file("usr/share/filler", Content.random(2 << 20, seed=4))
+    with converted_behind_proxy(layer, tmp) as proxy:
+        yield proxy, files
+
+
+@contextlib.contextmanager
+def converted_behind_proxy(layer: Layer, tmp: Path):
+    """`layer` as an image in a real registry, converted there (CHUNK-sized chunks, no batches:
+    every file is its own chunks) to `cold/ls:v1-nydus`; yields a FaultProxy in front of it."""
     Image([layer]).write_oci(tmp / "src", "v1")
     with RegistryServer(tmp / "registry") as reg:
         push_oci_layout(tmp / "src", "v1", reg.host, "cold/ls")
@@ -74,7 +83,7 @@ def image(tmp_path_factory):
                   "--source", f"{reg.host}/cold/ls:v1", "--target", f"{reg.host}/cold/ls:v1-nydus")
         proxy = FaultProxy(reg.host)
         try:
-            yield proxy, files
+            yield proxy
         finally:
             proxy.close()
 

@@ -13,15 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_cold_predict import Mounted, _head
-from tests.fixtures.cli import nydusify
-from tests.fixtures.containerd import push_oci_layout
+from tests.e2e.test_cold_predict import Mounted, _head, converted_behind_proxy
 from tests.fixtures.daemon import wait_for
-from tests.fixtures.imagegen import Content, Image, Layer
-from tests.fixtures.registry import Fault, FaultProxy, RegistryServer
+from tests.fixtures.imagegen import Content, Layer
+from tests.fixtures.registry import Fault
 
 pytestmark = pytest.mark.e2e
-CHUNK = 64 << 10
 EXE = Path(os.path.realpath(sys._base_executable))       # type: ignore[attr-defined]
 STDLIB = Path(sysconfig.get_paths(vars={"installed_base": sys.base_prefix,
                                          "base": sys.base_prefix})["stdlib"])
@@ -112,16 +109,8 @@ def image(tmp_path_factory):
     t.file(f"{str(site)[1:]}/module.py", b"x = 1\n")
     t.file(f"{str(STDLIB)[1:]}/encodings/latin_1.py", (STDLIB / "encodings/latin_1.py").read_bytes())
     t.file("usr/share/filler", Content.random(2 << 20, seed=4))
-    Image([t.layer]).write_oci(tmp / "src", "v1")
-    with RegistryServer(tmp / "registry") as reg:
-        push_oci_layout(tmp / "src", "v1", reg.host, "cold/ls")
-        nydusify("convert", "--plain-http", "--chunk-size", hex(CHUNK), "--batch-size", "0",
-                  "--source", f"{reg.host}/cold/ls:v1", "--target", f"{reg.host}/cold/ls:v1-nydus")
-        proxy = FaultProxy(reg.host)
-        try:
-            yield proxy, {**start, **extra}
-        finally:
-            proxy.close()
+    with converted_behind_proxy(t.layer, tmp) as proxy:
+        yield proxy, {**start, **extra}
 
 
 def test_the_interpreters_start_up_files_are_fetched_with_it(image, tmp_path):
