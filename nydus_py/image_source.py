@@ -93,10 +93,7 @@ def open_oci(ref: str, *, metrics: Metrics | None = None, backend: BackendConfig
     mdesc, manifest = layout_manifest_desc(layout, layout.resolve(tag), ref)
     layers = find_layers(manifest, ref)
     data = layout.read_blob(layers.bootstrap, f"{ref}: bootstrap layer", limit=MAX_BOOTSTRAP)
-    try:
-        bootstrap = Bootstrap.from_bytes(data)
-    except FormatError as e:
-        raise FormatError(f"{ref}: {e}") from None
+    bootstrap = parse_bootstrap(data, ref)
     if backend is not None:
         return OpenedImage(bootstrap, make_backend(backend, metrics=metrics), ref)
     present = {d.digest for d in layers.blobs}
@@ -277,10 +274,7 @@ def _offline_bootstrap(store, r, ref: str, error: BackendError) -> tuple[str, Bo
     digest, layer = cached
     log.warning("%s; registry unreachable: mounting with the bootstrap %s kept in %s (chunks "
                 "not in the cache will fail with EIO until it is back)", error, digest, store.dir)
-    try:
-        return digest, Bootstrap.from_bytes(layer)
-    except FormatError as e:
-        raise FormatError(f"{ref}: {e}") from None
+    return digest, parse_bootstrap(layer, ref)
 
 
 def fetch_registry_image(client, r, what: str) -> tuple[dict, NydusLayers, Bootstrap]:
@@ -306,13 +300,18 @@ def _fetch_registry_image(client, r, what: str, *, keep=None,
     if on_manifest is not None:
         on_manifest(mdesc, layers)
     layer = read_bootstrap_blob(client, r.repository, layers.bootstrap, what)
-    try:
-        bootstrap = Bootstrap.from_bytes(layer)
-    except FormatError as e:
-        raise FormatError(f"{what}: {e}") from None
+    bootstrap = parse_bootstrap(layer, what)
     if keep is not None:
         keep(str(r), top_digest, layers.bootstrap.digest, layer)
     return manifest, layers, bootstrap, mdesc
+
+
+def parse_bootstrap(data: bytes, what: str) -> Bootstrap:
+    """The bootstrap layer's bytes, parsed and validated; errors name the image."""
+    try:
+        return Bootstrap.from_bytes(data)
+    except FormatError as e:
+        raise FormatError(f"{what}: {e}") from None
 
 
 def read_bootstrap_blob(client, repository: str, desc: Descriptor, what: str) -> bytes:
