@@ -247,13 +247,19 @@ def glibc_runtime(bs: Bootstrap, libc_path: bytes) -> list[int]:
     paths = [*GLIBC_RUNTIME, posixpath.dirname(libc_path) + b"/gconv/gconv-modules.cache"]
     found: list[int] = []
     for p in paths:
-        ino = lookup_path(bs, p)
-        if ino is None or ino in found:
-            continue
-        try:
-            attr = bs.attr(ino)
-        except KeyError:
-            continue
-        if stat.S_ISREG(attr.mode) and 0 < attr.size <= RUNTIME_MAX:
-            found.append(ino)
+        add_small_file(bs, lookup_path(bs, p), found, RUNTIME_MAX)
     return found
+
+
+def add_small_file(bs: Bootstrap, ino: int | None, found: list[int], limit: int) -> bool:
+    """Appends `ino` to `found` if it is a regular file of 1..`limit` bytes not there yet."""
+    if ino is None or ino in found:
+        return False
+    try:
+        attr = bs.attr(ino)
+    except KeyError:
+        return False
+    if not (stat.S_ISREG(attr.mode) and 0 < attr.size <= limit):
+        return False
+    found.append(ino)
+    return True

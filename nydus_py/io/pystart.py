@@ -21,15 +21,14 @@ import stat
 
 from nydus_py.errors import NydusError
 from nydus_py.format.bootstrap import Bootstrap
-from nydus_py.io.elfdeps import lookup_path
+from nydus_py.io.elfdeps import add_small_file, lookup_path
 
 MAX_FILE = 1 << 20
 MAX_PTH = 16                    # .pth files taken per site directory
 MAX_SCAN = 4096                 # directory entries looked at per listing
 
-_VERSIONED = re.compile(rb"python(\d)\.(\d{1,2})")
+_VERSIONED = re.compile(rb"python(\d)\.(\d{1,2})")    # the executable and its library dir
 _UNVERSIONED = (b"python", b"python3")
-_STDLIB_DIR = re.compile(rb"python(\d)\.(\d{1,2})")
 
 # read on every start: the codec search (encodings) for the UTF-8 filesystem/stdio encoding
 ALWAYS = (b"encodings/__init__", b"encodings/aliases", b"encodings/utf_8")
@@ -63,7 +62,7 @@ def version_of(exe_path: bytes, bs: Bootstrap) -> tuple[int, int, bytes] | None:
         for i, entry, _ in bs.readdir(ino):
             if i >= MAX_SCAN:
                 break
-            m = _STDLIB_DIR.fullmatch(entry)
+            m = _VERSIONED.fullmatch(entry)
             if m and _is_dir(bs, d + b"/" + entry + b"/encodings"):
                 found.append((int(m[1]), int(m[2]), d + b"/" + entry))
     return found[0] if len(found) == 1 else None
@@ -95,7 +94,7 @@ def _startup_files(bs: Bootstrap, exe_path: bytes) -> list[int]:
         paths += [b"%s/__pycache__/%s.%s.pyc" % (d, base, tag), b"%s/%s.py" % (d, base)]
     found: list[int] = []
     for p in paths:
-        _add(bs, lookup_path(bs, p), found)
+        add_small_file(bs, lookup_path(bs, p), found, MAX_FILE)
     for site in _site_dirs(lib, major, minor):
         ino = lookup_path(bs, site)
         if ino is None:
@@ -104,7 +103,7 @@ def _startup_files(bs: Bootstrap, exe_path: bytes) -> list[int]:
         for i, entry, child in bs.readdir(ino):
             if i >= MAX_SCAN or taken >= MAX_PTH:
                 break
-            if entry.endswith(b".pth") and _add(bs, child, found):
+            if entry.endswith(b".pth") and add_small_file(bs, child, found, MAX_FILE):
                 taken += 1
     return found
 
@@ -127,15 +126,3 @@ def _is_dir(bs: Bootstrap, path: bytes) -> bool:
     except KeyError:
         return False
 
-
-def _add(bs: Bootstrap, ino: int | None, found: list[int]) -> bool:
-    if ino is None or ino in found:
-        return False
-    try:
-        attr = bs.attr(ino)
-    except KeyError:
-        return False
-    if not (stat.S_ISREG(attr.mode) and 0 < attr.size <= MAX_FILE):
-        return False
-    found.append(ino)
-    return True
