@@ -31,6 +31,7 @@ import os
 import sys
 
 from nydus_py import config as config_mod
+from nydus_py.daemon import startup_files
 from nydus_py.daemon.mount import MountRequest, mount
 from nydus_py.daemon.procutil import (EXIT_ERROR, _error, _remove_pid, _setup_logging,
                                       _write_pid, await_verdict)
@@ -328,6 +329,7 @@ def prefork_warm() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    startup_files.finish()      # before any fork: its read-ahead threads are done in a few ms
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in OUR_COMMANDS and argv[0] not in ("-h", "--help", "--version"):
         try:

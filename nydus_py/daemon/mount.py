@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 from nydus_py import mountinfo
+from nydus_py.daemon import startup_files
 from nydus_py.config.schema import DaemonConfig
 from nydus_py.daemon.watchdog import MOUNT_GRACE, StopWatchdog
 from nydus_py.errors import ConfigError, NydusError
@@ -525,8 +526,12 @@ def mount(req: MountRequest, *, on_ready: Callable[[], None] | None = None) -> N
                 handoff.ready()
             if on_ready is not None:
                 on_ready()
+            # what the next cold start reads ahead (startup_files.py); off the loop, and a
+            # no-op once the list names every file this start loaded
+            threading.Thread(target=startup_files.record, name="startup-files", daemon=True).start()
         serve(fs.ops, mountpoint, fuse_options(req), on_ready=ready, max_tasks=req.max_tasks,
               services=_services(req, fs, mountpoint, handoff), handoff=handoff)
+        startup_files.record()          # and the modules the image's first run needed
         if fs.learned is not None and fs.learned.recorder is not None:
             # a run shorter than the recording window: keep (and push) what it read
             fs.learned.finish(timeout=PUSH_TIMEOUT_AT_EXIT)
