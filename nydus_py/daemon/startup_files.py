@@ -143,16 +143,20 @@ def _read_ahead(paths: list[str]) -> None:
 
 
 def start(path: str | None = None, where: tuple[str, ...] | None = None) -> int:
-    """Starts reading ahead what the list names; returns how many files it will ask for."""
+    """Starts reading ahead what the list names; returns how many files it will ask for.
+    Never raises: a start without read-ahead is only slower."""
     paths = load(path, where)
-    if paths is None:
+    if not paths:
         return 0
-    for i in range(min(THREADS, len(paths))):
-        # interleaved: each thread walks the list in import order
-        t = threading.Thread(target=_read_ahead, args=(paths[i::THREADS],),
-                             name="startup-readahead", daemon=True)
-        t.start()
-        _threads.append(t)
+    try:
+        for i in range(min(THREADS, len(paths))):
+            # interleaved: each thread walks the list in import order
+            t = threading.Thread(target=_read_ahead, args=(paths[i::THREADS],),
+                                 name="startup-readahead", daemon=True)
+            t.start()
+            _threads.append(t)
+    except RuntimeError:        # no thread to be had (a pids limit): go on without
+        pass
     return len(paths)
 
 
@@ -188,11 +192,15 @@ def record(path: str | None = None, modules: dict | None = None,
     """Adds what this process has loaded to the list; True if the list was (re)written.
     Nothing is written when every loaded file is already listed (every start but the first
     after an install or upgrade). Never raises: a read-only installation just has no list."""
-    path = path or list_path()
+    try:
+        return _record(path or list_path(), modules, where)
+    except Exception:       # noqa: BLE001 (an odd module object must not cost the daemon)
+        return False
+
+
+def _record(path: str, modules: dict | None, where: tuple[str, ...] | None) -> bool:
     files = loaded_files(modules, where)
-    old = load(path, where) if os.path.exists(path) else []
-    if old is None:
-        old = []
+    old = (load(path, where) if os.path.exists(path) else None) or []
     known = set(old)
     if all(f in known for f in files):
         return False
@@ -205,12 +213,16 @@ def record(path: str | None = None, modules: dict | None = None,
             break
         lines.append(line)
         size += len(line)
-    tmp = f"{path}.{os.getpid()}.tmp"
+    # one name per writer: the mount-ready thread and the exit may both write
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         if not _trusted(os.stat(os.path.dirname(path))):
             return False
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return False
+    try:
         try:
             os.write(fd, b"".join(lines))
         finally:

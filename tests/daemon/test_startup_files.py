@@ -85,6 +85,33 @@ def test_a_module_without_bytecode_is_listed_by_its_source(tree):
     assert sf.load(tree.lst, tree.where) == [src]
 
 
+def test_two_writers_at_once_leave_a_whole_list(tree):
+    import threading
+    mods = _modules(tree)
+    barrier = threading.Barrier(2)
+    results = []
+
+    def write(names):
+        barrier.wait()
+        results.append(sf.record(tree.lst, {n: mods[n] for n in names}, tree.where))
+    ts = [threading.Thread(target=write, args=(names,)) for names in (["pkg.a"], ["pkg.a", "pkg.b"])]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert any(results)
+    assert set(sf.load(tree.lst, tree.where)) in ({tree.a}, {tree.a, tree.b})
+    assert sorted(os.listdir(os.path.dirname(tree.lst))) == ["startup-files.txt"]    # no temp left
+
+
+def test_record_never_raises(tree):
+    class Odd(types.ModuleType):
+        @property
+        def __spec__(self):
+            raise RuntimeError("odd module")
+    assert sf.record(tree.lst, {"odd": Odd("odd")}, tree.where) is False
+
+
 def test_record_is_bounded(tree, monkeypatch):
     monkeypatch.setattr(sf, "MAX_FILES", 2)
     assert sf.record(tree.lst, _modules(tree), tree.where)
