@@ -528,7 +528,7 @@ def mount(req: MountRequest, *, on_ready: Callable[[], None] | None = None) -> N
                 on_ready()
             # what the next cold start reads ahead (startup_files.py); off the loop, and a
             # no-op once the list names every file this start loaded
-            threading.Thread(target=startup_files.record, name="startup-files", daemon=True).start()
+            startup_files.record_later()
         serve(fs.ops, mountpoint, fuse_options(req), on_ready=ready, max_tasks=req.max_tasks,
               services=_services(req, fs, mountpoint, handoff), handoff=handoff)
         startup_files.record()          # and the modules the image's first run needed

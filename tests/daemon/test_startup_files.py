@@ -104,6 +104,15 @@ def test_two_writers_at_once_leave_a_whole_list(tree):
     assert sorted(os.listdir(os.path.dirname(tree.lst))) == ["startup-files.txt"]    # no temp left
 
 
+def test_record_later_records_after_the_delay(tree, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sf, "record", lambda path=None: calls.append(path))
+    t = sf.record_later(0.01, tree.lst)
+    assert t.daemon
+    t.join(5)
+    assert calls == [tree.lst]
+
+
 def test_record_never_raises(tree):
     class Odd(types.ModuleType):
         @property
