@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import stat
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -115,15 +116,16 @@ def concurrent_random_reads(root: Path, samples: list[tuple[str, int]], threads:
             "worst_reader_p99_us": max(per_p99), "slowest_reader_s": max(spans), "fastest_reader_s": min(spans)}
 
 
-def chroot_start(root: Path, argv: list[str], times: int = 2) -> list[float]:
-    """Wall time of running `argv` chrooted into `root`, `times` times in a row (the first
-    start pays for page-ins, later ones show the per-exec cost of the filesystem)."""
+def chroot_start(root: Path, argv: list[str], later: int = 9) -> list[float]:
+    """Wall time of running `argv` chrooted into `root`: [the first start, the median of the
+    `later` starts that follow]. The first pays for page-ins; the later ones show the per-exec
+    cost of the filesystem, ~20 ms each, so one sample alone would be mostly noise."""
     import shutil
     chroot = shutil.which("chroot") or "/usr/sbin/chroot"
     out = []
-    for _ in range(times):
+    for _ in range(1 + later):
         t0 = time.perf_counter()
         subprocess.run([chroot, str(root), *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                        check=True, env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/"})
         out.append(time.perf_counter() - t0)
-    return out
+    return [out[0], statistics.median(out[1:])]

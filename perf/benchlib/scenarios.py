@@ -345,7 +345,7 @@ def _read_nydus(b: Bench, tag: str, files, samples, conc) -> dict:
         drop_caches()
         with Mount(d / "mnt", d / "w5", registry=reg, cache_dir=d / "cache") as m:
             r["conc_warm"] = readers.concurrent_random_reads(m.mp, conc)
-            r["start"] = readers.chroot_start(m.mp, b.cold_cmd)     # [first, second] on this mount
+            r["start"] = readers.chroot_start(m.mp, b.cold_cmd)     # [first, later] on this mount
         drop_caches()
         with Mount(d / "mnt", d / "w4", registry=reg, cache_dir=d / "cache2") as m:
             r["rand_cold"] = readers.random_reads(m.mp, samples)
