@@ -7,9 +7,9 @@ other. Their names are known from the previous start, so this module asks the ke
 them at once (open + POSIX_FADV_WILLNEED from a few threads: many reads in flight instead of
 one) while the interpreter goes on importing.
 
-The list is written by the daemon itself (`record`, a few seconds after mount-ready and at exit) next to its
-bytecode, in `nydus_py/daemon/__pycache__/`, as one absolute path per line: derived data of this
-installation, like a .pyc. Only the files of loaded modules that live under this interpreter's
+The list is written by the daemon itself (`record`, a few seconds after mount-ready and at
+exit) next to its bytecode, in `nydus_py/daemon/__pycache__/`, as one absolute path per line:
+derived data of this installation, like a .pyc. Only the files of loaded modules that live under this interpreter's
 prefixes or this package's directory are listed. Reading it is defensive, because the daemon
 runs as root: the list must be a regular file owned by us in a directory owned by us, neither
 writable by anyone else, and of bounded size; each path must be absolute, normalised, under one
@@ -97,7 +97,9 @@ def load(path: str | None = None, where: tuple[str, ...] | None = None) -> list[
 
 def elf_load_ranges(head: bytes, size: int) -> list[tuple[int, int]] | None:
     """(offset, length) of the PT_LOAD segments of a little-endian ELF64 file whose program
-    headers are within `head`: what the loader maps. None if `head` is not such a file."""
+    headers are within `head`: what the loader maps. None if `head` is not such a file.
+    Not `io/elfdeps.parse`, which reads the same headers: that module imports the bootstrap
+    format (and struct) at import, and this runs before any import it would speed up."""
     if len(head) < 64 or head[:6] != b"\x7fELF\x02\x01":
         return None
     phoff = int.from_bytes(head[32:40], "little")

@@ -116,7 +116,10 @@ def concurrent_random_reads(root: Path, samples: list[tuple[str, int]], threads:
             "worst_reader_p99_us": max(per_p99), "slowest_reader_s": max(spans), "fastest_reader_s": min(spans)}
 
 
-def chroot_start(root: Path, argv: list[str], later: int = 9) -> list[float]:
+LATER_STARTS = 9                # starts after the first, whose median chroot_start reports
+
+
+def chroot_start(root: Path, argv: list[str], later: int = LATER_STARTS) -> list[float]:
     """Wall time of running `argv` chrooted into `root`: [the first start, the median of the
     `later` starts that follow]. The first pays for page-ins; the later ones show the per-exec
     cost of the filesystem, ~20 ms each, so one sample alone would be mostly noise."""

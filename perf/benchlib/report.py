@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .readers import LATER_STARTS
+
 MB = 1e6
 
 
@@ -126,7 +128,7 @@ def tables(res: dict) -> tuple[str, list[tuple[str, str, bool | None]]]:
         sn, sl = med.get("nydus", {}).get("start"), med.get("native", {}).get("start")
         if sn and sl:
             cmd = " ".join(rp.get("cmd", []))
-            md.append(f"| `{cmd}` in a chroot (warm chunk cache) | 1st start s | later starts s (median of 9) | later / native later |")
+            md.append(f"| `{cmd}` in a chroot (warm chunk cache) | 1st start s | later starts s (median of {LATER_STARTS}) | later / native later |")
             md.append("|---|---:|---:|---:|")
             md.append(f"| nydus-py | {_f(sn['first_s'], 3)} | {_f(sn['second_s'], 3)} | "
                       f"{_f(_ratio(sn['second_s'], sl['second_s']), 2, '×')} |")
