@@ -429,7 +429,9 @@ class Bootstrap:
     pass would cost too much for are checked in O(1) where the record is used (chunk(),
     file_chunk_ids(), readlink(), xattrs()): a FormatError there is EIO for that file."""
 
-    def __init__(self, doc: dict):
+    def __init__(self, doc: dict, source: tuple[bytes, dict[str, int]] | None = None):
+        """`source`: the bytes `doc` was read from and where each column starts in them
+        (from_bytes), so the checks can slice columns without copying them."""
         if not isinstance(doc, dict) or doc.get("magic") != MAGIC:
             raise FormatError("not a nydus-py bootstrap (bad magic)")
         if doc.get("version") not in VERSIONS or type(doc.get("version")) is not int:
@@ -464,7 +466,7 @@ class Bootstrap:
         # v1 has no batches (a chunk with the batch flag is refused at load); v2 always has the
         # column, v3 when some chunk is a batch member
         self._has_batch = self.version == 2 or (self.version == 3 and "batch" in doc)
-        self._check(pf)
+        self._check(pf, source)
         self.inode_count = len(self._inodes) // INODE.size
         self.xattr_count = len(self._xattrs) // XATTR.size
         self.chunk_count = len(self._chunks) // CHUNK.size
@@ -477,16 +479,17 @@ class Bootstrap:
         self._chunk_limit = MAX_CHUNK_SIZE if self.variable else cs
         if self._offs is not None:
             validate.check_variable(inodes=self._inodes, refs=self._refs, offsets=self._offs,
-                                    chunks=self._chunks)
+                                    chunks=self._chunks, source=source)
         # inode numbers of files to prefetch: a view, never materialised here
         self.prefetch: Sequence[int] = pf.cast("I") if len(pf) else ()
         self._up: tuple[array, array] | None = None     # path_of's index, built on first use
 
-    def _check(self, prefetch: memoryview) -> None:
+    def _check(self, prefetch: memoryview, source: tuple[bytes, dict[str, int]] | None) -> None:
         validate.check(blobs=self.blobs, inodes=self._inodes, dirents=self._dirents,
                        chunks=self._chunks, digests=self._digests, strings=self._strings,
                        prefetch=prefetch,
-                       max_flags=CHUNK_COMPRESSED | (CHUNK_BATCH if self._has_batch else 0))
+                       max_flags=CHUNK_COMPRESSED | (CHUNK_BATCH if self._has_batch else 0),
+                       source=source)
 
     @classmethod
     def from_bytes(cls, data: bytes | memoryview) -> Bootstrap:
@@ -495,7 +498,10 @@ class Bootstrap:
             raise FormatError(f"bootstrap: {len(data)} bytes (limit {MAX_BOOTSTRAP_SIZE})")
         if bytes(data[:4]) == ZSTD_MAGIC:
             data = decompress_layer(data)
-        return cls(read_document(data))
+        if not isinstance(data, bytes):
+            return cls(read_document(data))
+        offsets: dict[str, int] = {}
+        return cls(read_document(data, offsets), (data, offsets))
 
     @classmethod
     def from_file(cls, path) -> Bootstrap:

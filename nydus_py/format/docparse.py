@@ -31,6 +31,7 @@ class _Reader:
         self.buf = buf
         self.pos = 0
         self.items = 0
+        self.bins: dict[str, int] = {}      # top-level key -> offset of its `bin` value
 
     def _take(self, n: int, where: str) -> memoryview:
         end = self.pos + n
@@ -89,12 +90,16 @@ class _Reader:
                 raise FormatError(f"bootstrap: {where}: map key {key!r} is not a string")
             if key in out:
                 raise FormatError(f"bootstrap: {where}: duplicate key {key!r}")
-            out[key] = self.value(f"{where}.{key}" if where else key, depth + 1)
+            v = out[key] = self.value(f"{where}.{key}" if where else key, depth + 1)
+            if depth == 0 and isinstance(v, memoryview):
+                self.bins[key] = self.pos - len(v)      # a bin is the last thing taken
         return out
 
 
-def read_document(data: bytes | bytearray | memoryview) -> dict:
-    """The bootstrap map, its `bin` values as memoryviews of `data` (which they keep alive)."""
+def read_document(data: bytes | bytearray | memoryview, offsets: dict[str, int] | None = None) -> dict:
+    """The bootstrap map, its `bin` values as memoryviews of `data` (which they keep alive).
+    `offsets`, when given, receives where in `data` each top-level `bin` value starts (the
+    load-time checks slice the columns out of `data` itself: format/validate.py Raw)."""
     buf = memoryview(data).cast("B")
     r = _Reader(buf)
     doc = r.value("")
@@ -102,4 +107,6 @@ def read_document(data: bytes | bytearray | memoryview) -> dict:
         raise FormatError("bootstrap: not a msgpack map (bad magic)")
     if r.pos != len(buf):
         raise FormatError(f"bootstrap: {len(buf) - r.pos} trailing bytes after the document")
+    if offsets is not None:
+        offsets.update(r.bins)
     return doc
