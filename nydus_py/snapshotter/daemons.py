@@ -46,6 +46,7 @@ class DaemonManager:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._monitor: threading.Thread | None = None
+        self._starter: threading.Thread | None = None
         self._stopping = threading.Event()
 
     def _lock(self, image_id: str) -> threading.Lock:
@@ -91,7 +92,7 @@ class DaemonManager:
                     raise
         finally:
             if refused and self.config.daemon_mode == SHARED:
-                self._stop_idle_shared()        # a shared nydusd started for it alone goes too
+                self._stop_idle_shared()        # what it cached goes; the supervisor stays
 
     def _prepare_image(self, layer: RemoteLayer) -> ImageRecord:
         image_id = layer.image_id
@@ -301,6 +302,23 @@ class DaemonManager:
                     log.error("image %s: restart failed: %s", cur.ref, e)
         return restarted
 
+    def start_shared(self) -> None:
+        """Shared mode: start the supervisor now, in the background, as nydus-snapshotter
+        starts its shared nydusd with the snapshotter. Started on the first image instead, that
+        image's Prepare waited ~0.36 s for a new interpreter and its imports before its own
+        mount (which, in a running supervisor, is a fork: ~0.1 s). A Prepare that arrives
+        while this runs waits for it (SharedDaemon's lock) instead of starting another."""
+        if self.config.daemon_mode != SHARED or self._starter is not None:
+            return
+
+        def run() -> None:
+            try:
+                self.shared.ensure_running()
+            except NydusError as e:     # the next image tries again, and reports it
+                log.error("%s (tried again at the next image)", e)
+        self._starter = threading.Thread(target=run, name="shared-nydusd-start", daemon=True)
+        self._starter.start()
+
     def start_monitor(self, interval: float) -> None:
         if interval <= 0 or self._monitor is not None:
             return
@@ -315,10 +333,14 @@ class DaemonManager:
         self._monitor.start()
 
     def close(self) -> None:
-        """Stop the monitor; the daemons keep running (they serve running containers)."""
+        """Stop the monitor; the daemons keep running (they serve running containers), but a
+        shared supervisor that serves no image stops with the snapshotter."""
         self._stopping.set()
         if self._monitor is not None:
             self._monitor.join(30)
+        if self._starter is not None:
+            self._starter.join(self.config.daemon_timeout + 5)
+        self._stop_idle_shared()
 
     # -- tear down --------------------------------------------------------------------------
     def release(self, image_id: str) -> None:
@@ -350,9 +372,13 @@ class DaemonManager:
             self.store.delete_image(image_id)
 
     def _stop_idle_shared(self) -> None:
-        """Drop cached blobs no mount uses; stop the supervisor when no image needs it."""
+        """Drop cached blobs no mount uses. The supervisor stays up while the snapshotter runs
+        in shared mode (as nydus-snapshotter's shared nydusd does), so the next image costs a
+        fork instead of a new interpreter; it stops when no image needs it and the snapshotter
+        is stopping or runs in another mode."""
         with self.shared._lock:
-            if any(self.mode_of(r) == SHARED for r in self.store.images()):
+            if any(self.mode_of(r) == SHARED for r in self.store.images()) or \
+                    (self.config.daemon_mode == SHARED and not self._stopping.is_set()):
                 self.gc_shared_cache()
                 return
             if self.shared.pid() or self.shared._proc is not None:

@@ -32,6 +32,7 @@ class NydusFileSystem:
 
     def start(self) -> None:
         self.daemons.reattach_all()
+        self.daemons.start_shared()
         self.daemons.start_monitor(self.config.recover_interval)
 
     def cleanup(self) -> None:

@@ -171,7 +171,42 @@ def test_nydus_image_rpull_runs_lazily_from_registry(mode, reg, nydus_image):
             assert (env.snap_root / "shared" / "nydusd.pid").exists()
             assert list((env.snap_root / "images").glob("*/nydusd.pid")) == []
         _remove_image_and_check_clean(env, ref)
-        assert nydusd_processes_under(env.dir) == []
+        _stop_snapshotter_and_check_no_nydusd(env)
+
+
+@pytest.mark.parametrize("mode", ["shared"])
+def test_shared_nydusd_starts_with_the_snapshotter_and_stays_for_the_next_image(mode, reg, nydus_image):
+    """As nydus-snapshotter: the shared nydusd is started with the snapshotter, before any
+    image, and stays while the snapshotter runs, so an image pulled after the last one was
+    removed is a mount in the same supervisor (a fork), not a new interpreter; it stops with
+    the snapshotter when it serves nothing."""
+    with ContainerdEnv(snapshotter_args=("--daemon-mode", mode)) as env:
+        env.start_snapshotter()
+        deadline = time.monotonic() + 30
+        while env.shared_mounts() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert env.shared_mounts() == [], env.log_tail("snapshotter")
+        (sup,) = env.nydusd_pids()
+        env.start_containerd()
+        ref = nydus_image["ref"]
+        for round_ in range(2):
+            rpull(env, ref)
+            out = env.ctr("run", "--snapshotter", SNAPSHOTTER, "--rm", ref, f"s{round_}", "/bin/busybox",
+                          "echo", "ok").stdout
+            assert out.strip() == "ok"
+            assert env.nydusd_pids() == [sup] and len(env.shared_mounts() or []) == 1
+            _remove_image_and_check_clean(env, ref)
+            assert env.nydusd_pids() == [sup] and env.shared_mounts() == []
+        assert "starting shared nydusd" in env.log_tail("snapshotter", 400)
+        assert env.log_tail("snapshotter", 400).count("starting shared nydusd") == 1
+        _stop_snapshotter_and_check_no_nydusd(env)
+
+
+def _stop_snapshotter_and_check_no_nydusd(env: ContainerdEnv) -> None:
+    """An idle shared supervisor stops with the snapshotter; nothing else may be left."""
+    env.stop_snapshotter()
+    assert nydusd_processes_under(env.dir) == []
+    assert env.nydusd_pids() == []
 
 
 # ---------------------------------------------------------------------------- restarts
@@ -232,7 +267,7 @@ def test_running_container_keeps_reading_its_lazy_rootfs_across_snapshotter_rest
         finally:
             kill_task(env, "long")
         _remove_image_and_check_clean(env, ref)
-        assert nydusd_processes_under(env.dir) == []
+        _stop_snapshotter_and_check_no_nydusd(env)
 
 
 # ---------------------------------------------------------------------------- credentials
@@ -388,11 +423,11 @@ def test_remove_and_cleanup_free_daemons_mounts_dirs_and_cache(mode, reg, nydus_
         _cleanup_via_grpc(env)
         assert _snapshots(env) == []
         assert mounts_under(env.dir) == []
-        assert nydusd_processes_under(env.dir) == []
-        assert env.nydusd_pids() == []
+        assert env.serving_nydusd() == []
         for sub in ("snapshots", "images", "mnt"):
             assert list((env.snap_root / sub).iterdir()) == [], sub
         assert _cache_blobs(env) == set()
+        _stop_snapshotter_and_check_no_nydusd(env)
         assert not (env.snap_root / "shared" / "cache").exists()
 
 

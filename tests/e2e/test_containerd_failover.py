@@ -188,7 +188,8 @@ def test_running_container_reads_on_across_daemon_kills_snapshotter_kills_and_up
                 assert "restarting" not in env.log_tail("snapshotter", 400)
         finally:
             kill_task(env, "reader")
-        remove_image_and_check_clean(env, ref)      # supervisors and daemons stop too
+        remove_image_and_check_clean(env, ref)      # daemons stop too; an idle shared one stays
+        env.stop_snapshotter()                      # and stops with the snapshotter
         assert nydusd_processes_under(env.dir) == []
 
 

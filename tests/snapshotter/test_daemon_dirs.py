@@ -52,9 +52,10 @@ def assert_nothing_left(dm: DaemonManager, layer: RemoteLayer) -> None:
     assert not dm.api_sock(layer.image_id).exists()
     assert dm.store.get_image(layer.image_id) is None
     assert sorted(os.listdir(root / "images")) == [] and sorted(os.listdir(root / "mnt")) == []
-    # shared: the supervisor started for it is stopped; only its logs stay, as after any stop
-    assert set(os.listdir(root / "shared")) <= {"nydusd.log", "nydusd.err"} \
-        if (root / "shared").exists() else True
+    # shared: the supervisor stays up (shared mode keeps it while the snapshotter runs) but
+    # serves nothing
+    if dm.shared._process_alive():
+        assert dm.shared.mounts() == {}
 
 
 @pytest.mark.parametrize("size", [0, MAX_BOOTSTRAP_SIZE + 1, len(BLOB) - 1])
@@ -79,8 +80,9 @@ def test_bootstrap_download_is_bounded_by_its_descriptor(manager, registry, size
 @pytest.mark.parametrize("mode", [DEDICATED, SHARED])
 def test_a_bootstrap_nydusd_refuses_leaves_nothing_behind(tmp_path, registry, mode):
     """The real nydusd, dedicated or shared, refuses BLOB (its digest is right, but it is no
-    bootstrap): the error names why, and the image's directories, record and (shared) the
-    supervisor started for it are gone."""
+    bootstrap): the error names why, and the image's directories and record are gone; the
+    shared supervisor serves nothing and stops with the snapshotter (close), leaving only its
+    logs, as after any stop."""
     cfg = RemoteConfig(root=prepare_root(tmp_path / "root"), recover_interval=0, daemon_mode=mode,
                        daemon_timeout=60)
     store = Store(tmp_path / "metadata.db")
@@ -94,7 +96,12 @@ def test_a_bootstrap_nydusd_refuses_leaves_nothing_behind(tmp_path, registry, mo
         with pytest.raises(RemoteError, match="bootstrap"):
             dm.ensure(layer)
         assert_nothing_left(dm, layer)
+        assert dm.shared._process_alive() == (mode == SHARED)
+        dm.close()
         assert dm.shared.pid() == 0 and not dm.shared._process_alive()
+        root = cfg.root
+        assert set(os.listdir(root / "shared")) <= {"nydusd.log", "nydusd.err"} \
+            if (root / "shared").exists() else True
     finally:
         if dm.shared._process_alive():     # failed: no supervisor outlives the test
             dm.shared.stop()
