@@ -305,13 +305,28 @@ def _check_names(mv: memoryview, owner: array, strings: Raw) -> None:
         items: Iterable[tuple[int, int]] = ((p & 0xFFFFFFFF, p >> 32) for p in distinct)
     else:
         items = set(zip(_col(mv, 3, 0), _col(mv, 3, 1)))
-    for o, n in items:
-        name = strings.span(o, n)
+    pairs = list(items)
+    if not pairs:
+        return
+    # All names at once (a name loop cost ~8 ms for the python image's 7k names): joined
+    # with '/', the result is as long as the lengths say plus the separators exactly when no
+    # name runs past the column (a slice there comes out short), and holds exactly those
+    # separators when no name holds a '/'.
+    column = strings.span(0, strings.end - strings.base)
+    names = [column[o:o + n] for o, n in pairs]
+    joined = b"/".join(names)
+    k = len(names)
+    if len(joined) == sum(n for _, n in pairs) + k - 1 and joined.count(b"/") == k - 1 \
+            and b"\0" not in joined and not names.count(b".") and not names.count(b".."):
+        return
+    for o, n in pairs:      # the error path: which name, and why
+        name = column[o:o + n]
         if len(name) != n or b"/" in name or b"\0" in name or name == b"." or name == b"..":
             off, ln = _col(mv, 3, 0), _col(mv, 3, 1)
             i = _first(a == o and b == n for a, b in zip(off, ln))
             what = "beyond strings" if len(name) != n else f"invalid name {name!r}"
             raise _fail(f"dirent {i} (in directory {owner[i]}): {what}")
+    raise AssertionError("a name check failed without a failing name")   # unreachable
 
 
 def check_variable(*, inodes: memoryview, refs: memoryview, offsets: memoryview,
