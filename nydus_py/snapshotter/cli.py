@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "FUSE session: running containers only pause), none")
     p.add_argument("--no-remote", action="store_true",
                    help="behave as a plain overlayfs snapshotter (never start nydusd)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=snapconfig.LOG_LEVELS, type=snapconfig.log_level)
     p.add_argument("--log-file", metavar="FILE", help="log here instead of stderr")
     return p
 

@@ -60,7 +60,7 @@ def cli_defaults(cfg: SnapshotterConfig) -> dict[str, Any]:
     if cfg.daemon.recover_policy:
         out["recover_policy"] = cfg.daemon.recover_policy
     if cfg.log.level:
-        out["log_level"] = {"warn": "warning", "trace": "debug"}.get(cfg.log.level, cfg.log.level)
+        out["log_level"] = log_level(cfg.log.level)
     if cfg.log.dir and not cfg.log.log_to_stdout:
         out["log_file"] = str(Path(cfg.log.dir) / "nydus-snapshotter.log")
     if cfg.metrics.address:
@@ -74,6 +74,15 @@ def cli_defaults(cfg: SnapshotterConfig) -> dict[str, Any]:
     if cfg.remote.mirrors_config.dir:
         out["mirrors_config_dir"] = cfg.remote.mirrors_config.dir
     return out
+
+
+# nydus-snapshotter's (logrus) level names; ours are Python's, and nydusd takes both
+LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error")
+
+
+def log_level(name: str) -> str:
+    """A level name as `--log-level` or `[log] level` gives it, as Python names it."""
+    return {"warn": "warning", "trace": "debug"}.get(name, name)
 
 
 

@@ -68,8 +68,8 @@ def cold_start(b: Bench) -> dict:
         label = f"{rate} Mbit/s, {rtt:g} ms RTT" if rate else f"loopback, {rtt:g} ms RTT"
         log.info("cold start over %s", label)
         res = {"net": label, "rate_mbit": rate, "rtt_ms": rtt,
-               "runs": {"nydus": [], "nydus_learned": [], "nydus_prefetch": [], "skopeo_umoci": [],
-                        "containerd": []}}
+               "runs": {"nydus": [], "nydus_learned": [], "nydus_prefetch": [], "nydus_snapshotter": [],
+                        "nydus_snapshotter_learned": [], "skopeo_umoci": [], "containerd": []}}
         with contextlib.ExitStack() as st:
             if rate:
                 st.enter_context(ShapedNet(rate))
@@ -85,6 +85,12 @@ def cold_start(b: Bench) -> dict:
                     res["runs"]["nydus_learned"].append(_cold_nydus(b, proxy, reg))
                 if pf_tag:
                     res["runs"]["nydus_prefetch"].append(_cold_nydus(b, proxy, reg, pf_tag))
+                for key, use_learned in (("nydus_snapshotter", False), ("nydus_snapshotter_learned", True)):
+                    if use_learned and not learned:
+                        continue
+                    r = _cold_snapshotter(b, proxy, reg, use_learned)
+                    if r is not None:
+                        res["runs"][key].append(r)
                 res["runs"]["skopeo_umoci"].append(_cold_skopeo(b, proxy, reg))
                 r = _cold_containerd(b, proxy, reg)
                 if r is not None:
@@ -178,6 +184,45 @@ def _cold_nydus(b: Bench, proxy: DelayProxy, reg: Registry, tag: str = "nydus", 
     # rootfs is not removed either); stopping the daemon and unmounting is reported apart
     r["seconds_with_unmount"] = r["seconds"]
     r["seconds"] -= info["unmount_s"]
+    return {**r, **info}
+
+
+def _cold_snapshotter(b: Bench, proxy: DelayProxy, reg: Registry, learned: bool) -> dict | None:
+    """nydus-py as containerd runs it: our snapshotter in shared mode, whose nydusd starts with
+    it (a host that runs containers has both running: not timed, as containerd itself is not),
+    then `ctr-remote image rpull` + `ctr run`, on the same containerd and runc as the ctr row.
+    `learned`: the image's learned list (a referrer) is used, else learned prefetch is off."""
+    if shutil.which("ctr-remote") is None:
+        return None
+    d = b.tmp("cold-snapshotter")
+    template = d / "nydusd-config.json"
+    template.write_text(json.dumps({"learned_prefetch": {"enable": learned, "record": False}}))
+    env = ctr_env(("--daemon-mode", "shared", "--log-level", "warn", "--nydusd-config", str(template)))
+    if env is None:
+        return None
+    ref = f"{proxy.host}/bench/{b.cold_image}:nydus"
+    info = {}
+    try:
+        with env:
+            env.start_snapshotter()
+            env.start_containerd()
+            deadline = time.monotonic() + 60
+            while env.shared_mounts() is None:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the shared nydusd did not start: {env.log_tail('snapshotter')}")
+                time.sleep(0.05)
+
+            def go():
+                with Timer() as t:
+                    env.ctr_remote("image", "rpull", "--plain-http", "--snapshotter", "nydus-py", ref,
+                                   timeout=300)
+                info["pull_s"] = t.s
+                p = env.ctr("run", "--snapshotter", "nydus-py", "--rm", ref, "cold1", *b.cold_cmd, timeout=300)
+                if "hello" not in p.stdout:
+                    raise RuntimeError(f"ctr run printed {p.stdout!r}")
+            r = _measure(proxy, reg, go)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
     return {**r, **info}
 
 

@@ -108,10 +108,10 @@ def proc_mounts(root: Path):
             subprocess.run(["umount", "-l", str(mp)], stderr=subprocess.DEVNULL)
 
 
-def ctr_env():
-    """A private containerd for the eStargz and ctr peers (tests/fixtures/containerd.py), or None
-    when its tools are missing."""
+def ctr_env(snapshotter_args: tuple[str, ...] = ()):
+    """A private containerd for the eStargz and ctr peers and our snapshotter
+    (tests/fixtures/containerd.py), or None when its tools are missing."""
     from tests.fixtures.containerd import ContainerdEnv, tools_missing
     if tools_missing():
         return None
-    return ContainerdEnv()
+    return ContainerdEnv(snapshotter_args=snapshotter_args)

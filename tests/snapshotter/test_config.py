@@ -220,3 +220,17 @@ def test_each_daemon_config_is_template_plus_image_plus_host_mirrors(tmp_path):
     finally:
         resolver.close()
         store.close()
+
+
+@pytest.mark.parametrize("flag, level", [("warn", "warning"), ("trace", "debug"), ("warning", "warning"),
+                                         ("error", "error")])
+def test_log_level_flag_takes_nydus_snapshotters_names(flag, level):
+    """`--log-level warn` (logrus's name, as nydus-snapshotter takes it) was refused while the
+    config file's `[log] level = "warn"` was accepted."""
+    assert cli.parse_args(["--log-level", flag])[0].log_level == level
+
+
+def test_an_unknown_log_level_flag_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--log-level", "loud"])
+    assert "--log-level" in capsys.readouterr().err
