@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 
 from nydus_py.errors import ConfigError, NydusError
@@ -13,10 +14,10 @@ from nydus_py.oci.auth import Credentials, resolve_credentials
 from nydus_py.oci.layout import json_object
 from nydus_py.oci.reference import Reference, parse as parse_reference
 from nydus_py.oci.registry import RegistryClient, RegistryConfig
-from nydus_py.snapshotter.remote import (BLOB_TYPES, BOOTSTRAP_TYPES, CRI_IMAGE_REF, CRI_LAYER_DIGEST,
-                                         CRI_MANIFEST_DIGEST, HINT_BLOB, HINT_BOOTSTRAP, LABEL_TARGET,
-                                         MANIFEST_CACHE, STARGZ_DIGEST, STARGZ_REF, RemoteConfig,
-                                         RemoteError, RemoteLayer)
+from nydus_py.snapshotter.remote import (BLOB_TYPES, BOOTSTRAP_TYPES, CRI_IMAGE_LAYERS, CRI_IMAGE_REF,
+                                         CRI_LAYER_DIGEST, CRI_MANIFEST_DIGEST, HINT_BLOB, HINT_BOOTSTRAP,
+                                         LABEL_TARGET, MANIFEST_CACHE, REF_TTL, STARGZ_DIGEST, STARGZ_LAYERS,
+                                         STARGZ_REF, RemoteConfig, RemoteError, RemoteLayer)
 from nydus_py.snapshotter.cri import Keychain
 from nydus_py.snapshotter.store import REMOTE_BLOB, REMOTE_BOOTSTRAP
 
@@ -32,6 +33,8 @@ class Resolver:
         self._retired: list[RegistryClient] = []
         self.keychain = Keychain()             # CRI pull secrets (cri.py)
         self._manifests: OrderedDict[tuple[str, str], dict] = OrderedDict()
+        # (reference, layer chain) -> (manifest, its digest, when): _manifest_with
+        self._resolved: OrderedDict[tuple[str, str], tuple[dict, str, float]] = OrderedDict()
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -79,7 +82,9 @@ class Resolver:
             log.warning("ignoring unparsable image reference label %r: %s", ref_text, e)
             return None
         try:
-            manifest, manifest_digest = self._manifest_with(ref, labels.get(CRI_MANIFEST_DIGEST), layer_digest)
+            manifest, manifest_digest = self._manifest_with(
+                ref, labels.get(CRI_MANIFEST_DIGEST), layer_digest,
+                labels.get(CRI_IMAGE_LAYERS) or labels.get(STARGZ_LAYERS) or "")
         except NydusError as e:
             if labels.get(HINT_BLOB) or labels.get(HINT_BOOTSTRAP):
                 raise RemoteError(f"{ref_text}: layer {layer_digest} is nydus-py but the manifest "
@@ -98,12 +103,32 @@ class Resolver:
             return None
         return RemoteLayer(kind, ref, manifest_digest, layer_digest, int(desc.get("size") or 0))
 
-    def _manifest_with(self, ref: Reference, manifest_digest: str | None, layer_digest: str
-                       ) -> tuple[dict | None, str]:
+    def _manifest_with(self, ref: Reference, manifest_digest: str | None, layer_digest: str,
+                       chain: str = "") -> tuple[dict | None, str]:
         """The manifest holding `layer_digest`: by digest when CRI told us, else resolve the
-        reference (walking an index's manifests)."""
+        reference (walking an index's manifests). `chain`: the image's layer digests as the
+        Prepare's labels list them. A pull Prepares each layer in turn and only names the
+        reference (ctr-remote rpull): the manifest the first Prepare resolved answers the next
+        ones when it lists exactly that chain, so one pull resolves its tag once, not once per
+        layer (each a registry round trip in the pull's critical path)."""
         if manifest_digest:
             return self._get_manifest(ref, manifest_digest), manifest_digest
+        key = (str(ref), chain)
+        if chain:
+            with self._lock:
+                hit = self._resolved.get(key)
+            # (remembered only when the manifest lists exactly `chain`: see below)
+            if hit is not None and time.monotonic() - hit[2] < REF_TTL and layer_digest in chain.split(","):
+                return hit[0], hit[1]
+        found, digest = self._resolve(ref, layer_digest)
+        if found is not None and chain and _chain(found) == chain:
+            with self._lock:
+                self._resolved[key] = (found, digest, time.monotonic())
+                while len(self._resolved) > MANIFEST_CACHE:
+                    self._resolved.popitem(last=False)
+        return found, digest
+
+    def _resolve(self, ref: Reference, layer_digest: str) -> tuple[dict | None, str]:
         doc, digest = self._get_manifest_by_ref(ref)
         if doc.get("mediaType") in mt.INDEX_TYPES or "manifests" in doc:
             for m in doc.get("manifests") or []:
@@ -135,6 +160,11 @@ class Resolver:
             self._manifests[key] = doc
             while len(self._manifests) > MANIFEST_CACHE:
                 self._manifests.popitem(last=False)
+
+
+def _chain(manifest: dict) -> str:
+    """A manifest's layer digests as the layer-chain labels write them."""
+    return ",".join(str(d.get("digest")) for d in manifest.get("layers") or [] if isinstance(d, dict))
 
 
 def layer_kind(desc: dict, labels: dict[str, str] | None = None) -> str | None:
