@@ -275,6 +275,15 @@ class LearnedPrefetchConfig(FromDict):
     record: bool = True            # record this run's reads; keep the list in the cache dir
     push: bool = False             # also push it to the registry / OCI layout (a referrer)
     window_secs: int = field(default=60, metadata={"min": 1})  # record reads this long after the first
+    # sha256 digest of the converted image's manifest, for an image mounted from a bootstrap file
+    # with a registry backend (nydus-snapshotter sets it): its lists are that manifest's referrers
+    image_manifest: str = field(default="", metadata={"empty_is_none": True})
+
+    def __post_init__(self) -> None:
+        m = self.image_manifest
+        if m and not (m.startswith("sha256:") and len(m) == 71 and
+                      all(c in "0123456789abcdef" for c in m[7:])):
+            raise ConfigError(f"image_manifest: {m!r} is not a sha256 digest (sha256:<64 hex>)")
 
 
 DEFAULT_AMPLIFY_IO = 1 << 20

@@ -277,21 +277,28 @@ class LearnedPrefetch:
             return ""
         if lst.digest == self._found_digest:
             return "unchanged"              # the list this mount used is already there
-        art = referrers.Artifact(
-            subject=o.manifest, artifact_type=mt.NYDUS_PY_PREFETCH_ARTIFACT, blob=lst.to_bytes(),
-            blob_media_type=mt.NYDUS_PY_PREFETCH_LIST,
-            annotations={referrers.ANNO_CREATED: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                         "io.nydus-py.bootstrap": lst.bootstrap,
-                         "io.nydus-py.prefetch.chunks": str(len(lst.chunks))})
+
+        def artifact(subject) -> referrers.Artifact:
+            return referrers.Artifact(
+                subject=subject, artifact_type=mt.NYDUS_PY_PREFETCH_ARTIFACT, blob=lst.to_bytes(),
+                blob_media_type=mt.NYDUS_PY_PREFETCH_LIST,
+                annotations={referrers.ANNO_CREATED: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                             "io.nydus-py.bootstrap": lst.bootstrap,
+                             "io.nydus-py.prefetch.chunks": str(len(lst.chunks))})
         try:
             if o.layout:
-                return f"oci:{o.layout}@" + referrers.layout_push(o.layout, art)
+                return f"oci:{o.layout}@" + referrers.layout_push(o.layout, artifact(o.manifest))
+            from nydus_py.oci.layout import Descriptor
             from nydus_py.oci.registry import RegistryClient
             config = o.registry
             if timeout is not None:
                 config = dataclasses.replace(config, timeout=timeout, retry_limit=1)
             with RegistryClient(config=config) as c:
-                return f"{config.host}/{o.repository}@" + referrers.registry_push(c, o.repository, art)
+                subject = o.manifest
+                if not subject.size:        # known by digest only: the subject descriptor needs
+                    data, media_type, _ = c.get_manifest(o.repository, subject.digest)  # (verified)
+                    subject = Descriptor(media_type, subject.digest, len(data))
+                return f"{config.host}/{o.repository}@" + referrers.registry_push(c, o.repository, artifact(subject))
         except (NydusError, OSError) as e:
             log.warning("learned prefetch list of %s not pushed: %s", self.image, e)
             return ""

@@ -23,6 +23,7 @@ chroot or container running as non-root) must see the tree.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import gc
 import logging
@@ -295,10 +296,37 @@ def _open_image(req: MountRequest, metrics: Metrics, on_manifest=None, *,
     if req.bootstrap and req.blob_dir:
         return image_source.open_local(req.bootstrap, req.blob_dir, metrics=metrics)
     if req.bootstrap and cfg.backend is not None:
-        return image_source.open_bootstrap(req.bootstrap, cfg.backend, metrics=metrics)
+        subject = _bootstrap_subject(req)
+        if subject is not None and on_manifest is not None:     # looked up beside the load
+            on_manifest(image_source.ImageOrigin(bootstrap_path=req.bootstrap, **subject))
+        opened = image_source.open_bootstrap(req.bootstrap, cfg.backend, metrics=metrics)
+        if subject is not None:
+            opened.origin = dataclasses.replace(opened.origin, **subject)
+        return opened
     if req.bootstrap:
         raise ConfigError("--bootstrap needs --blob-dir or a backend in --config")
     raise ConfigError("name an image: --image oci:DIR[:TAG] or --bootstrap FILE --blob-dir DIR")
+
+
+def _bootstrap_subject(req: MountRequest) -> dict | None:
+    """ImageOrigin fields naming the image manifest of a bootstrap mounted with a registry
+    backend (`learned_prefetch.image_manifest`, set by nydus-snapshotter): its learned lists are
+    that manifest's referrers in the backend's repository. Known by digest only: a push reads
+    the manifest's size and media type from the registry (LearnedPrefetch._push)."""
+    digest = req.config.learned_prefetch.image_manifest
+    backend = req.config.backend
+    if not digest:
+        return None
+    if backend is None or backend.registry is None:
+        log.warning("learned_prefetch.image_manifest %s ignored: referrers are looked up in a "
+                    "registry backend's repository, and the backend is %s", digest,
+                    backend.type if backend is not None else "not set")
+        return None
+    from nydus_py.oci import mediatypes as mt
+    from nydus_py.oci.layout import Descriptor
+    from nydus_py.storage.registry import make_client_config
+    return {"manifest": Descriptor(mt.OCI_MANIFEST, digest, 0),
+            "registry": make_client_config(backend.registry), "repository": backend.registry.repo}
 
 
 def _start_learned(req: MountRequest, opened: OpenedImage, remote=None) -> LearnedPrefetch | None:

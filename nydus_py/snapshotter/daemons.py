@@ -131,7 +131,11 @@ class DaemonManager:
         # digest_validate false: the cache is keyed by chunk table, so images cannot poison each
         # other (docs/operations.md "Trust model"); true would sha256 every cache hit
         template = self.config.nydusd_template or {"mode": "direct", "digest_validate": False}
-        return merge_template(template, backend, str(work))
+        doc = merge_template(template, backend, str(work))
+        # nydusd gets the bootstrap file, not the image: name its manifest, whose referrers
+        # are the image's learned prefetch lists (as `nydusd mount --image` finds them)
+        doc.setdefault("learned_prefetch", {})["image_manifest"] = rec.manifest_digest
+        return doc
 
     def _credentials(self, rec: ImageRecord) -> Credentials | None:
         """A CRI pull secret (kept with the image, so it survives a snapshotter restart:

@@ -33,8 +33,8 @@ class Resolver:
         self._retired: list[RegistryClient] = []
         self.keychain = Keychain()             # CRI pull secrets (cri.py)
         self._manifests: OrderedDict[tuple[str, str], dict] = OrderedDict()
-        # (reference, layer chain) -> (manifest, its digest, when): _manifest_with
-        self._resolved: OrderedDict[tuple[str, str], tuple[dict, str, float]] = OrderedDict()
+        # reference -> (manifest, its digest, when) as a pull resolved it: _manifest_with
+        self._resolved: OrderedDict[str, tuple[dict, str, float]] = OrderedDict()
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -106,24 +106,30 @@ class Resolver:
     def _manifest_with(self, ref: Reference, manifest_digest: str | None, layer_digest: str,
                        chain: str = "") -> tuple[dict | None, str]:
         """The manifest holding `layer_digest`: by digest when CRI told us, else resolve the
-        reference (walking an index's manifests). `chain`: the image's layer digests as the
-        Prepare's labels list them. A pull Prepares each layer in turn and only names the
-        reference (ctr-remote rpull): the manifest the first Prepare resolved answers the next
-        ones when it lists exactly that chain, so one pull resolves its tag once, not once per
-        layer (each a registry round trip in the pull's critical path)."""
+        reference (walking an index's manifests).
+
+        `chain`: the layer-chain label, this layer and the ones above it (containerd's
+        AppendInfoHandlerWrapper and ctr-remote both write the remaining chain). A pull
+        Prepares each layer in turn and, without a manifest digest, only names the reference:
+        the manifest the pull's first Prepare resolved answers the next ones when its layers
+        end with exactly their chain, so one pull resolves its tag once, not once per layer
+        (each a registry round trip in the pull's critical path). A nydus-py manifest's last
+        layer is its bootstrap, which describes every layer below it: a tag moved to another
+        image never shares the chain's end with the manifest remembered for it."""
         if manifest_digest:
             return self._get_manifest(ref, manifest_digest), manifest_digest
-        key = (str(ref), chain)
-        if chain:
+        layers = chain.split(",") if chain else []
+        if layers and layers[0] == layer_digest:
             with self._lock:
-                hit = self._resolved.get(key)
-            # (remembered only when the manifest lists exactly `chain`: see below)
-            if hit is not None and time.monotonic() - hit[2] < REF_TTL and layer_digest in chain.split(","):
+                hit = self._resolved.get(str(ref))
+            if hit is not None and time.monotonic() - hit[2] < REF_TTL and \
+                    _layer_digests(hit[0])[-len(layers):] == layers:
                 return hit[0], hit[1]
         found, digest = self._resolve(ref, layer_digest)
-        if found is not None and chain and _chain(found) == chain:
+        if found is not None and layers and _layer_digests(found)[-len(layers):] == layers:
             with self._lock:
-                self._resolved[key] = (found, digest, time.monotonic())
+                self._resolved[str(ref)] = (found, digest, time.monotonic())
+                self._resolved.move_to_end(str(ref))
                 while len(self._resolved) > MANIFEST_CACHE:
                     self._resolved.popitem(last=False)
         return found, digest
@@ -162,9 +168,8 @@ class Resolver:
                 self._manifests.popitem(last=False)
 
 
-def _chain(manifest: dict) -> str:
-    """A manifest's layer digests as the layer-chain labels write them."""
-    return ",".join(str(d.get("digest")) for d in manifest.get("layers") or [] if isinstance(d, dict))
+def _layer_digests(manifest: dict) -> list[str]:
+    return [str(d.get("digest")) for d in manifest.get("layers") or [] if isinstance(d, dict)]
 
 
 def layer_kind(desc: dict, labels: dict[str, str] | None = None) -> str | None:

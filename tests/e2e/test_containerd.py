@@ -8,12 +8,15 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 import signal
 import time
 
 import pytest
 
+from nydus_py.oci import mediatypes as mt
 from nydus_py.snapshotter.process import pid_alive
 from tests.fixtures import imagegen
 from tests.fixtures.containerd import (SNAPSHOTTER, ContainerdEnv, blob_gets, convert_nydus_busybox, kill_task,
@@ -174,6 +177,39 @@ def test_nydus_image_rpull_runs_lazily_from_registry(mode, reg, nydus_image):
         _stop_snapshotter_and_check_no_nydusd(env)
 
 
+@pytest.mark.parametrize("mode", ["dedicated", "shared"])
+def test_learned_list_pushed_through_one_snapshotter_is_used_by_another(mode, reg, nydus_image, tmp_path):
+    """Learned prefetch through containerd: the snapshotter names the image's manifest in
+    nydusd's config (it mounts a bootstrap file, not the image), so the list the first host's
+    run records is pushed as a referrer of the image when the image is removed, and a second
+    snapshotter with nothing local finds it and prefetches it before the container reads."""
+    template = tmp_path / "nydusd-config.json"
+    template.write_text(json.dumps({"learned_prefetch": {"push": True}}))
+    args = ("--daemon-mode", mode, "--nydusd-config", str(template))
+    ref = nydus_image["ref"]
+    with ContainerdEnv(snapshotter_args=args) as env:
+        env.start_snapshotter()
+        env.start_containerd()
+        rpull(env, ref)
+        env.ctr("run", "--snapshotter", SNAPSHOTTER, "--rm", ref, "l1", "/bin/sh", "-c",
+                "head -c 100000 /data/big.bin >/dev/null; ls /bin >/dev/null")
+        _remove_image_and_check_clean(env, ref)          # the daemon pushes as it stops
+    from nydus_py.oci.referrers import fallback_tag
+    from nydus_py.oci.registry import RegistryClient, RegistryConfig
+    with RegistryClient(config=RegistryConfig(host=reg.host, scheme="http")) as c:
+        index = json.loads(c.get_manifest("test/busybox-nydus", fallback_tag(nydus_image["digest"]))[0])
+    assert any(m.get("artifactType") == mt.NYDUS_PY_PREFETCH_ARTIFACT for m in index["manifests"]), index
+    with ContainerdEnv(snapshotter_args=("--daemon-mode", mode)) as env:
+        env.start_snapshotter()
+        env.start_containerd()
+        rpull(env, ref)
+        env.ctr("run", "--snapshotter", SNAPSHOTTER, "--rm", ref, "l2", "/bin/busybox", "true")
+        logs = "\n".join(p.read_text(errors="replace") for p in env.snap_root.rglob("*.log")
+                         if p.name != "snapshotter.log")
+        assert "from referrer" in logs and "learned prefetch list of" in logs, logs[-2000:]
+        _remove_image_and_check_clean(env, ref)
+
+
 @pytest.mark.parametrize("mode", ["shared"])
 def test_shared_nydusd_starts_with_the_snapshotter_and_stays_for_the_next_image(mode, reg, nydus_image):
     """As nydus-snapshotter: the shared nydusd is started with the snapshotter, before any
@@ -190,7 +226,14 @@ def test_shared_nydusd_starts_with_the_snapshotter_and_stays_for_the_next_image(
         env.start_containerd()
         ref = nydus_image["ref"]
         for round_ in range(2):
+            reg.sync_log()
+            by_tag = reg.count_requests("GET", r"/v2/test/busybox-nydus/manifests/latest")
             rpull(env, ref)
+            # the snapshotter resolves the tag once per pull, not once per layer; the second
+            # pull's chain (containerd resolved it again) ends as the first's manifest: no GET
+            reg.sync_log()
+            assert reg.count_requests("GET", r"/v2/test/busybox-nydus/manifests/latest") - by_tag == \
+                (1 if round_ == 0 else 0)
             out = env.ctr("run", "--snapshotter", SNAPSHOTTER, "--rm", ref, f"s{round_}", "/bin/busybox",
                           "echo", "ok").stdout
             assert out.strip() == "ok"

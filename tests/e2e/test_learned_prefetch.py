@@ -117,6 +117,47 @@ def test_list_recorded_on_one_host_is_used_by_a_fresh_cache_on_another(image, tm
         assert c.api("/api/v1/metrics")["chunk_misses"] > 0
 
 
+def test_a_bootstrap_mount_names_its_manifest_and_gets_the_lists_of_a_reference_mount(image, tmp_path):
+    """nydus-snapshotter's form: a bootstrap file and a registry backend config. With
+    `learned_prefetch.image_manifest` (which the snapshotter sets), the list it records is
+    pushed as a referrer of that manifest (its size and media type read from the registry),
+    and another host mounting the same way finds it; without it, nothing is looked up."""
+    reg, _ = image
+    client, subject = _subject(reg)
+    with client:
+        man = json.loads(client.get_manifest("learn/app", subject.digest)[0])
+        boot = tmp_path / "bootstrap"
+        with client.get_blob("learn/app", man["layers"][-1]["digest"]) as r:
+            boot.write_bytes(r.read())
+
+    def config(name: str, **learned) -> list[str]:
+        f = tmp_path / f"{name}.json"
+        f.write_text(json.dumps({"device": {"backend": {"type": "registry", "config": {
+            "host": reg.host, "repo": "learn/app", "scheme": "http"}}}, "learned_prefetch": learned}))
+        return ["--bootstrap", str(boot), "--config", str(f), "--cache-dir", str(tmp_path / f"cache-{name}")]
+
+    # (host A does not look: the list of the test above, the same reads, would make its push
+    # "unchanged")
+    with Daemon(tmp_path, *config("a", image_manifest=subject.digest, enable=False), name="ba") as a:
+        workload(a.mnt)
+        res = a.api("/api/v1/prefetch/push", "PUT")
+        assert res["pushed"].startswith(f"{reg.host}/learn/app@sha256:"), res
+    with client:
+        raw, _, _ = client.get_manifest("learn/app", referrers.fallback_tag(subject.digest))
+        newest = json.loads(raw)["manifests"][-1]
+        pushed = json.loads(client.get_manifest("learn/app", newest["digest"])[0])
+        assert pushed["subject"] == subject.to_json()       # the full descriptor, not a guess
+    with Daemon(tmp_path, *config("b", image_manifest=subject.digest), name="bb") as b:
+        pf = _prefetch_done(b)
+        assert pf["learned_chunks"] == res["chunks"] and pf["errors"] == 0, pf
+        workload(b.mnt)
+        assert b.api("/api/v1/metrics")["chunk_misses"] == 0
+    with Daemon(tmp_path, *config("c"), name="bc") as c:
+        assert _prefetch_done(c)["learned_chunks"] == 0
+        workload(c.mnt)
+        assert c.api("/api/v1/metrics")["chunk_misses"] > 0
+
+
 def test_list_tampered_in_transit_is_ignored_with_one_line(image, tmp_path):
     reg, _ = image
     client, subject = _subject(reg)
