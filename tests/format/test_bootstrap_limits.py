@@ -132,6 +132,40 @@ def test_a_name_past_the_end_of_strings_is_refused_whatever_follows_the_column()
         _refused(bad, "beyond strings")
 
 
+@pytest.mark.parametrize("bad", [None, 12345])
+def test_overlapping_names_are_checked_without_joining_them(bad):
+    """Names that overlap in `strings` (no converter writes them) add up to more than the
+    column: joining them would allocate 255 bytes per dirent from a few bytes of bootstrap.
+    They are checked one by one instead: the same verdicts, memory about the set of names."""
+    n = 20000
+    w, a, files = _writer(n)
+    doc = _doc(w)
+    dirents = bytearray(doc["dirents"])
+    rec = struct.Struct("<III")
+    first = len(doc["strings"])
+    doc["strings"] += b"x" * (n + 255)
+    for j in range(1, n + 1):            # dirent 0 is root/a; 1..n the files, all in a/
+        _, _, ino = rec.unpack_from(dirents, j * 12)
+        rec.pack_into(dirents, j * 12, first + j, 255, ino)
+    if bad is not None:
+        strings = bytearray(doc["strings"])
+        strings[first + bad + 100] = ord("/")
+        doc["strings"] = bytes(strings)
+    doc["dirents"] = bytes(dirents)
+    data = msgpack.packb(doc, use_bin_type=True)
+    tracemalloc.start()
+    try:
+        if bad is None:
+            Bootstrap.from_bytes(data)
+        else:
+            with pytest.raises(FormatError, match="invalid name"):
+                Bootstrap.from_bytes(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < len(data) + 255 * n // 2, peak     # joined, the names alone were 2 x 255 x n
+
+
 @pytest.mark.parametrize("nsec", [0, 999_999_999, 0x3AFFFFFF, 0x3B000000])
 def test_mtime_nsec_below_one_second_is_kept(nsec):
     w, _a, files = _writer()
