@@ -19,8 +19,8 @@ from nydus_py.oci.auth import Credentials
 from nydus_py.format.limits import MAX_BOOTSTRAP_SIZE as MAX_BOOTSTRAP
 from nydus_py.oci.reference import parse as parse_reference
 from nydus_py.snapshotter import cri
-from nydus_py.snapshotter.process import (is_live_mount, nydusd_env, pid_alive, read_pid, terminate,
-                                          unmount)
+from nydus_py.snapshotter.process import (is_live_mount, is_mounted, nydusd_env, pid_alive, read_pid,
+                                          terminate, unmount)
 from nydus_py.snapshotter.config import host_mirrors, merge_template
 from nydus_py.snapshotter.remote import DEDICATED, SHARED, RemoteConfig, RemoteError, RemoteLayer
 from nydus_py.snapshotter.resolver import Resolver
@@ -224,7 +224,9 @@ class DaemonManager:
             msg = (p.stderr or p.stdout).strip().splitlines()
             raise RemoteError(f"{rec.ref}: nydusd failed (exit {p.returncode}): {msg[-1] if msg else ''}")
         pid = read_pid(pid_file)
-        if not is_live_mount(mnt):
+        # mounted is enough: `--daemon` exits 0 only once the FUSE loop runs. A statfs here (a
+        # round trip to the daemon) waited ~20 ms behind its start-up work, in the Prepare.
+        if not is_mounted(mnt):
             raise RemoteError(f"{rec.ref}: nydusd exited 0 but {mnt} is not mounted")
         rec = replace(rec, pid=pid)
         self.store.put_image(rec)
@@ -236,7 +238,8 @@ class DaemonManager:
         body = {"bootstrap": rec.state["bootstrap"], "config": self._config_doc(rec)}
         log.info("mounting %s at %s in the shared nydusd", rec.ref, rec.mountpoint)
         info = self.shared.mount(rec.mountpoint, body)
-        if not is_live_mount(rec.mountpoint):
+        # the supervisor answers once the mount's API (served by its FUSE loop) says RUNNING
+        if not is_mounted(rec.mountpoint):
             raise RemoteError(f"{rec.ref}: the shared nydusd reported the mount but {rec.mountpoint} is not mounted")
         rec = replace(rec, pid=int(info.get("pid") or 0))
         self.store.put_image(rec)

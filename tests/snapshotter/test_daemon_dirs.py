@@ -77,6 +77,29 @@ def test_bootstrap_download_is_bounded_by_its_descriptor(manager, registry, size
         assert fetched >= 1                                 # served 64 bytes against a 63-byte descriptor
 
 
+def test_a_nydusd_that_exits_0_without_mounting_is_refused(tmp_path, registry):
+    """A dedicated nydusd that reports success but mounted nothing: one line naming the
+    mountpoint, and nothing left behind."""
+    # writes its own (soon dead) pid where asked, as `nydusd mount --daemon` does, and exits 0
+    stub = ("/bin/sh", "-c", 'while [ $# -gt 0 ]; do [ "$1" = --pid-file ] && echo $$ > "$2"; shift; done; '
+            'exit 0', "nydusd")
+    cfg = RemoteConfig(root=prepare_root(tmp_path / "root"), nydusd=stub, recover_interval=0)
+    store = Store(tmp_path / "metadata.db")
+    resolver = Resolver(cfg)
+    dm = DaemonManager(cfg, store, resolver)
+    try:
+        ref = parse_reference(f"{registry.host}/trust/boot:v2")
+        digest = "sha256:" + hashlib.sha256(BLOB).hexdigest()
+        resolver.client(ref).push_blob(ref.repository, BLOB, digest, len(BLOB))
+        layer = RemoteLayer(REMOTE_BOOTSTRAP, ref, "sha256:" + "cd" * 32, digest, len(BLOB))
+        with pytest.raises(RemoteError, match="exited 0 but .* is not mounted"):
+            dm.ensure(layer)
+        assert_nothing_left(dm, layer)
+    finally:
+        resolver.close()
+        store.close()
+
+
 @pytest.mark.parametrize("mode", [DEDICATED, SHARED])
 def test_a_bootstrap_nydusd_refuses_leaves_nothing_behind(tmp_path, registry, mode):
     """The real nydusd, dedicated or shared, refuses BLOB (its digest is right, but it is no
