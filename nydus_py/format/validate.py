@@ -39,7 +39,7 @@ import sys
 from array import array
 from collections import deque
 from collections.abc import Iterable, Sequence
-from itertools import accumulate, compress, repeat
+from itertools import accumulate, compress, islice, repeat
 
 from nydus_py.errors import FormatError
 from nydus_py.format import limits as L
@@ -58,6 +58,7 @@ _DIR = re.compile(b"d")
 _REGULAR = bytes(1 if c == ord("r") else 0 for c in range(256))    # type class → is regular
 _HIGH_BIT = re.compile(b"[\x80-\xff]")
 _NSEC_TOP = re.compile(b"[\x3b-\xff]")
+NAMES_AT_ONCE = 1 << 18     # dirents whose names _check_names dedups and checks together
 
 
 def _col(mv: memoryview, stride: int, field: int) -> array:
@@ -228,33 +229,31 @@ def _check_inodes(mv: memoryview, at: tuple[bytes, int] | None = None) -> tuple[
 def _check_tree(types: bytes, parents: array, inodes: memoryview, mv: memoryview,
                 strings: memoryview, dirents_at: tuple[bytes, int] | None = None,
                 strings_at: tuple[bytes, int] | None = None) -> None:
+    # Per-directory values live in arrays (4 bytes each), not lists of ints (~40 each, more
+    # with a sort): a hostile bootstrap of millions of directories cost ~340 bytes per
+    # directory here, 4 GB for one at the size limit.
     n, d = len(types), len(mv) // DIRENT_SIZE
     start, count = _col(inodes, 17, 12), _col(inodes, 17, 14)
-    at = [m.start() for m in _DIR.finditer(types)]     # O(directories), not O(inodes)
-    dir_inos = [i + 1 for i in at]
-    dstart, dcount = list(map(start.__getitem__, at)), list(map(count.__getitem__, at))
-    # The directories' ranges tile [0, d) without overlap; owner[j] = the directory of dirent j.
+    at = array("I", (m.start() for m in _DIR.finditer(types)))     # O(directories), not O(inodes)
+    # The directories' ranges tile [0, d) without overlap; owner[j] = the directory of dirent j
+    # (0 until one claims it).
     owner = array("I", bytes(4 * d))
-    covered = 0
-    for k in sorted(range(len(dir_inos)), key=dstart.__getitem__):
-        s, c = dstart[k], dcount[k]
+    for i in at:
+        s, c = start[i], count[i]
         if not c:
             continue
-        if s < covered:
-            raise _fail(f"inode {dir_inos[k]}: dirents {s}+{c} overlap another directory's")
-        if s > covered:
-            break
         if s + c > d:
-            raise _fail(f"inode {dir_inos[k]}: dirents {s}+{c} beyond the dirent table ({d})")
-        owner[s:s + c] = array("I", [dir_inos[k]]) * c
-        covered = s + c
-    if covered != d:
-        raise _fail(f"dirents: record {covered} belongs to no directory")
+            raise _fail(f"inode {i + 1}: dirents {s}+{c} beyond the dirent table ({d})")
+        if owner[s:s + c].count(0) != c:
+            raise _fail(f"inode {i + 1}: dirents {s}+{c} overlap another directory's")
+        owner[s:s + c] = array("I", [i + 1]) * c
+    if d and owner.count(0):
+        raise _fail(f"dirents: record {owner.index(0)} belongs to no directory")
     if parents[0] > 1:
         raise _fail(f"inode 1 (the root): parent {parents[0]}, expected 0 or 1")
-    for i, p in zip(dir_inos[1:], map(parents.__getitem__, at[1:])):
-        if i == p:
-            raise _fail(f"inode {i}: a directory that is its own parent")
+    for i in islice(at, 1, None):
+        if parents[i] == i + 1:
+            raise _fail(f"inode {i + 1}: a directory that is its own parent")
     if not d:
         return
     raw = Raw(mv, dirents_at)
@@ -273,19 +272,19 @@ def _check_tree(types: bytes, parents: array, inodes: memoryview, mv: memoryview
                     f"(1..{L.MAX_NAME_LEN})")
     _check_names(mv, owner, Raw(strings, strings_at))
     # every directory listed once, by the directory its `parent` names; never the root
-    at = [m.start() for m in _DIR.finditer(child_types)]
-    kids = list(map(ino.__getitem__, at))
+    where = array("I", (m.start() for m in _DIR.finditer(child_types)))
+    kids = array("I", map(ino.__getitem__, where))
     if 1 in kids:
         i = ino.index(1)
         raise _fail(f"dirent {i} (in directory {owner[i]}): the root directory listed as a child")
-    if len(set(kids)) != len(kids):
-        seen: set[int] = set()
-        for c in kids:
-            if c in seen:
-                raise _fail(f"inode {c}: a directory listed by more than one dirent")
-            seen.add(c)
-    listers = list(map(owner.__getitem__, at))
-    got = list(map(parents.__getitem__, [c - 1 for c in kids]))
+    seen = bytearray(n + 1)         # one byte per inode, not a set of ints
+    for c in kids:
+        if seen[c]:
+            raise _fail(f"inode {c}: a directory listed by more than one dirent")
+        seen[c] = 1
+    del seen
+    listers = array("I", map(owner.__getitem__, where))
+    got = array("I", map(parents.__getitem__, map(operator.sub, kids, repeat(1))))
     if got != listers:
         k = _first(map(operator.ne, got, listers))
         raise _fail(f"inode {kids[k]}: a directory with parent {got[k]} listed in "
@@ -304,28 +303,36 @@ class _Pairs:
 
 
 def _check_names(mv: memoryview, owner: array, strings: Raw) -> None:
-    """Each distinct (offset, length) once: inside `strings`, no '/' or NUL, not '.' or '..'."""
+    """Each distinct (offset, length) once: inside `strings`, no '/' or NUL, not '.' or '..'.
+    NAMES_AT_ONCE dirents at a time: the set of a slice's distinct names costs ~100 bytes a
+    name, so a bootstrap of millions of distinct names is checked in bounded memory (a name
+    repeated across slices is checked once per slice)."""
     d = len(mv) // DIRENT_SIZE
-    if sys.byteorder == "little":
-        # name_off | name_len << 32 as one u64 per dirent (even and odd records are 8-aligned
-        # from offsets 0 and 12): a set of ints, no tuples
-        distinct: set[int] = set()
-        for first, k in ((0, (d + 1) // 2), (DIRENT_SIZE, d // 2)):
-            if k:
-                distinct.update(mv[first:first + 24 * (k - 1) + 8].cast("Q")[::3])
-        items: Iterable[tuple[int, int]] = _Pairs(distinct)
-    else:
-        items = set(zip(_col(mv, 3, 0), _col(mv, 3, 1)))
     column = strings.span(0, strings.end - strings.base)
-    if _names_ok(items, column):
-        return
-    for o, n in items:      # the error path (or overlapping names): which name, and why
-        name = column[o:o + n]
-        if len(name) != n or b"/" in name or b"\0" in name or name == b"." or name == b"..":
-            off, ln = _col(mv, 3, 0), _col(mv, 3, 1)
-            i = _first(a == o and b == n for a, b in zip(off, ln))
-            what = "beyond strings" if len(name) != n else f"invalid name {name!r}"
-            raise _fail(f"dirent {i} (in directory {owner[i]}): {what}")
+    for a in range(0, d, NAMES_AT_ONCE):
+        b = min(d, a + NAMES_AT_ONCE)
+        part = mv[a * DIRENT_SIZE:b * DIRENT_SIZE]
+        items: Iterable[tuple[int, int]]
+        if sys.byteorder == "little":
+            # name_off | name_len << 32 as one u64 per dirent (even and odd records are
+            # 8-aligned from offsets 0 and 12): a set of ints, no tuples
+            distinct: set[int] = set()
+            m = b - a
+            for first, k in ((0, (m + 1) // 2), (DIRENT_SIZE, m // 2)):
+                if k:
+                    distinct.update(part[first:first + 24 * (k - 1) + 8].cast("Q")[::3])
+            items = _Pairs(distinct)
+        else:
+            items = set(zip(_col(part, 3, 0), _col(part, 3, 1)))
+        if _names_ok(items, column):
+            continue
+        for o, n in items:      # the error path (or overlapping names): which name, and why
+            name = column[o:o + n]
+            if len(name) != n or b"/" in name or b"\0" in name or name == b"." or name == b"..":
+                off, ln = _col(mv, 3, 0), _col(mv, 3, 1)
+                i = _first(x == o and y == n for x, y in zip(off, ln))
+                what = "beyond strings" if len(name) != n else f"invalid name {name!r}"
+                raise _fail(f"dirent {i} (in directory {owner[i]}): {what}")
 
 
 def _names_ok(items: Iterable[tuple[int, int]], column: bytes) -> bool:

@@ -166,6 +166,43 @@ def test_overlapping_names_are_checked_without_joining_them(bad):
     assert peak < len(data) + 255 * n // 2, peak     # joined, the names alone were 2 x 255 x n
 
 
+def test_a_million_directory_bootstrap_is_checked_in_memory_about_its_size(monkeypatch):
+    """Per-directory values are arrays, names are deduplicated a slice at a time: a hostile
+    bootstrap of many directories (the root listing 100k empty ones) is checked in ~2x its
+    size (it was ~340 bytes per directory: lists of ints, a sort, one set of every name)."""
+    from nydus_py.format import validate
+    monkeypatch.setattr(validate, "NAMES_AT_ONCE", 4096)
+    n = 100_000
+    w = BootstrapWriter(chunk_size=4096)
+    root = w.add_inode(mode=DIR, uid=0, gid=0, mtime_ns=0)
+    for i in range(n):
+        w.add_dirent(root, b"d%07d" % i, w.add_inode(mode=DIR, uid=0, gid=0, mtime_ns=0))
+    data = w.to_bytes()
+    tracemalloc.start()
+    try:
+        b = Bootstrap.from_bytes(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert b.inode_count == n + 1 and b.lookup(ROOT_INO, b"d0099999") == n + 1
+    assert peak < 2 * len(data), (peak, len(data))
+
+
+@pytest.mark.parametrize("bad_at", [5, 4099, 9000])
+def test_names_checked_a_slice_at_a_time_still_find_the_bad_one(monkeypatch, bad_at):
+    """Dirents whose names are checked in slices of NAMES_AT_ONCE: a bad name in any slice,
+    the first, a middle or the last, is named with its dirent."""
+    from nydus_py.format import validate
+    monkeypatch.setattr(validate, "NAMES_AT_ONCE", 4096)
+    n = 9001
+    w, _a, files = _writer(n)
+    doc = _doc(w)
+    doc["strings"] += b"no/slash"
+    doc["dirents"] = _patch(doc["dirents"], struct.Struct("<III"), bad_at, 0, len(doc["strings"]) - 8)
+    doc["dirents"] = _patch(doc["dirents"], struct.Struct("<III"), bad_at, 1, 8)
+    assert f"dirent {bad_at} (in directory" in _refused(doc, "invalid name b'no/slash'")
+
+
 @pytest.mark.parametrize("nsec", [0, 999_999_999, 0x3AFFFFFF, 0x3B000000])
 def test_mtime_nsec_below_one_second_is_kept(nsec):
     w, _a, files = _writer()
