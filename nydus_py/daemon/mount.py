@@ -287,6 +287,11 @@ def _open_image(req: MountRequest, metrics: Metrics, on_manifest=None, *,
     from nydus_py import image_source
 
     cfg = req.config
+    if cfg.learned_prefetch.image_manifest and (req.image or req.blob_dir):
+        log.warning("learned_prefetch.image_manifest %s ignored: it names the image of a "
+                    "--bootstrap mounted from a registry backend, and this mount %s",
+                    cfg.learned_prefetch.image_manifest,
+                    "names its image (--image)" if req.image else "reads a blob directory")
     if req.image:
         # a backend in the config (mirrors, proxy, S3 …) overrides where the blobs are read from
         return image_source.open_image(req.image, metrics=metrics, plain_http=req.plain_http,

@@ -80,3 +80,24 @@ def test_readahead_is_set_only_after_the_init_reply_and_never_through_the_mount(
             assert calls == [("init",)]     # the write waits for the worker to yield
     trio.run(main)
     assert calls == [("init",), ("set", "/m", 1024)]
+
+
+@pytest.mark.parametrize("where", ["blob_dir", "image", "localfs"])
+def test_image_manifest_that_cannot_apply_is_reported_not_ignored(where, tmp_path, caplog):
+    """`learned_prefetch.image_manifest` names the image of a --bootstrap read from a registry
+    backend; given to any other mount it is said to be ignored, in one log line."""
+    from nydus_py.config import nydusd as nydusd_config
+    from nydus_py.daemon.mount import _open_image
+    from nydus_py.errors import NydusError
+    from nydus_py.metrics import Metrics
+    doc: dict = {"learned_prefetch": {"image_manifest": "sha256:" + "ab" * 32}}
+    if where == "localfs":
+        doc["device"] = {"backend": {"type": "localfs", "config": {"dir": str(tmp_path)}}}
+    kw = {"image": f"oci:{tmp_path}/none"} if where == "image" else {"bootstrap": str(tmp_path / "none")}
+    if where == "blob_dir":
+        kw["blob_dir"] = str(tmp_path / "none")
+    req = MountRequest(mountpoint=str(tmp_path / "mnt"), config=nydusd_config.parse(doc), **kw)
+    with caplog.at_level("WARNING"), pytest.raises(NydusError):
+        _open_image(req, Metrics())          # the files do not exist: it fails after the check
+    lines = [r.getMessage() for r in caplog.records if "image_manifest" in r.getMessage()]
+    assert len(lines) == 1 and "ignored" in lines[0], lines
