@@ -205,3 +205,32 @@ def test_releasing_shared_images_collects_their_unused_image_state(tmp_path):
         assert list((cache / "prefetch").iterdir()) == []
     finally:
         store.close()
+
+
+def test_a_shared_nydusd_that_cannot_start_is_reported_at_the_next_image(tmp_path, registry, caplog):
+    """Shared mode starts its nydusd with the snapshotter, in the background: when it cannot
+    start, that is one error line then, and the next image's Prepare tries again and fails
+    with the reason (nothing left behind)."""
+    cfg = RemoteConfig(root=prepare_root(tmp_path / "root"), nydusd=("/bin/false",), recover_interval=0,
+                       daemon_mode=SHARED, daemon_timeout=20)
+    store = Store(tmp_path / "metadata.db")
+    resolver = Resolver(cfg)
+    dm = DaemonManager(cfg, store, resolver)
+    try:
+        with caplog.at_level("ERROR"):
+            dm.start_shared()
+            assert dm._starter is not None
+            dm._starter.join(30)
+        assert any("shared nydusd exited 1" in r.getMessage() for r in caplog.records)
+        ref = parse_reference(f"{registry.host}/trust/boot:v3")
+        digest = "sha256:" + hashlib.sha256(BLOB).hexdigest()
+        resolver.client(ref).push_blob(ref.repository, BLOB, digest, len(BLOB))
+        layer = RemoteLayer(REMOTE_BOOTSTRAP, ref, "sha256:" + "ce" * 32, digest, len(BLOB))
+        with pytest.raises(RemoteError, match="shared nydusd exited 1"):
+            dm.ensure(layer)
+        assert_nothing_left(dm, layer)
+    finally:
+        dm.close()
+        resolver.close()
+        store.close()
+    assert not dm.shared._process_alive()
