@@ -307,6 +307,16 @@ class DaemonManager:
                     restarted += 1
                 except NydusError as e:
                     log.error("image %s: restart failed: %s", cur.ref, e)
+        # shared mode keeps its supervisor up while idle too (start_shared): one that died with
+        # no image in it is started again here, not in the next image's Prepare
+        if self._starter is not None and not self._starter.is_alive() and \
+                not self._stopping.is_set() and not self.shared.alive():
+            log.warning("the shared nydusd is gone; starting it again")
+            try:
+                self.shared.ensure_running()
+                restarted += 1
+            except NydusError as e:
+                log.error("%s", e)
         return restarted
 
     def start_shared(self) -> None:

@@ -234,3 +234,33 @@ def test_a_shared_nydusd_that_cannot_start_is_reported_at_the_next_image(tmp_pat
         resolver.close()
         store.close()
     assert not dm.shared._process_alive()
+
+
+def test_the_monitor_starts_an_idle_shared_nydusd_again(tmp_path):
+    """Shared mode keeps its nydusd while the snapshotter runs: killed while it serves no
+    image, the liveness monitor starts it again (not the next image's Prepare)."""
+    import signal
+    from nydus_py.snapshotter.process import pid_alive
+    cfg = RemoteConfig(root=prepare_root(tmp_path / "root"), recover_interval=0, daemon_mode=SHARED,
+                       daemon_timeout=60)
+    store = Store(tmp_path / "metadata.db")
+    resolver = Resolver(cfg)
+    dm = DaemonManager(cfg, store, resolver)
+    try:
+        dm.start_shared()
+        assert dm._starter is not None
+        dm._starter.join(90)
+        first = dm.shared.pid()
+        assert dm.shared.alive() and first
+        assert dm.recover() == 0                 # alive: nothing to do
+        os.kill(first, signal.SIGKILL)
+        if dm.shared._proc is not None:
+            dm.shared._proc.wait(30)
+        assert not pid_alive(first)
+        assert dm.recover() == 1
+        assert dm.shared.alive() and dm.shared.pid() not in (0, first)
+    finally:
+        dm.close()
+        resolver.close()
+        store.close()
+    assert not dm.shared._process_alive()
