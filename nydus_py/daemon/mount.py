@@ -287,11 +287,7 @@ def _open_image(req: MountRequest, metrics: Metrics, on_manifest=None, *,
     from nydus_py import image_source
 
     cfg = req.config
-    if cfg.learned_prefetch.image_manifest and (req.image or req.blob_dir):
-        log.warning("learned_prefetch.image_manifest %s ignored: it names the image of a "
-                    "--bootstrap mounted from a registry backend, and this mount %s",
-                    cfg.learned_prefetch.image_manifest,
-                    "names its image (--image)" if req.image else "reads a blob directory")
+    subject = _bootstrap_subject(req)
     if req.image:
         # a backend in the config (mirrors, proxy, S3 …) overrides where the blobs are read from
         return image_source.open_image(req.image, metrics=metrics, plain_http=req.plain_http,
@@ -301,7 +297,6 @@ def _open_image(req: MountRequest, metrics: Metrics, on_manifest=None, *,
     if req.bootstrap and req.blob_dir:
         return image_source.open_local(req.bootstrap, req.blob_dir, metrics=metrics)
     if req.bootstrap and cfg.backend is not None:
-        subject = _bootstrap_subject(req)
         if subject is not None and on_manifest is not None:     # looked up beside the load
             on_manifest(image_source.ImageOrigin(bootstrap_path=req.bootstrap, **subject))
         opened = image_source.open_bootstrap(req.bootstrap, cfg.backend, metrics=metrics)
@@ -317,21 +312,28 @@ def _bootstrap_subject(req: MountRequest) -> dict | None:
     """ImageOrigin fields naming the image manifest of a bootstrap mounted with a registry
     backend (`learned_prefetch.image_manifest`, set by nydus-snapshotter): its learned lists are
     that manifest's referrers in the backend's repository. Known by digest only: a push reads
-    the manifest's size and media type from the registry (LearnedPrefetch._push)."""
+    the manifest's size and media type from the registry (LearnedPrefetch._push). Given to any
+    other mount, it is said to be ignored (one line)."""
     digest = req.config.learned_prefetch.image_manifest
     backend = req.config.backend
-    if not digest:
-        return None
-    if backend is None or backend.registry is None:
-        log.warning("learned_prefetch.image_manifest %s ignored: referrers are looked up in a "
-                    "registry backend's repository, and the backend is %s", digest,
-                    backend.type if backend is not None else "not set")
-        return None
-    from nydus_py.oci import mediatypes as mt
-    from nydus_py.oci.layout import Descriptor
-    from nydus_py.storage.registry import make_client_config
-    return {"manifest": Descriptor(mt.OCI_MANIFEST, digest, 0),
-            "registry": make_client_config(backend.registry), "repository": backend.registry.repo}
+    if not digest or not (req.image or req.bootstrap) or \
+            (req.bootstrap and not req.image and not req.blob_dir and backend is None):
+        return None         # no image named, or no backend: _open_image refuses the mount
+    if req.image:
+        why = "this mount names its image (--image)"
+    elif req.blob_dir:
+        why = "this mount reads a blob directory"
+    elif backend is None or backend.registry is None:
+        why = f"the backend is {backend.type if backend is not None else 'not set'}"
+    else:
+        from nydus_py.oci import mediatypes as mt
+        from nydus_py.oci.layout import Descriptor
+        from nydus_py.storage.registry import make_client_config
+        return {"manifest": Descriptor(mt.OCI_MANIFEST, digest, 0),
+                "registry": make_client_config(backend.registry), "repository": backend.registry.repo}
+    log.warning("learned_prefetch.image_manifest %s ignored: it names the image of a --bootstrap "
+                "mounted from a registry backend, and %s", digest, why)
+    return None
 
 
 def _start_learned(req: MountRequest, opened: OpenedImage, remote=None) -> LearnedPrefetch | None:

@@ -101,11 +101,6 @@ class Raw:
         """Byte `byte_off` of every `rec`-byte record: the column's bytes[byte_off::rec]."""
         return self.buf[self.base + byte_off:self.end:rec]
 
-    def span(self, off: int, n: int) -> bytes:
-        """The column's bytes[off:off + n] (shorter when it runs past the column's end)."""
-        s = self.base + off
-        return self.buf[s:min(s + n, self.end)]
-
 
 def _zero(raw: Raw, rec: int, byte_off: int, width: int) -> bool:
     """Whether the `width` bytes at `byte_off` of every record of `raw` are zero."""
@@ -138,8 +133,7 @@ def check(*, blobs: Sequence, inodes: memoryview, dirents: memoryview, chunks: m
     if len(digests) != n_chunks * 32:
         raise _fail(f"digests: {len(digests)} bytes for {n_chunks} chunks (32 each)")
     types, parents = _check_inodes(inodes, _at(source, "inodes"))
-    _check_tree(types, parents, inodes, dirents, strings, _at(source, "dirents"),
-                _at(source, "strings"))
+    _check_tree(types, parents, inodes, dirents, strings, _at(source, "dirents"))
     n = len(types)
     if len(prefetch) // 4 > n:
         raise _fail(f"prefetch: {len(prefetch) // 4} entries for {n} inodes")
@@ -227,8 +221,7 @@ def _check_inodes(mv: memoryview, at: tuple[bytes, int] | None = None) -> tuple[
 
 
 def _check_tree(types: bytes, parents: array, inodes: memoryview, mv: memoryview,
-                strings: memoryview, dirents_at: tuple[bytes, int] | None = None,
-                strings_at: tuple[bytes, int] | None = None) -> None:
+                strings: memoryview, dirents_at: tuple[bytes, int] | None = None) -> None:
     # Per-directory values live in arrays (4 bytes each), not lists of ints (~40 each, more
     # with a sort): a hostile bootstrap of millions of directories cost ~340 bytes per
     # directory here, 4 GB for one at the size limit.
@@ -270,7 +263,7 @@ def _check_tree(types: bytes, parents: array, inodes: memoryview, mv: memoryview
         i = _first(not 1 <= x <= L.MAX_NAME_LEN for x in ln)
         raise _fail(f"dirent {i} (in directory {owner[i]}): name of {ln[i]} bytes "
                     f"(1..{L.MAX_NAME_LEN})")
-    _check_names(mv, owner, Raw(strings, strings_at))
+    _check_names(mv, owner, strings)
     # every directory listed once, by the directory its `parent` names; never the root
     where = array("I", (m.start() for m in _DIR.finditer(child_types)))
     kids = array("I", map(ino.__getitem__, where))
@@ -302,13 +295,13 @@ class _Pairs:
         return ((p & 0xFFFFFFFF, p >> 32) for p in self.packed)
 
 
-def _check_names(mv: memoryview, owner: array, strings: Raw) -> None:
+def _check_names(mv: memoryview, owner: array, strings: memoryview) -> None:
     """Each distinct (offset, length) once: inside `strings`, no '/' or NUL, not '.' or '..'.
     NAMES_AT_ONCE dirents at a time: the set of a slice's distinct names costs ~100 bytes a
     name, so a bootstrap of millions of distinct names is checked in bounded memory (a name
     repeated across slices is checked once per slice)."""
     d = len(mv) // DIRENT_SIZE
-    column = strings.span(0, strings.end - strings.base)
+    column = strings.tobytes()      # names are sliced out of it, one copy either way
     for a in range(0, d, NAMES_AT_ONCE):
         b = min(d, a + NAMES_AT_ONCE)
         part = mv[a * DIRENT_SIZE:b * DIRENT_SIZE]

@@ -50,7 +50,7 @@ CRI_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
 CRI_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
 STARGZ_REF = "containerd.io/snapshot/remote/stargz.reference"
 STARGZ_DIGEST = "containerd.io/snapshot/remote/stargz.digest"
-# the image's whole layer chain, comma-separated (CRI; ctr-remote rpull)
+# the layer chain from this layer up, comma-separated (CRI; ctr-remote rpull): resolver.py
 CRI_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"
 STARGZ_LAYERS = "containerd.io/snapshot/remote/stargz.layers"
 HINT_BLOB = "containerd.io/snapshot/nydus-py.blob"
@@ -62,7 +62,7 @@ BLOB_TYPES = {mt.NYDUS_PY_BLOB, "application/vnd.oci.image.layer.nydus-py.blob.v
 BOOTSTRAP_TYPES = {mt.NYDUS_PY_BOOTSTRAP, "application/vnd.oci.image.layer.nydus-py.bootstrap.v1"}
 MANIFEST_CACHE = 64
 # how long a tag resolved for one layer's Prepare answers the next layers' Prepares of the same
-# pull (only when the image's layer chain is the same): a pull is a few seconds at most
+# pull (only when the manifest ends with their layer chain): a pull is a few seconds at most
 REF_TTL = 60.0
 DEDICATED, SHARED = "dedicated", "shared"        # nydus-snapshotter's --daemon-mode names
 DAEMON_MODES = (DEDICATED, SHARED)

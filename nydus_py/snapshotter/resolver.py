@@ -127,11 +127,7 @@ class Resolver:
                 return hit[0], hit[1]
         found, digest = self._resolve(ref, layer_digest)
         if found is not None and layers and _layer_digests(found)[-len(layers):] == layers:
-            with self._lock:
-                self._resolved[str(ref)] = (found, digest, time.monotonic())
-                self._resolved.move_to_end(str(ref))
-                while len(self._resolved) > MANIFEST_CACHE:
-                    self._resolved.popitem(last=False)
+            self._remember(self._resolved, str(ref), (found, digest, time.monotonic()))
         return found, digest
 
     def _resolve(self, ref: Reference, layer_digest: str) -> tuple[dict | None, str]:
@@ -147,7 +143,7 @@ class Resolver:
     def _get_manifest_by_ref(self, ref: Reference) -> tuple[dict, str]:
         data, _mtype, digest = self.client(ref).get_manifest(ref.repository, ref.ref)
         doc = json_object(data, f"manifest {ref}")
-        self._remember((ref.name, digest), doc)
+        self._remember(self._manifests, (ref.name, digest), doc)
         return doc, digest
 
     def _get_manifest(self, ref: Reference, digest: str) -> dict:
@@ -158,14 +154,16 @@ class Resolver:
                 return self._manifests[key]
         data, _mtype, _ = self.client(ref).get_manifest(ref.repository, digest)
         doc = json_object(data, f"manifest {ref.name}@{digest}")
-        self._remember(key, doc)
+        self._remember(self._manifests, key, doc)
         return doc
 
-    def _remember(self, key: tuple[str, str], doc: dict) -> None:
+    def _remember(self, cache: OrderedDict, key: object, value: object) -> None:
+        """`cache[key] = value` as its newest entry, the oldest dropped past MANIFEST_CACHE."""
         with self._lock:
-            self._manifests[key] = doc
-            while len(self._manifests) > MANIFEST_CACHE:
-                self._manifests.popitem(last=False)
+            cache[key] = value
+            cache.move_to_end(key)
+            while len(cache) > MANIFEST_CACHE:
+                cache.popitem(last=False)
 
 
 def _layer_digests(manifest: dict) -> list[str]:
