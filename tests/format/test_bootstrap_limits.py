@@ -5,6 +5,7 @@ even over a bootstrap that skipped the load-time checks."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import stat
 import struct
@@ -29,6 +30,18 @@ from nydus_py.format.limits import MAX_CHUNK_SIZE
 from nydus_py.io import prefetch as pf
 
 DIR, REG = stat.S_IFDIR | 0o755, stat.S_IFREG | 0o644
+
+
+@contextlib.contextmanager
+def _peak_memory():
+    """Traces the block's allocations: the dict it gives has "peak" (bytes) once it ends."""
+    mem: dict[str, int] = {}
+    tracemalloc.start()
+    try:
+        yield mem
+        mem["peak"] = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
 
 
 def _writer(n_files: int = 2) -> tuple[BootstrapWriter, int, list[int]]:
@@ -153,17 +166,13 @@ def test_overlapping_names_are_checked_without_joining_them(bad):
         doc["strings"] = bytes(strings)
     doc["dirents"] = bytes(dirents)
     data = msgpack.packb(doc, use_bin_type=True)
-    tracemalloc.start()
-    try:
+    with _peak_memory() as mem:
         if bad is None:
             Bootstrap.from_bytes(data)
         else:
             with pytest.raises(FormatError, match="invalid name"):
                 Bootstrap.from_bytes(data)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < len(data) + 255 * n // 2, peak     # joined, the names alone were 2 x 255 x n
+    assert mem["peak"] < len(data) + 255 * n // 2, mem["peak"]     # joined, the names alone were 2 x 255 x n
 
 
 def test_a_million_directory_bootstrap_is_checked_in_memory_about_its_size(monkeypatch):
@@ -178,14 +187,10 @@ def test_a_million_directory_bootstrap_is_checked_in_memory_about_its_size(monke
     for i in range(n):
         w.add_dirent(root, b"d%07d" % i, w.add_inode(mode=DIR, uid=0, gid=0, mtime_ns=0))
     data = w.to_bytes()
-    tracemalloc.start()
-    try:
+    with _peak_memory() as mem:
         b = Bootstrap.from_bytes(data)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
     assert b.inode_count == n + 1 and b.lookup(ROOT_INO, b"d0099999") == n + 1
-    assert peak < 2 * len(data), (peak, len(data))
+    assert mem["peak"] < 2 * len(data), (mem["peak"], len(data))
 
 
 @pytest.mark.parametrize("bad_at", [5, 4099, 9000])
@@ -295,14 +300,10 @@ def test_a_bootstrap_of_zeros_from_a_tiny_layer_costs_no_more_than_its_size():
     doc["prefetch"] = bytes(64 << 20)
     layer = compress_layer(msgpack.packb(doc, use_bin_type=True))
     assert len(layer) < 16 << 10
-    tracemalloc.start()
-    try:
+    with _peak_memory() as mem:
         with pytest.raises(FormatError, match="prefetch"):
             Bootstrap.from_bytes(layer)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 3 * (64 << 20)
+    assert mem["peak"] < 3 * (64 << 20)
 
 
 def test_chunk_records_are_checked_where_used():
@@ -320,14 +321,10 @@ def test_chunk_records_are_checked_where_used():
 def test_zstd_chunk_cannot_expand_beyond_the_declared_size():
     bomb = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(64 << 20))
     assert len(bomb) < 4096
-    tracemalloc.start()
-    try:
+    with _peak_memory() as mem:
         with pytest.raises(IntegrityError, match="declares 67108864 bytes"):
             compression.decompress("zstd", bomb, 4096, "blob x chunk 0")
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 1 << 20
+    assert mem["peak"] < 1 << 20
 
 
 def test_zstd_layer_size_field_is_bounded_and_checked():
@@ -373,12 +370,8 @@ def test_msgpack_structure_is_bounded_before_it_is_built():
     big = b"\xdd" + struct.pack(">I", 50_000_000) + b"\x00" * 50_000_000   # 50M fixints
     raw = msgpack.packb(doc, use_bin_type=True)
     evil = b"\xde" + struct.pack(">H", len(doc) + 1) + raw[1:] + msgpack.packb("x") + big
-    tracemalloc.start()
-    try:
+    with _peak_memory() as mem:
         _refused(evil, "limit")
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 8 << 20
+    assert mem["peak"] < 8 << 20
     _refused(raw + b"\x00", "trailing")
     _refused(b"\xc7\x01\x05x", "unsupported msgpack type")

@@ -9,6 +9,7 @@ Every directory the snapshotter makes has an explicit mode, whatever the umask."
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,19 +29,33 @@ from nydus_py.snapshotter.store import REMOTE_BOOTSTRAP, Store
 BLOB = b"not really a bootstrap, but 64 bytes of it is all we need here.."
 
 
-@pytest.fixture()
-def manager(tmp_path, registry):
-    cfg = RemoteConfig(root=prepare_root(tmp_path / "root"), nydusd=("/bin/false",), recover_interval=0)
+@contextlib.contextmanager
+def _daemons(tmp_path, **config):
+    """A DaemonManager over ROOT=tmp_path/root (recover_interval 0 unless given); its store
+    and resolver are closed on the way out."""
+    cfg = RemoteConfig(root=prepare_root(tmp_path / "root"), **{"recover_interval": 0, **config})
     store = Store(tmp_path / "metadata.db")
     resolver = Resolver(cfg)
-    ref = parse_reference(f"{registry.host}/trust/boot:v1")
-    digest = "sha256:" + hashlib.sha256(BLOB).hexdigest()
-    resolver.client(ref).push_blob(ref.repository, BLOB, digest, len(BLOB))
     try:
-        yield DaemonManager(cfg, store, resolver), ref, digest
+        yield DaemonManager(cfg, store, resolver)
     finally:
         resolver.close()
         store.close()
+
+
+def _blob_layer(dm: DaemonManager, registry, tag: str, image_hex: str) -> RemoteLayer:
+    """BLOB pushed to the registry as the bootstrap layer of image sha256:<image_hex>."""
+    ref = parse_reference(f"{registry.host}/trust/boot:{tag}")
+    digest = "sha256:" + hashlib.sha256(BLOB).hexdigest()
+    dm.resolver.client(ref).push_blob(ref.repository, BLOB, digest, len(BLOB))
+    return RemoteLayer(REMOTE_BOOTSTRAP, ref, "sha256:" + image_hex, digest, len(BLOB))
+
+
+@pytest.fixture()
+def manager(tmp_path, registry):
+    with _daemons(tmp_path, nydusd=("/bin/false",)) as dm:
+        layer = _blob_layer(dm, registry, "v1", "00" * 32)
+        yield dm, layer.ref, layer.digest
 
 
 def assert_nothing_left(dm: DaemonManager, layer: RemoteLayer) -> None:
@@ -83,21 +98,11 @@ def test_a_nydusd_that_exits_0_without_mounting_is_refused(tmp_path, registry):
     # writes its own (soon dead) pid where asked, as `nydusd mount --daemon` does, and exits 0
     stub = ("/bin/sh", "-c", 'while [ $# -gt 0 ]; do [ "$1" = --pid-file ] && echo $$ > "$2"; shift; done; '
             'exit 0', "nydusd")
-    cfg = RemoteConfig(root=prepare_root(tmp_path / "root"), nydusd=stub, recover_interval=0)
-    store = Store(tmp_path / "metadata.db")
-    resolver = Resolver(cfg)
-    dm = DaemonManager(cfg, store, resolver)
-    try:
-        ref = parse_reference(f"{registry.host}/trust/boot:v2")
-        digest = "sha256:" + hashlib.sha256(BLOB).hexdigest()
-        resolver.client(ref).push_blob(ref.repository, BLOB, digest, len(BLOB))
-        layer = RemoteLayer(REMOTE_BOOTSTRAP, ref, "sha256:" + "cd" * 32, digest, len(BLOB))
+    with _daemons(tmp_path, nydusd=stub) as dm:
+        layer = _blob_layer(dm, registry, "v2", "cd" * 32)
         with pytest.raises(RemoteError, match="exited 0 but .* is not mounted"):
             dm.ensure(layer)
         assert_nothing_left(dm, layer)
-    finally:
-        resolver.close()
-        store.close()
 
 
 @pytest.mark.parametrize("mode", [DEDICATED, SHARED])
@@ -106,30 +111,21 @@ def test_a_bootstrap_nydusd_refuses_leaves_nothing_behind(tmp_path, registry, mo
     bootstrap): the error names why, and the image's directories and record are gone; the
     shared supervisor serves nothing and stops with the snapshotter (close), leaving only its
     logs, as after any stop."""
-    cfg = RemoteConfig(root=prepare_root(tmp_path / "root"), recover_interval=0, daemon_mode=mode,
-                       daemon_timeout=60)
-    store = Store(tmp_path / "metadata.db")
-    resolver = Resolver(cfg)
-    dm = DaemonManager(cfg, store, resolver)
-    try:
-        ref = parse_reference(f"{registry.host}/trust/boot:v1")
-        digest = "sha256:" + hashlib.sha256(BLOB).hexdigest()
-        resolver.client(ref).push_blob(ref.repository, BLOB, digest, len(BLOB))
-        layer = RemoteLayer(REMOTE_BOOTSTRAP, ref, "sha256:" + "ef" * 32, digest, len(BLOB))
-        with pytest.raises(RemoteError, match="bootstrap"):
-            dm.ensure(layer)
-        assert_nothing_left(dm, layer)
-        assert dm.shared._process_alive() == (mode == SHARED)
-        dm.close()
-        assert dm.shared.pid() == 0 and not dm.shared._process_alive()
-        root = cfg.root
-        assert set(os.listdir(root / "shared")) <= {"nydusd.log", "nydusd.err"} \
-            if (root / "shared").exists() else True
-    finally:
-        if dm.shared._process_alive():     # failed: no supervisor outlives the test
-            dm.shared.stop()
-        resolver.close()
-        store.close()
+    with _daemons(tmp_path, daemon_mode=mode, daemon_timeout=60) as dm:
+        try:
+            layer = _blob_layer(dm, registry, "v1", "ef" * 32)
+            with pytest.raises(RemoteError, match="bootstrap"):
+                dm.ensure(layer)
+            assert_nothing_left(dm, layer)
+            assert dm.shared._process_alive() == (mode == SHARED)
+            dm.close()
+            assert dm.shared.pid() == 0 and not dm.shared._process_alive()
+            root = dm.config.root
+            assert set(os.listdir(root / "shared")) <= {"nydusd.log", "nydusd.err"} \
+                if (root / "shared").exists() else True
+        finally:
+            if dm.shared._process_alive():     # failed: no supervisor outlives the test
+                dm.shared.stop()
 
 
 @pytest.fixture()
@@ -211,28 +207,17 @@ def test_a_shared_nydusd_that_cannot_start_is_reported_at_the_next_image(tmp_pat
     """Shared mode starts its nydusd with the snapshotter, in the background: when it cannot
     start, that is one error line then, and the next image's Prepare tries again and fails
     with the reason (nothing left behind)."""
-    cfg = RemoteConfig(root=prepare_root(tmp_path / "root"), nydusd=("/bin/false",), recover_interval=0,
-                       daemon_mode=SHARED, daemon_timeout=20)
-    store = Store(tmp_path / "metadata.db")
-    resolver = Resolver(cfg)
-    dm = DaemonManager(cfg, store, resolver)
-    try:
+    with _daemons(tmp_path, nydusd=("/bin/false",), daemon_mode=SHARED, daemon_timeout=20) as dm, \
+            contextlib.closing(dm):
         with caplog.at_level("ERROR"):
             dm.start_shared()
             assert dm._starter is not None
             dm._starter.join(30)
         assert any("shared nydusd exited 1" in r.getMessage() for r in caplog.records)
-        ref = parse_reference(f"{registry.host}/trust/boot:v3")
-        digest = "sha256:" + hashlib.sha256(BLOB).hexdigest()
-        resolver.client(ref).push_blob(ref.repository, BLOB, digest, len(BLOB))
-        layer = RemoteLayer(REMOTE_BOOTSTRAP, ref, "sha256:" + "ce" * 32, digest, len(BLOB))
+        layer = _blob_layer(dm, registry, "v3", "ce" * 32)
         with pytest.raises(RemoteError, match="shared nydusd exited 1"):
             dm.ensure(layer)
         assert_nothing_left(dm, layer)
-    finally:
-        dm.close()
-        resolver.close()
-        store.close()
     assert not dm.shared._process_alive()
 
 
@@ -241,12 +226,7 @@ def test_the_monitor_starts_an_idle_shared_nydusd_again(tmp_path):
     image, the liveness monitor starts it again (not the next image's Prepare)."""
     import signal
     from nydus_py.snapshotter.process import pid_alive
-    cfg = RemoteConfig(root=prepare_root(tmp_path / "root"), recover_interval=0, daemon_mode=SHARED,
-                       daemon_timeout=60)
-    store = Store(tmp_path / "metadata.db")
-    resolver = Resolver(cfg)
-    dm = DaemonManager(cfg, store, resolver)
-    try:
+    with _daemons(tmp_path, daemon_mode=SHARED, daemon_timeout=60) as dm, contextlib.closing(dm):
         dm.start_shared()
         assert dm._starter is not None
         dm._starter.join(90)
@@ -259,8 +239,4 @@ def test_the_monitor_starts_an_idle_shared_nydusd_again(tmp_path):
         assert not pid_alive(first)
         assert dm.recover() == 1
         assert dm.shared.alive() and dm.shared.pid() not in (0, first)
-    finally:
-        dm.close()
-        resolver.close()
-        store.close()
     assert not dm.shared._process_alive()
